@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from drzero.train.memory import (BF16_ACTIVATIONS, GIB, KNOWN_SHAPES, LOGIT_BYTES, ModelShape,  # noqa: E402
-                                 TrainSetup, activation_bytes, single_gpu_peak)
+from drzero.train.memory import (BF16_ACTIVATIONS, LOGIT_BYTES, TrainSetup, activation_bytes,  # noqa: E402
+                                 single_gpu_peak)
+from drzero.train.shapes import GIB, KNOWN_SHAPES, ModelShape  # noqa: E402
 
 SIZES = ["Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B"]
 TINY = ModelShape("tiny-qwen3", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, tied=True,

@@ -3,8 +3,9 @@
     drzero memory --model qwen3-32b --gpus 8 --gpu H100
 
 This module is the arithmetic only (stdlib; no torch, verl or Hydra), so the calibration
-benchmark can import it anywhere: model shapes, GPU sizes, and the memory of the three things
-that share a GPU in a drzero stage —
+benchmark can import it anywhere. Shapes and GPU sizes live in ``drzero.train.shapes``; verl's
+config becomes a ``StageSetup`` in ``drzero.train.memory_plan``. Three things share a GPU in a
+drzero stage —
 
 * the FSDP actor while it trains: fp32 master weights, fp32 gradients and AdamW's two fp32
   moments (16 bytes per parameter, sharded over every GPU of every node), the temporary that
@@ -21,157 +22,29 @@ when it starts*: ``rest = free_after_weights - free_at_start * (1 - fraction)``
 (``ModelRunner.profile_max_num_token`` in SGLang 0.5.x). So an engine that starts after other
 allocations gets less KV cache, and none once its weights exceed ``fraction * free``.
 
-Units: GiB (2**30 bytes) throughout, as CUDA and torch report memory.
+Units: GiB (2**30 bytes) throughout, as CUDA and torch report memory. The actor's terms were
+checked against ``torch.cuda.max_memory_allocated`` on an H200 within 1%
+(``benchmarks/results/memory-calibration-h200-2026-12-01.md``); the overheads below are not
+measured here and err on the large side.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
-GIB = float(1 << 30)
+from drzero.train.shapes import GIB, ModelShape
 
-# -- model shapes -----------------------------------------------------------------------------------
+# -- constants ---------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The config.json numbers that memory depends on (Qwen2 / Qwen3 / Llama-style decoders)."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    head_dim: int = 0          # 0: hidden // heads (Qwen2.5); Qwen3 sets it explicitly
-    qkv_bias: bool = False     # Qwen2 has q/k/v biases
-    qk_norm: bool = False      # Qwen3 normalizes q and k per head
-
-    def __post_init__(self) -> None:
-        if not self.head_dim:
-            object.__setattr__(self, "head_dim", self.hidden // self.heads)
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    @property
-    def layer_params(self) -> int:
-        h, q, kv = self.hidden, self.q_dim, self.kv_dim
-        attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
-        return attention + 3 * h * self.intermediate + norms
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def head_params(self) -> int:
-        """The lm_head's own parameters: none when tied to the embedding."""
-        return 0 if self.tied else self.vocab * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.embed_params + self.head_params + self.layers * self.layer_params + self.hidden
-
-    @property
-    def linear_params(self) -> int:
-        """Weights that go through a matmul (what bf16 autocast casts): every layer's linears and the head."""
-        h, q, kv = self.hidden, self.q_dim, self.kv_dim
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate
-        return self.layers * per_layer + self.vocab * self.hidden
-
-    def lora_params(self, rank: int) -> int:
-        """LoRA A and B on every linear of every layer (PEFT's ``all-linear``, verl's default target)."""
-        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-        return self.layers * sum(rank * (a + b) for a, b in shapes)
-
-    def kv_bytes_per_token(self, tp: int) -> float:
-        """bf16 K and V of every layer on one GPU of a ``tp``-way engine (KV heads replicate when tp > kv_heads)."""
-        heads_per_gpu = max(1, self.kv_heads // tp) if tp <= self.kv_heads else 1
-        return 2 * self.layers * heads_per_gpu * self.head_dim * 2
-
-    def weights_per_gpu(self, tp: int) -> float:
-        """bf16 weights of one ``tp``-way SGLang rank, in GiB (KV projections replicate past kv_heads)."""
-        kv_weights = self.layers * 2 * self.hidden * self.kv_dim
-        replication = max(1.0, tp / self.kv_heads)
-        return 2 * ((self.params - kv_weights) / tp + kv_weights * replication / tp) / GIB
-
-    @classmethod
-    def from_config(cls, name: str, config: dict) -> "ModelShape":
-        """From a Hugging Face config.json dict; names the missing key when it is not a decoder we know."""
-        config = config.get("text_config", config)
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                               "vocab_size") if k not in config]
-        if missing:
-            raise ValueError(f"{name}: config.json has no {', '.join(missing)}; drzero memory knows decoder-only "
-                             f"models with the Hugging Face Llama/Qwen keys")
-        model_type = str(config.get("model_type", ""))
-        return cls(name=name, hidden=int(config["hidden_size"]), layers=int(config["num_hidden_layers"]),
-                   heads=int(config["num_attention_heads"]),
-                   kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
-                   intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
-                   tied=bool(config.get("tie_word_embeddings", False)), head_dim=int(config.get("head_dim") or 0),
-                   qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-                   qk_norm=model_type.startswith("qwen3"))
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelShape":
-        path = Path(path)
-        return cls.from_config(path.name, json.loads((path / "config.json").read_text()))
-
-
-def _qwen3(name, hidden, layers, heads, intermediate, tied):
-    return ModelShape(name, hidden, layers, heads, 8, intermediate, 151936, tied, head_dim=128, qk_norm=True)
-
-
-def _qwen25(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied):
-    return ModelShape(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied, qkv_bias=True)
-
-
-# The published config.json values of the models the registry lists (and the calibration sizes),
-# for planning before the weights are on disk: hidden, layers, heads, (kv heads), intermediate,
-# (vocab), tied embeddings. A local config.json always wins over this table.
-KNOWN_SHAPES = {s.name: s for s in [
-    _qwen3("Qwen/Qwen3-0.6B", 1024, 28, 16, 3072, True),
-    _qwen3("Qwen/Qwen3-1.7B", 2048, 28, 16, 6144, True),
-    _qwen3("Qwen/Qwen3-4B", 2560, 36, 32, 9728, True),
-    _qwen3("Qwen/Qwen3-8B", 4096, 36, 32, 12288, False),
-    _qwen3("Qwen/Qwen3-14B", 5120, 40, 40, 17408, False),
-    _qwen3("Qwen/Qwen3-32B", 5120, 64, 64, 25600, False),
-    _qwen25("Qwen/Qwen2.5-0.5B-Instruct", 896, 24, 14, 2, 4864, 151936, True),
-    _qwen25("Qwen/Qwen2.5-1.5B-Instruct", 1536, 28, 12, 2, 8960, 151936, True),
-    _qwen25("Qwen/Qwen2.5-3B-Instruct", 2048, 36, 16, 2, 11008, 151936, True),
-    _qwen25("Qwen/Qwen2.5-7B-Instruct", 3584, 28, 28, 4, 18944, 152064, False),
-]}
-
-# -- GPUs -------------------------------------------------------------------------------------------
-
-# Memory per GPU as CUDA reports it (torch.cuda.mem_get_info total), in GiB; the marketing
-# "80 GB" is 80e9 bytes minus what the driver keeps. H200: measured on the lent machine.
-GPU_MEMORY_GIB = {
-    "H100": 79.1, "H200": 139.8, "B200": 178.4, "A100-80GB": 79.2, "A100-40GB": 39.4, "L40S": 44.4,
-    "A10G": 22.0, "L4": 22.0,
-}
-
-# -- calibrated constants ---------------------------------------------------------------------------
-
+# Overheads, estimated (one GPU cannot measure them): not calibrated, chosen large
 TRAINER_OVERHEAD_GIB = 2.5   # the trainer process's CUDA context, NCCL buffers and cuBLAS workspaces
 SGLANG_CONTEXT_GIB = 1.0     # an SGLang rank's CUDA context and NCCL buffers, taken before it measures free memory
 SGLANG_RUNTIME_GIB = 3.0     # outside its static pool: CUDA graphs and the forward's activations (SGLang docs)
 SGLANG_ASLEEP_GIB = 2.0      # a slept verl engine keeps its context and CUDA graphs (only weights and KV are freed)
 ALLOCATOR_SLACK = 1.05       # torch's caching allocator reserves more than it hands out
-LOGIT_BYTES = 6.0            # per token x vocab entry: bf16 logits + the fp32 log-softmax verl keeps for backward
+# Measured: per token x vocabulary entry at the forward's end, bf16 logits + the fp32 log-softmax
+# rows verl's path without flash-attn keeps for backward (calibration: within 0.2%)
+LOGIT_BYTES = 6.0
 MIN_KV_SEQUENCES = 1         # an engine that cannot hold one full trajectory cannot serve at all
 TIGHT_KV_SEQUENCES = 32      # below this many full trajectories per engine, generation is slow
 
@@ -354,3 +227,173 @@ def single_gpu_peak(t: TrainSetup) -> dict[str, float]:
     step = resident + 8 * s.params                                 # gradients + sqrt(v)
     return {"forward_backward": forward_backward / GIB, "optimizer_step": step / GIB,
             "peak": max(forward_backward, step) / GIB}
+
+
+# -- SGLang engines and the stage's phases -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One SGLang engine's rank on a GPU: ``tp``-way weights and the KV cache ``fraction`` buys."""
+
+    role: str                  # "rollout" (verl's), "reward server", "gen-data server", "evaluate server"
+    shape: ModelShape
+    tp: int
+    fraction: float            # gpu_memory_utilization / --mem-fraction-static
+    sequence_tokens: int       # one full trajectory, the least a useful KV cache holds
+    dp: int = 1
+
+    def pool(self, free_at_start: float) -> tuple[float, float]:
+        """(weights, KV cache) in GiB for an engine that finds ``free_at_start`` GiB free after its context."""
+        weights = self.shape.weights_per_gpu(self.tp)
+        return weights, self.fraction * free_at_start - weights
+
+    def kv_sequences(self, kv_gib: float) -> float:
+        return max(0.0, kv_gib) * GIB / self.shape.kv_bytes_per_token(self.tp) / self.sequence_tokens
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a stage's memory check needs beyond verl's config: the GPU, the model's shape (None when
+    drzero does not know it), and an SGLang server sharing the GPUs as (role, dp, tp, fraction)."""
+
+    gpu: str
+    capacity: float
+    shape: ModelShape | None
+    server: tuple[str, int, int, float] | None = None
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """Everything that shares one GPU during a stage."""
+
+    stage: str
+    capacity: float                    # GiB per GPU
+    gpu: str = "custom"
+    gpus_per_node: int = 8
+    nodes: int = 1
+    train: TrainSetup | None = None    # the FSDP actor (challenger, solver)
+    rollout: Engine | None = None      # verl's SGLang engine, built after the actor
+    server: Engine | None = None       # an SGLang server started before the trainer, or alone
+    rollout_sleeps: bool = True        # free_cache_engine: verl releases the engine's weights and KV to train
+
+
+@dataclass
+class Phase:
+    name: str
+    terms: list[Term]
+
+    @property
+    def total(self) -> float:
+        return sum(t.gib for t in self.terms)
+
+
+@dataclass
+class StageMemory:
+    setup: StageSetup
+    phases: list[Phase]
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def peak(self) -> float:
+        return max((p.total for p in self.phases), default=0.0)
+
+
+def _engine_terms(engine: Engine, weights: float, kv: float) -> list[Term]:
+    name = engine.role
+    return [Term(f"{name}: CUDA context", SGLANG_CONTEXT_GIB),
+            Term(f"{name}: weights (bf16, tp {engine.tp})", weights),
+            Term(f"{name}: KV cache", max(0.0, kv), f"fraction {engine.fraction:g} of the memory free at its start"),
+            Term(f"{name}: CUDA graphs + activations", SGLANG_RUNTIME_GIB, "outside its static pool")]
+
+
+def _with_slack(terms: list[Term]) -> list[Term]:
+    torch_bytes = sum(t.gib for t in terms)
+    return terms + [Term("allocator slack", torch_bytes * (ALLOCATOR_SLACK - 1),
+                         f"{ALLOCATOR_SLACK - 1:.0%} of the trainer's torch memory")] if torch_bytes else terms
+
+
+def _check_engine(engine: Engine, weights: float, kv: float, free: float, problems: list[str],
+                  notes: list[str]) -> None:
+    sequences = engine.kv_sequences(kv)
+    if sequences < MIN_KV_SEQUENCES:
+        problems.append(
+            f"{engine.role}: {engine.fraction:g} x {free:.1f} GiB free at its start = {engine.fraction * free:.1f} GiB "
+            f"for weights + KV, but its tp-{engine.tp} weights alone are {weights:.1f} GiB, so its KV cache "
+            f"({max(0.0, kv):.1f} GiB) cannot hold one {engine.sequence_tokens}-token trajectory")
+    else:
+        note = (f"{engine.role}: KV cache {kv:.1f} GiB = {sequences:.0f} full {engine.sequence_tokens}-token "
+                f"trajectories per engine")
+        notes.append(note + (" (tight: generation will queue)" if sequences < TIGHT_KV_SEQUENCES else ""))
+
+
+def plan_memory(setup: StageSetup) -> StageMemory:
+    """Every phase of the stage on one GPU, in the order the processes start."""
+    cap = setup.capacity
+    phases: list[Phase] = []
+    problems: list[str] = []
+    notes: list[str] = []
+    before: list[Term] = []
+    if setup.server is not None:
+        free = cap - SGLANG_CONTEXT_GIB
+        weights, kv = setup.server.pool(free)
+        before = _engine_terms(setup.server, weights, kv)
+        _check_engine(setup.server, weights, kv, free, problems, notes)
+        if setup.train is None:
+            phases.append(Phase(f"{setup.server.role} serving", before))
+    t = setup.train
+    if t is not None:
+        trainer = [Term("trainer: CUDA context + NCCL", TRAINER_OVERHEAD_GIB)]
+        if setup.rollout is not None:
+            at_init = before + trainer + _with_slack(actor_resident(t, "init"))
+            free = cap - sum(x.gib for x in at_init) - SGLANG_CONTEXT_GIB
+            weights, kv = setup.rollout.pool(free)
+            _check_engine(setup.rollout, weights, kv, free, problems, notes)
+            engine = _engine_terms(setup.rollout, weights, kv)
+            phases.append(Phase("rollout: verl's SGLang generates", before + trainer
+                                + _with_slack(actor_resident(t, "rollout")) + engine))
+            if t.param_offload and not t.weights_on_cpu:
+                # verl loads the offloaded weights back to push them into the woken engine, before its KV returns
+                sync = [x for x in actor_resident(t, "train") if "weights" in x.name] + \
+                       [x for x in actor_resident(t, "rollout") if "weights" not in x.name]
+                phases.append(Phase("weight sync: actor -> rollout (KV cache still released)",
+                                    before + trainer + _with_slack(sync) + [x for x in engine if "KV" not in x.name]))
+            trainer = trainer + ([Term("rollout engine asleep", SGLANG_ASLEEP_GIB, "weights and KV released; "
+                                                                                    "context and CUDA graphs stay")]
+                                 if setup.rollout_sleeps else engine)
+        phases.append(Phase("training: actor update", before + trainer + _with_slack(actor_training(t))))
+        host = host_memory_per_node(t, setup.gpus_per_node)
+        if host:
+            notes.append(f"host memory for the offloaded actor: {host:.0f} GiB per node (pinned where FSDP2 pins it)")
+        if t.lora_rank and setup.rollout is not None:
+            problems.append("LoRA (actor_rollout_ref.model.lora_rank > 0) with verl 0.7.1's SGLang rollout: its "
+                            "update_weights ignores peft_config and loads no adapter, so rollouts never see the "
+                            "trained weights; train in full (this plan's offloads) or use vLLM")
+    for phase in phases:
+        if phase.total > cap:
+            problems.append(f"{phase.name}: {phase.total:.1f} GiB per GPU > {cap:.1f} GiB")
+    return StageMemory(setup, phases, problems, notes)
+
+
+def render(memory: StageMemory) -> str:
+    s = memory.setup
+    lines = [f"{s.stage}: {s.gpus_per_node} x {s.gpu} ({s.capacity:.1f} GiB per GPU) x {s.nodes} node(s)"]
+    width = max((len(t.name) for p in memory.phases for t in p.terms), default=20) + 2
+    for phase in memory.phases:
+        lines.append(f"  {phase.name}")
+        lines.append(f"    {'term':<{width}}{'GiB/GPU':>8}  note")
+        for term in phase.terms:
+            lines.append(f"    {term.name:<{width}}{term.gib:>8.1f}  {term.note}".rstrip())
+        headroom = s.capacity - phase.total
+        lines.append(f"    {'total':<{width}}{phase.total:>8.1f}")
+        lines.append(f"    {'headroom':<{width}}{headroom:>8.1f}  {'ok' if headroom >= 0 else 'DOES NOT FIT'}")
+    lines += [f"  note: {n}" for n in memory.notes]
+    verdict = (f"fits: peak {memory.peak:.1f} of {s.capacity:.1f} GiB per GPU" if memory.fits
+               else "DOES NOT FIT: " + "; ".join(memory.problems))
+    lines.append(f"  verdict: {verdict}")
+    return "\n".join(lines)
