@@ -47,6 +47,7 @@ ALLOCATOR_SLACK = 1.05       # torch's caching allocator reserves more than it h
 LOGIT_BYTES = 6.0
 MIN_KV_SEQUENCES = 1         # an engine that cannot hold one full trajectory cannot serve at all
 TIGHT_KV_SEQUENCES = 32      # below this many full trajectories per engine, generation is slow
+TIGHT_HEADROOM = 0.05        # a phase within 5% of the GPU's memory fits on paper only
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ def plan_memory(setup: StageSetup) -> StageMemory:
         phases.append(Phase("training: actor update", before + trainer + _with_slack(actor_training(t))))
         host = host_memory_per_node(t, setup.gpus_per_node)
         if host:
-            notes.append(f"host memory for the offloaded actor: {host:.0f} GiB per node (pinned where FSDP2 pins it)")
+            notes.append(f"host memory for the offloaded actor: {host:.0f} GiB per node")
         if t.lora_rank and setup.rollout is not None:
             problems.append("LoRA (actor_rollout_ref.model.lora_rank > 0) with verl 0.7.1's SGLang rollout: its "
                             "update_weights ignores peft_config and loads no adapter, so rollouts never see the "
@@ -377,6 +378,8 @@ def plan_memory(setup: StageSetup) -> StageMemory:
     for phase in phases:
         if phase.total > cap:
             problems.append(f"{phase.name}: {phase.total:.1f} GiB per GPU > {cap:.1f} GiB")
+        elif phase.total > cap * (1 - TIGHT_HEADROOM):
+            notes.append(f"{phase.name}: tight, {cap - phase.total:.1f} GiB headroom (estimates err by a few GiB)")
     return StageMemory(setup, phases, problems, notes)
 
 

@@ -1,7 +1,8 @@
 """`drzero memory`: will the model fit the GPUs? One table per stage, before any GPU starts.
 
     drzero memory --model qwen3-32b --gpus 8 --gpu H100
-    drzero memory --model qwen3-14b --gpu-mem 44 --stage solver -- actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1
+    drzero memory --model qwen3-8b --gpu A100-40GB --stage solver --rollout-tp 4 -- actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1
+    drzero memory --model qwen3-14b --gpu-mem 44 --no-recipe
 
 Each stage is planned as it would run (the model's recipe for the GPU, then your ``--``
 overrides), verl's config is composed as the stage composes it, and ``drzero.train.memory``
@@ -211,7 +212,7 @@ def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
         sequence = stage_setup(composed[source], plan.memory, stage).rollout.sequence_tokens
         dp, tp, fraction = SERVER_ALONE
         server = Engine(f"{stage} server", shape, tp, fraction, sequence, dp=dp)
-        memories.append(plan_memory(StageSetup(stage, plan.memory.capacity, cfg.gpu, cfg.gpus, cfg.nodes,
+        memories.append(plan_memory(StageSetup(stage, plan.memory.capacity, plan.memory.gpu, cfg.gpus, cfg.nodes,
                                                server=server)))
     return memories
 
@@ -221,6 +222,7 @@ def run_memory(cfg: MemoryConfig, print_fn=print) -> int:
     for memory in memories:
         print_fn(render(memory) + "\n")
     failing = [m.setup.stage for m in memories if not m.fits]
-    print_fn(f"{cfg.model} on {cfg.nodes} x {cfg.gpus} x {cfg.gpu}: "
+    gpu = memories[0].setup.gpu if memories else cfg.gpu
+    print_fn(f"{cfg.model} on {cfg.nodes} x {cfg.gpus} x {gpu}: "
              + (f"does not fit: {', '.join(failing)}" if failing else "every stage fits"))
     return 1 if failing else 0

@@ -46,11 +46,11 @@ class ModelEntry:
     note: str = ""
     recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for 8 of them
 
-    def recipe(self, gpu: str, gpus: int) -> Recipe | None:
-        """The recipe for 8 GPUs of ``gpu``'s size: its own, else the largest kind no bigger than it."""
+    def recipe(self, capacity: float, gpus: int) -> Recipe | None:
+        """The recipe for 8 GPUs of ``capacity`` GiB: that of the largest kind no bigger than it."""
         if gpus != 8:
             return None
-        size = GPU_MEMORY_GIB.get(gpu, 0.0)
+        size = capacity
         fitting = [k for k in self.recipes if GPU_MEMORY_GIB[k] <= size]
         return self.recipes[max(fitting, key=GPU_MEMORY_GIB.__getitem__)] if fitting else None
 

@@ -85,7 +85,11 @@ class StageConfig:
     def recipe(self) -> Recipe:
         """The model's settings for ``gpus`` x ``gpu`` from the registry; none for other models."""
         entry = resolve_model(self.model).entry if self.use_recipe else None
-        return (entry.recipe(self.gpu, self.gpus) if entry else None) or Recipe()
+        return (entry.recipe(self.capacity, self.gpus) if entry else None) or Recipe()
+
+    @property
+    def capacity(self) -> float:
+        return self.gpu_mem or GPU_MEMORY_GIB[self.gpu]
 
     def placement(self, server: tuple[str, int, int, float] | None = None) -> Placement:
         """What the preflight's memory check needs beyond verl's config."""
@@ -93,7 +97,7 @@ class StageConfig:
             shape = model_shape(self.model)
         except (OSError, ValueError):  # a config.json that is not a decoder drzero knows: unchecked
             shape = None
-        return Placement(self.gpu, self.gpu_mem or GPU_MEMORY_GIB[self.gpu], shape, server)
+        return Placement(f"{self.gpu_mem:g}-GiB GPU" if self.gpu_mem else self.gpu, self.capacity, shape, server)
 
 
 @dataclass(kw_only=True)
