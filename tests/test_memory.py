@@ -1,6 +1,7 @@
 """The memory model against hand-computed cases; `drzero memory` and the preflight through verl's real config."""
 
 import json
+import re
 
 import pytest
 
@@ -170,6 +171,11 @@ def test_drzero_memory_for_every_registry_model(gpu, capsys):
         for stage in ("challenger", "solver", "gen-data", "evaluate"):
             assert f"{stage}: 8 x {gpu} ({GPU_MEMORY_GIB[gpu]:.1f} GiB per GPU)" in out
         assert "verdict: fits" in out and "every stage fits" in out
+        if REGISTRY[key].recipes:  # each recipe keeps >= 8% headroom in every stage (registry.py says so)
+            for line in out.splitlines():
+                if "verdict: fits: peak" in line:
+                    peak, capacity = (float(x) for x in re.findall(r"[\d.]+(?= of| GiB)", line)[:2])
+                    assert peak <= 0.92 * capacity, (key, gpu, line)
 
 
 def test_drzero_memory_exits_1_when_a_stage_does_not_fit(capsys):

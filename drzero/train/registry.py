@@ -47,11 +47,10 @@ class ModelEntry:
     recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for 8 of them
 
     def recipe(self, capacity: float, gpus: int) -> Recipe | None:
-        """The recipe for 8 GPUs of ``capacity`` GiB: that of the largest kind no bigger than it."""
+        """The recipe for 8 GPUs of ``capacity`` GiB each: that of the largest kind no bigger than it."""
         if gpus != 8:
             return None
-        size = capacity
-        fitting = [k for k in self.recipes if GPU_MEMORY_GIB[k] <= size]
+        fitting = [k for k in self.recipes if GPU_MEMORY_GIB[k] <= capacity]
         return self.recipes[max(fitting, key=GPU_MEMORY_GIB.__getitem__)] if fitting else None
 
 

@@ -8,8 +8,8 @@ A stage is planned first (``plan_*``): the verl command line with every override
 path, the services it needs (retriever; SGLang serving the current solver for the proposer's
 reward), its inputs and outputs. ``--dry-run`` prints the plan and the resolved config and runs
 the preflight; without it ``execute`` starts the services, runs the command and checks the
-outputs. The model's recipe for ``--gpu`` (``drzero list-models``, ``drzero memory``) comes
-before them; overrides after ``--`` go to verl unchanged and last, so they win.
+outputs. The model's recipe for ``--gpu`` (``drzero list-models --json``; ``drzero memory``
+shows what it buys) comes before them; overrides after ``--`` go to verl unchanged and last, so they win.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from drzero.config import option, require
 from drzero.rewards.wiring import reward_overrides
 from drzero.train.layout import Layout, config_dir, env_default, latest_step
 from drzero.train.memory import Placement
-from drzero.train.shapes import GPU_MEMORY_GIB
 from drzero.train.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model
+from drzero.train.shapes import GPU_MEMORY_GIB
 
 log = logging.getLogger(__name__)
 
