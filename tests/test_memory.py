@@ -151,6 +151,11 @@ def test_user_settings_win_over_the_recipe():
     assert config.actor_rollout_ref.rollout.gpu_memory_utilization == 0.6
     assert config.actor_rollout_ref.rollout.tensor_model_parallel_size == 8
     assert config.actor_rollout_ref.actor.strategy == "fsdp2"  # the rest of the recipe stays
+    # a reward server shaped by hand (as the Modal backend does for 8 GPUs) takes drzero's fraction, not the
+    # recipe's, which is sized for the recipe's tp 4
+    plan = plan_challenger(_stage(ChallengerConfig, model="qwen3-32b", sglang_dp=4, sglang_tp=2))
+    assert "--dp-size 4 --tp-size 2 --mem-fraction-static 0.5" in plan.services[0].command_line
+    assert _memory_check(plan).ok
 
 
 def test_the_plan_evolve_makes_for_qwen3_32b_fits_by_default(tmp_path):

@@ -120,8 +120,11 @@ class ChallengerConfig(StageConfig):
                 "a fraction between 0 and 1")
 
     def reward_server(self) -> tuple[int, int, float]:
-        """dp, tp, mem fraction: what was given, else the model's recipe, else drzero's defaults."""
-        recipe = self.recipe().reward_server or REWARD_SERVER
+        """dp, tp, mem fraction: what was given, else the model's recipe, else drzero's defaults. A server
+        shaped by hand (--sglang-dp/-tp) takes the rest from the defaults: the recipe's fraction is sized
+        for the recipe's tp."""
+        shaped = self.sglang_dp is not None or self.sglang_tp is not None
+        recipe = (None if shaped else self.recipe().reward_server) or REWARD_SERVER
         given = (self.sglang_dp, self.sglang_tp, self.sglang_mem)
         return tuple(g if g is not None else r for g, r in zip(given, recipe))  # type: ignore[return-value]
 
