@@ -9,6 +9,7 @@
     drzero evolve --iterations 3            the whole loop; each stage alone: challenger, gen-data,
                                             solver, merge; `drzero preflight STAGE` checks one
     drzero list-models                      the model registry
+    drzero memory --model M --gpu H100      will it fit? per-GPU memory of every stage
     drzero make-eval-set --demo-db DIR      a QA set with known answers from the demo world
     drzero evaluate --model URL --data F    EM / F1 / cover-EM of the solver with search
     drzero report --checkpoints DIR         report.png + report.md of a run
@@ -135,6 +136,12 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from drzero.train.memory_plan import MemoryConfig, run_memory
+
+    return run_memory(config_from_args(MemoryConfig, args))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from drzero.evaluation import EvaluateConfig, run_evaluate, summary_lines
 
@@ -175,6 +182,7 @@ def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int
     from drzero.retrieval.server import RetrieverConfig
     from drzero.smoke import SmokeConfig
     from drzero.tiny_model import TinyModelConfig
+    from drzero.train.memory_plan import MemoryConfig
     from drzero.train.registry import ListModelsConfig
     from drzero.train.stages import ChallengerConfig, MergeConfig, SolverConfig
 
@@ -195,6 +203,7 @@ def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int
                    EvolveConfig, _evolve),
         "train": ("alias of evolve", EvolveConfig, _evolve),
         "list-models": ("the model registry: names, local weights, tool parser, tp", ListModelsConfig, _list_models),
+        "memory": ("will it fit? per-GPU memory of every stage, from the model's shape", MemoryConfig, _memory),
         "make-eval-set": ("write a QA set with known answers (1-4 hops) from the demo world", MakeEvalSetConfig,
                           _make_eval_set),
         "evaluate": ("answer a QA set with the solver and the search tool: EM, F1, cover-EM", EvaluateConfig,
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(getattr(args, "config_cls", None), "takes_hydra_overrides", False):
             parser.exit(2, f"drzero {args.command}: error: Hydra overrides after '--' "
                            f"({' '.join(hydra_overrides)}) go to verl; only challenger, solver, evolve and preflight "
-                           f"take them.\n")
+                           f"take them (and memory, which plans them).\n")
         args.overrides = hydra_overrides  # the stage config's `overrides` field, passed to verl unchanged
     if not getattr(args, "handler", None):
         parser.print_help()

@@ -57,8 +57,10 @@ class EvolveConfig(StageConfig):
     probes: int = option(5, help="solver probes per question in the proposer reward")
     samples: int = option(5, help="proposer samples per seed in gen-data")
     rollout_n: int = option(5, help="solver GRPO group size")
-    sglang_dp: int = option(4, help="data parallel size of the SGLang servers")
-    sglang_tp: int = option(2, help="tensor parallel size of the SGLang servers")
+    sglang_dp: int | None = option(None, help="data parallel size of the SGLang servers (default: the model's "
+                                              "recipe for the reward server, else 4)")
+    sglang_tp: int | None = option(None, help="tensor parallel size of the SGLang servers (default: the model's "
+                                              "recipe for the reward server, else 2)")
     skip_preflight: bool = option(False, help="start without checking every remaining stage first (not advised)")
     eval_data: str | None = option(None, metavar="FILE", help=(
         "QA set to evaluate each iteration's merged solver on (e.g. from `drzero make-eval-set` or Search-R1's "
@@ -101,7 +103,7 @@ class RunState:
 
 def _shared(cfg: StageConfig, iteration: int) -> dict:
     names = ("model", "db", "data_dir", "checkpoints", "gpus", "nnodes", "steps", "train_batch_size", "rollout_tp",
-             "retriever_url", "logger", "allow_download", "overrides")
+             "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides")
     return {**{n: getattr(cfg, n) for n in names}, "iteration": iteration}
 
 
@@ -164,7 +166,7 @@ def plan_evaluate(cfg: EvolveConfig, iteration: int) -> StagePlan:
 
     def evaluate():  # configured when it runs: the model is written by the merge before it
         return run_evaluate(EvaluateConfig(model=str(model), data=cfg.eval_data, out=str(out),
-                                           retriever_url=retriever_url, dp=cfg.sglang_dp, tp=cfg.sglang_tp))
+                                           retriever_url=retriever_url, dp=cfg.sglang_dp or 4, tp=cfg.sglang_tp or 2))
 
     return StagePlan(name=f"evaluate (iteration {iteration})", run=evaluate, services=services,
                      run_label=f"drzero evaluate --model {model} --data {cfg.eval_data} --out {out}",
@@ -173,13 +175,12 @@ def plan_evaluate(cfg: EvolveConfig, iteration: int) -> StagePlan:
 
 def iteration_plans(cfg: EvolveConfig, iteration: int) -> dict[str, StagePlan]:
     shared = _shared(cfg, iteration)
+    servers = {k: getattr(cfg, k) for k in ("sglang_dp", "sglang_tp") if getattr(cfg, k) is not None}
     merge = dict(iteration=iteration, checkpoints=cfg.checkpoints)
     plans = {
-        "challenger": plan_challenger(ChallengerConfig(**shared, probes=cfg.probes, sglang_dp=cfg.sglang_dp,
-                                                       sglang_tp=cfg.sglang_tp)),
+        "challenger": plan_challenger(ChallengerConfig(**shared, probes=cfg.probes, **servers)),
         "merge-challenger": plan_merge(MergeConfig(stage="challenger", **merge)),
-        "gen-data": plan_gen_data(GenDataStageConfig(**shared, samples=cfg.samples, sglang_dp=cfg.sglang_dp,
-                                                     sglang_tp=cfg.sglang_tp)),
+        "gen-data": plan_gen_data(GenDataStageConfig(**shared, samples=cfg.samples, **servers)),
         "solver": plan_solver(SolverConfig(**shared, rollout_n=cfg.rollout_n)),
         "merge-solver": plan_merge(MergeConfig(stage="solver", **merge)),
     }

@@ -9,7 +9,8 @@ It composes the stage's verl config exactly as the stage will (our YAML on verl'
 no GPU), and adds what verl only finds out minutes into a run or never: Hydra ``+key``
 mistakes, missing or relative data and model paths, data no stage produces, batch sizes that do
 not divide, dp x tp that does not match the GPUs, prompts over budget, unknown tool parsers, an
-advantage estimator that does not resolve, SGLang API drift, flash-attn, and a missing W&B key.
+advantage estimator that does not resolve, SGLang API drift, flash-attn, a missing W&B key, and a
+plan whose per-GPU memory does not fit (``drzero memory``).
 Every failed check prints one line with its fix. GPU-only checks (SGLang, flash-attn) are
 reported as skipped on a machine without CUDA.
 """
@@ -283,8 +284,18 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
         checks.append(Check("wandb", has_key, "key found" if has_key else
                             "logging to W&B but no WANDB_API_KEY; set it, or WANDB_MODE=offline, or --logger console"))
 
+    checks.append(_memory(config, plan))
     checks += gpu_only_checks(config, gpu_checks)
     return checks
+
+
+def _memory(config, plan: StagePlan) -> Check:
+    """Per-GPU memory of every phase (drzero.train.memory) against the GPU, with the smallest fix."""
+    from drzero.train.memory_plan import memory_check
+
+    stage = plan.name.split(" ")[0]
+    ok, message, skipped = memory_check(config, plan.memory, stage)
+    return Check("memory", ok, message, skipped=skipped)
 
 
 def gpu_only_checks(config, enabled: bool | None = None) -> list[Check]:

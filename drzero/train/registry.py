@@ -10,10 +10,30 @@ when present, so a training run never waits on a hub download.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.config import option
+from drzero.train.shapes import GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
+
+OFFLOAD = ("actor_rollout_ref.actor.fsdp_config.param_offload=True",
+           "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True")
+# FSDP2's CPUOffloadPolicy: weights, gradients and AdamW live in host memory and the step runs there
+CPU_OFFLOAD_POLICY = ("actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.actor.fsdp_config.offload_policy=True")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Settings that fit a model on one node of 8 GPUs of a kind, by `drzero memory`'s plan.
+
+    Applied by default when the model is chosen; ``--rollout-tp``, ``--sglang-dp/-tp/-mem`` and
+    ``-- key=value`` overrides win over it.
+    """
+
+    overrides: tuple[str, ...] = ()            # Hydra overrides for verl, placed before the user's
+    rollout_tp: int | None = None              # verl's SGLang rollout tensor parallel size
+    reward_server: tuple[int, int, float] | None = None  # the challenger's reward SGLang: dp, tp, mem fraction
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -24,14 +44,48 @@ class ModelEntry:
     tool_call_parser: str     # SGLang --tool-call-parser for this family
     suggested_tp: int         # tensor parallel size that fits an H100 80 GB comfortably
     note: str = ""
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for 8 of them
+
+    def recipe(self, capacity: float, gpus: int) -> Recipe | None:
+        """The recipe for 8 GPUs of ``capacity`` GiB each: that of the largest kind no bigger than it."""
+        if gpus != 8:
+            return None
+        fitting = [k for k in self.recipes if GPU_MEMORY_GIB[k] <= capacity]
+        return self.recipes[max(fitting, key=GPU_MEMORY_GIB.__getitem__)] if fitting else None
 
 
+# Each recipe is the least change from config/search_multiturn_grpo.yaml (full fine-tuning, rollout
+# tp 2 at 0.5, reward server dp4 x tp2 at 0.5) whose every phase fits with >= 8% headroom in
+# `drzero memory --model KEY --gpu GPU`; the README's "Will it fit?" table is that command's output.
 REGISTRY = {e.key: e for e in [
-    ModelEntry("qwen3-32b", "Qwen/Qwen3-32B", "Qwen3-32B", "qwen25", 4, "the production run; cached on the volume"),
-    ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2),
-    ModelEntry("qwen3-8b", "Qwen/Qwen3-8B", "Qwen3-8B", "qwen25", 1),
+    ModelEntry("qwen3-32b", "Qwen/Qwen3-32B", "Qwen3-32B", "qwen25", 4, "the production run; cached on the volume",
+               recipes={
+                   # 16 B/param of FSDP state is 61 GiB per H100 before any activation: only host memory
+                   # holds it (~490 GiB per node), and the CPU runs AdamW's step
+                   "H100": Recipe(CPU_OFFLOAD_POLICY + ("actor_rollout_ref.rollout.gpu_memory_utilization=0.7",),
+                                  rollout_tp=4, reward_server=(2, 4, 0.3),
+                                  note="full fine-tuning with FSDP2 CPU offload: needs ~490 GiB host RAM per node"),
+                   "H200": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25),
+                                  note="full fine-tuning, FSDP state on the GPUs, offloaded while the rollout runs"),
+               }),
+    ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2, recipes={
+        "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25)),
+        "H200": Recipe(OFFLOAD),
+    }),
+    ModelEntry("qwen3-8b", "Qwen/Qwen3-8B", "Qwen3-8B", "qwen25", 1, recipes={
+        "H100": Recipe(OFFLOAD, reward_server=(4, 2, 0.3)),
+        "H200": Recipe(note="the shipped settings fit"),
+    }),
+    ModelEntry("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct", "qwen25", 1,
+               "Dr. Zero's larger base model", recipes={
+                   "H100": Recipe(OFFLOAD, reward_server=(4, 2, 0.3)),
+                   "H200": Recipe(note="the shipped settings fit"),
+               }),
     ModelEntry("qwen2.5-3b-instruct", "Qwen/Qwen2.5-3B-Instruct", "Qwen2.5-3B-Instruct", "qwen25", 1,
-               "Dr. Zero's base model"),
+               "Dr. Zero's base model", recipes={
+                   "H100": Recipe(note="the shipped settings fit"),
+                   "H200": Recipe(note="the shipped settings fit"),
+               }),
     ModelEntry("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct", "qwen25", 1,
                "debugging on one GPU"),
     ModelEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3-0.6B", "qwen25", 1, "debugging on one GPU"),
@@ -74,6 +128,15 @@ def resolve_model(name: str) -> ResolvedModel:
             return ResolvedModel(name, str(candidate.resolve()), True,
                                  entry.tool_call_parser if entry else "qwen25", entry)
     return ResolvedModel(name, hub, False, entry.tool_call_parser if entry else "qwen25", entry)
+
+
+def model_shape(name: str) -> ModelShape | None:
+    """The shape of a registry key, local directory or hub name: its config.json when on disk, else the
+    published values drzero knows; None for a model that is neither."""
+    resolved = resolve_model(name)
+    if resolved.local:
+        return ModelShape.from_dir(resolved.path)
+    return KNOWN_SHAPES.get(resolved.entry.hub_name if resolved.entry else name)
 
 
 @dataclass(kw_only=True)

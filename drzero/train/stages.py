@@ -8,7 +8,8 @@ A stage is planned first (``plan_*``): the verl command line with every override
 path, the services it needs (retriever; SGLang serving the current solver for the proposer's
 reward), its inputs and outputs. ``--dry-run`` prints the plan and the resolved config and runs
 the preflight; without it ``execute`` starts the services, runs the command and checks the
-outputs. Overrides after ``--`` go to verl unchanged and last, so they win.
+outputs. The model's recipe for ``--gpu`` (``drzero list-models --json``; ``drzero memory``
+shows what it buys) comes before them; overrides after ``--`` go to verl unchanged and last, so they win.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from typing import Callable, ClassVar
 from drzero.config import option, require
 from drzero.rewards.wiring import reward_overrides
 from drzero.train.layout import Layout, config_dir, env_default, latest_step
-from drzero.train.registry import DEFAULT_MODEL, resolve_model
+from drzero.train.memory import Placement
+from drzero.train.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model
+from drzero.train.shapes import GPU_MEMORY_GIB
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "search_multiturn_grpo"
 RETRIEVER_PORT, SGLANG_PORT = 8000, 8001
+ROLLOUT_TP = 2
+REWARD_SERVER = (4, 2, 0.5)  # dp, tp, --mem-fraction-static of the challenger's reward SGLang on 8 GPUs
 
 
 @dataclass(kw_only=True)
@@ -48,7 +53,13 @@ class StageConfig:
     nnodes: int = option(1, help="nodes")
     steps: int = option(50, help="training steps per iteration (Dr. Zero: 50)")
     train_batch_size: int = option(256, help="prompts per step")
-    rollout_tp: int = option(2, help="tensor parallel size of the training rollout engine")
+    rollout_tp: int | None = option(None, help=f"tensor parallel size of the training rollout engine (default: the "
+                                               f"model's recipe, else {ROLLOUT_TP})")
+    gpu: str = option(env_default("DRZERO_GPU", "H100"), choices=sorted(GPU_MEMORY_GIB), help=(
+        "GPU kind: picks the model's recipe and sizes the memory check ($DRZERO_GPU)"))
+    gpu_mem: float | None = option(None, metavar="GIB", help="memory per GPU in GiB, for a GPU not in --gpu's list")
+    use_recipe: bool = option(True, flag="--recipe", help=(
+        "apply the model's recipe for --gpu (offload, tp, memory fractions); --no-recipe: the shipped config"))
     retriever_url: str | None = option(None, metavar="URL", help=(
         "retriever /retrieve URL; default: start `drzero serve-retriever` on :8000 for the stage"))
     logger: str = option("console,wandb", help="verl trainer loggers, comma separated")
@@ -64,10 +75,29 @@ class StageConfig:
         require(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
         require(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         require(self.train_batch_size >= 1, "train_batch_size", self.train_batch_size, "an integer >= 1")
+        require(self.gpu in GPU_MEMORY_GIB, "gpu", self.gpu, f"one of {sorted(GPU_MEMORY_GIB)} (or --gpu-mem GIB)")
+        require(self.gpu_mem is None or self.gpu_mem > 0, "gpu_mem", self.gpu_mem, "GiB per GPU, > 0")
 
     @property
     def layout(self) -> Layout:
         return Layout.of(self.db, self.data_dir, self.checkpoints)
+
+    def recipe(self) -> Recipe:
+        """The model's settings for ``gpus`` x ``gpu`` from the registry; none for other models."""
+        entry = resolve_model(self.model).entry if self.use_recipe else None
+        return (entry.recipe(self.capacity, self.gpus) if entry else None) or Recipe()
+
+    @property
+    def capacity(self) -> float:
+        return self.gpu_mem or GPU_MEMORY_GIB[self.gpu]
+
+    def placement(self, server: tuple[str, int, int, float] | None = None) -> Placement:
+        """What the preflight's memory check needs beyond verl's config."""
+        try:
+            shape = model_shape(self.model)
+        except (OSError, ValueError):  # a config.json that is not a decoder drzero knows: unchecked
+            shape = None
+        return Placement(f"{self.gpu_mem:g}-GiB GPU" if self.gpu_mem else self.gpu, self.capacity, shape, server)
 
 
 @dataclass(kw_only=True)
@@ -76,14 +106,27 @@ class ChallengerConfig(StageConfig):
     probes: int = option(5, help="solver probes per question for the difficulty reward (Dr. Zero: 5)")
     sglang_url: str | None = option(None, metavar="URL", help=(
         "SGLang server already serving the current solver; default: start one on :8001"))
-    sglang_dp: int = option(4, help="data parallel size of the reward SGLang server")
-    sglang_tp: int = option(2, help="tensor parallel size of the reward SGLang server")
-    sglang_mem: float = option(0.5, help="--mem-fraction-static of the reward SGLang server")
+    sglang_dp: int | None = option(None, help=f"data parallel size of the reward SGLang server (default: the "
+                                              f"model's recipe, else {REWARD_SERVER[0]})")
+    sglang_tp: int | None = option(None, help=f"tensor parallel size of the reward SGLang server (default: the "
+                                              f"model's recipe, else {REWARD_SERVER[1]})")
+    sglang_mem: float | None = option(None, help=f"--mem-fraction-static of the reward SGLang server (default: the "
+                                                 f"model's recipe, else {REWARD_SERVER[2]})")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.probes >= 2, "probes", self.probes, "an integer >= 2 (difficulty needs 0 < k < n)")
-        require(0 < self.sglang_mem < 1, "sglang_mem", self.sglang_mem, "a fraction between 0 and 1")
+        require(self.sglang_mem is None or 0 < self.sglang_mem < 1, "sglang_mem", self.sglang_mem,
+                "a fraction between 0 and 1")
+
+    def reward_server(self) -> tuple[int, int, float]:
+        """dp, tp, mem fraction: what was given, else the model's recipe, else drzero's defaults. A server
+        shaped by hand (--sglang-dp/-tp) takes the rest from the defaults: the recipe's fraction is sized
+        for the recipe's tp."""
+        shaped = self.sglang_dp is not None or self.sglang_tp is not None
+        recipe = (None if shaped else self.recipe().reward_server) or REWARD_SERVER
+        given = (self.sglang_dp, self.sglang_tp, self.sglang_mem)
+        return tuple(g if g is not None else r for g, r in zip(given, recipe))  # type: ignore[return-value]
 
 
 @dataclass(kw_only=True)
@@ -123,6 +166,7 @@ class StagePlan:
     sglang_gpus: tuple[int, int] | None = None        # (dp, tp) of the reward server
     done_when_outputs_exist: bool = False             # prepare-data: skip when the data is already there
     run_label: str = ""                               # what ``run`` does, for dry runs
+    memory: Placement | None = None                   # GPUs, model shape, SGLang beside the trainer: memory check
 
     def describe(self) -> str:
         lines = [f"stage {self.name}"]
@@ -156,10 +200,11 @@ def retriever_for(cfg: StageConfig) -> tuple[list, str]:
 def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str]:
     layout = cfg.layout
     loggers = ",".join(x.strip() for x in cfg.logger.split(",") if x.strip())
+    recipe = cfg.recipe()
     return [
         f"actor_rollout_ref.model.path={model_path}",
         f"actor_rollout_ref.rollout.multi_turn.tool_config_path={config_dir() / 'search_tool_config.yaml'}",
-        f"actor_rollout_ref.rollout.tensor_model_parallel_size={cfg.rollout_tp}",
+        f"actor_rollout_ref.rollout.tensor_model_parallel_size={cfg.rollout_tp or recipe.rollout_tp or ROLLOUT_TP}",
         f"data.train_batch_size={cfg.train_batch_size}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={min(256, cfg.train_batch_size)}",
         f"trainer.n_gpus_per_node={cfg.gpus}",
@@ -167,6 +212,7 @@ def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str
         f"trainer.logger=[{loggers}]",
         f"trainer.experiment_name={stage}_iter{cfg.iteration}",
         f"trainer.default_local_dir={layout.checkpoint(stage, cfg.iteration)}",
+        *recipe.overrides,  # the model's settings for these GPUs; `--` overrides come later and win
     ]
 
 
@@ -177,13 +223,14 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     # the current solver: the base model in iteration 1, the merged solver of the previous one after
     solver_path = str(layout.merged("solver", cfg.iteration - 1)) if cfg.iteration > 1 else base.path
     services, retriever_url = retriever_for(cfg)
+    dp, tp, mem = cfg.reward_server()
     if cfg.sglang_url:
         sglang_url = cfg.sglang_url
     else:
         from drzero.services import sglang_service
 
-        spec = sglang_service(solver_path, port=SGLANG_PORT, dp=cfg.sglang_dp, tp=cfg.sglang_tp,
-                              mem_fraction=cfg.sglang_mem, tool_call_parser=base.tool_call_parser,
+        spec = sglang_service(solver_path, port=SGLANG_PORT, dp=dp, tp=tp,
+                              mem_fraction=mem, tool_call_parser=base.tool_call_parser,
                               served_model_name="solver")
         services.append(spec)
         sglang_url = spec.url
@@ -209,7 +256,8 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     return StagePlan(name=f"challenger (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
                      env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
                      outputs=[own], verl_overrides=overrides + cfg.overrides,
-                     sglang_parser=base.tool_call_parser, sglang_gpus=(cfg.sglang_dp, cfg.sglang_tp))
+                     sglang_parser=base.tool_call_parser, sglang_gpus=(dp, tp),
+                     memory=cfg.placement(None if cfg.sglang_url else ("reward server", dp, tp, mem)))
 
 
 def plan_solver(cfg: SolverConfig) -> StagePlan:
@@ -230,7 +278,8 @@ def plan_solver(cfg: SolverConfig) -> StagePlan:
     inputs = [layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)]
     return StagePlan(name=f"solver (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
                      env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
-                     outputs=[layout.checkpoint("solver", cfg.iteration)], verl_overrides=overrides + cfg.overrides)
+                     outputs=[layout.checkpoint("solver", cfg.iteration)], verl_overrides=overrides + cfg.overrides,
+                     memory=cfg.placement())
 
 
 def plan_merge(cfg: MergeConfig) -> StagePlan:

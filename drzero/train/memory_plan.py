@@ -1,0 +1,228 @@
+"""`drzero memory`: will the model fit the GPUs? One table per stage, before any GPU starts.
+
+    drzero memory --model qwen3-32b --gpus 8 --gpu H100
+    drzero memory --model qwen3-8b --gpu A100-40GB --stage solver --rollout-tp 4 -- actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1
+    drzero memory --model qwen3-14b --gpu-mem 44 --no-recipe
+
+Each stage is planned as it would run (the model's recipe for the GPU, then your ``--``
+overrides), verl's config is composed as the stage composes it, and ``drzero.train.memory``
+estimates every phase on one GPU: the reward or gen-data SGLang server, verl's rollout engine
+(created after the FSDP actor), the actor's update. Exit status 1 when a stage does not fit;
+the same check runs in every training stage's preflight, which names the smallest change that
+makes the plan fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+from drzero.config import option, require
+from drzero.train.layout import env_default
+from drzero.train.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory, render
+from drzero.train.registry import DEFAULT_MODEL, model_shape
+from drzero.train.shapes import GPU_MEMORY_GIB
+
+STAGES = ("challenger", "solver", "gen-data", "evaluate")
+SERVER_ALONE = (4, 2, 0.8)  # gen-data and evaluate under `drzero evolve`: dp, tp, --mem-fraction-static
+
+
+def _get(config, key: str, default=None):
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(config, key, default=default)
+    return default if value is None else value
+
+
+def stage_setup(config, placement: Placement, stage: str) -> StageSetup:
+    """verl's composed config + where the stage runs -> what shares one GPU."""
+    shape = placement.shape
+    sequence = int(_get(config, "data.max_prompt_length")) + int(_get(config, "data.max_response_length"))
+    actor = "actor_rollout_ref.actor."
+    dynamic = bool(_get(config, actor + "use_dynamic_bsz", False))
+    gpus, nodes = int(_get(config, "trainer.n_gpus_per_node")), int(_get(config, "trainer.nnodes"))
+    train = TrainSetup(
+        shape, world=gpus * nodes, micro_batch=int(_get(config, actor + "ppo_micro_batch_size_per_gpu", 1)),
+        sequence_tokens=sequence, max_tokens=int(_get(config, actor + "ppo_max_token_len_per_gpu")) if dynamic else None,
+        checkpointing=bool(_get(config, "actor_rollout_ref.model.enable_gradient_checkpointing", False)),
+        strategy=str(_get(config, actor + "strategy", "fsdp")),
+        param_offload=bool(_get(config, actor + "fsdp_config.param_offload", False)),
+        optimizer_offload=bool(_get(config, actor + "fsdp_config.optimizer_offload", False)),
+        offload_policy=bool(_get(config, actor + "fsdp_config.offload_policy", False)),
+        lora_rank=int(_get(config, "actor_rollout_ref.model.lora_rank", 0)),
+        entropy=bool(_get(config, actor + "calculate_entropy", False)) or float(_get(config, actor + "entropy_coeff",
+                                                                                      0)) != 0)
+    rollout = Engine("verl's rollout", shape, int(_get(config, "actor_rollout_ref.rollout.tensor_model_parallel_size")),
+                     float(_get(config, "actor_rollout_ref.rollout.gpu_memory_utilization")), sequence)
+    server = None
+    if placement.server is not None:
+        role, dp, tp, fraction = placement.server
+        server = Engine(role, shape, tp, fraction, sequence, dp=dp)
+    sleeps = bool(_get(config, "actor_rollout_ref.rollout.free_cache_engine", True))
+    return StageSetup(stage, placement.capacity, placement.gpu, gpus, nodes, train, rollout, server, sleeps)
+
+
+def with_overrides(config, overrides: list[str]):
+    """A copy of the composed config with ``key=value`` overrides set (no Hydra composition)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    copy = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+    for override in overrides:
+        key, value = override.lstrip("+").split("=", 1)
+        OmegaConf.update(copy, key, yaml.safe_load(value), force_add=True)
+    return copy
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a user can change, as typed: Hydra overrides after `--`, and/or the reward server's size."""
+
+    overrides: tuple[str, ...] = ()
+    server: tuple[int, int, float] | None = None   # --sglang-dp, --sglang-tp, --sglang-mem
+    rollout_tp: int | None = None
+
+    def __add__(self, other: "Change") -> "Change":
+        return Change(self.overrides + other.overrides, other.server or self.server, other.rollout_tp or self.rollout_tp)
+
+    def describe(self) -> str:
+        parts = []
+        if self.rollout_tp:
+            parts.append(f"--rollout-tp {self.rollout_tp}")
+        if self.server:
+            parts.append("--sglang-dp {} --sglang-tp {} --sglang-mem {:g}".format(*self.server))
+        if self.overrides:
+            parts.append("-- " + " ".join(self.overrides))
+        return " ".join(parts)
+
+
+OFFLOAD = Change(("actor_rollout_ref.actor.fsdp_config.param_offload=True",
+                  "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True"))
+CPU_POLICY = Change(("actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.actor.fsdp_config.offload_policy=True"))
+MICRO_1 = Change(("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",))
+TP4 = Change(rollout_tp=4)
+SERVER_LOW = Change(server=(4, 2, 0.3))
+SERVER_WIDE = Change(server=(2, 4, 0.3))
+# least invasive first: single switches, then the same switches together, then host-memory training
+CHANGES = [Change(("actor_rollout_ref.actor.fsdp_config.optimizer_offload=True",)), OFFLOAD, TP4, SERVER_LOW,
+           MICRO_1, OFFLOAD + TP4, OFFLOAD + SERVER_LOW, OFFLOAD + TP4 + SERVER_WIDE,
+           OFFLOAD + TP4 + SERVER_WIDE + MICRO_1, CPU_POLICY + TP4 + SERVER_WIDE,
+           CPU_POLICY + TP4 + SERVER_WIDE + Change(("actor_rollout_ref.rollout.gpu_memory_utilization=0.7",))]
+
+
+def _apply(config, placement: Placement, change: Change, stage: str) -> StageMemory:
+    overrides = list(change.overrides)
+    if change.rollout_tp:
+        overrides.append(f"actor_rollout_ref.rollout.tensor_model_parallel_size={change.rollout_tp}")
+    if change.server and placement.server:
+        placement = replace(placement, server=(placement.server[0], *change.server))
+    return plan_memory(stage_setup(with_overrides(config, overrides), placement, stage))
+
+
+def smallest_fix(config, placement: Placement, stage: str) -> str:
+    """The first change (least invasive first) that makes every phase fit, or what would."""
+    gpus = int(_get(config, "trainer.n_gpus_per_node"))
+    tried = set()
+    for change in CHANGES:
+        if placement.server is None:  # no server beside the trainer: only the rest of the change applies
+            change = replace(change, server=None)
+        if (change.server and change.server[0] * change.server[1] != gpus) or change in tried or \
+                (change.rollout_tp and gpus % change.rollout_tp):
+            continue
+        tried.add(change)
+        if _apply(config, placement, change, stage).fits:
+            return change.describe()
+    h200 = replace(placement, gpu="H200", capacity=GPU_MEMORY_GIB["H200"])
+    if placement.capacity < h200.capacity and any(_apply(config, h200, c, stage).fits for c in CHANGES[:9]):
+        return f"none on {gpus} x {placement.gpu}; 8 x H200 fit (--gpu H200 picks the model's H200 recipe)"
+    nodes = int(_get(config, "trainer.nnodes"))
+    wider = with_overrides(config, [f"trainer.nnodes={2 * nodes}"])
+    if any(_apply(wider, placement, c, stage).fits for c in CHANGES[:9]):
+        return f"none on {nodes} node(s); {2 * nodes} nodes fit (--nnodes {2 * nodes})"
+    return "none that drzero knows: a smaller model or larger GPUs"
+
+
+def memory_check(config, placement: Placement | None, stage: str) -> tuple[bool, str, bool]:
+    """(fits, one line for the preflight, skipped)."""
+    if placement is None or placement.shape is None:
+        return True, "the model's shape is unknown (no local config.json, not in drzero's table)", True
+    memory = plan_memory(stage_setup(config, placement, stage))
+    if memory.fits:
+        tight = [n for n in memory.notes if "tight" in n]
+        return True, (f"peak {memory.peak:.1f} of {placement.capacity:.1f} GiB per {placement.gpu}"
+                      + (f"; {tight[0]}" if tight else "")), False
+    return False, (f"{memory.problems[0]}; smallest change that fits: {smallest_fix(config, placement, stage)} "
+                   f"(`drzero memory` shows every term)"), False
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    takes_hydra_overrides: ClassVar[bool] = True
+    model: str = option(DEFAULT_MODEL, help="a `drzero list-models` key, a hub name or a directory with config.json")
+    gpus: int = option(8, help="GPUs per node")
+    nodes: int = option(1, help="nodes")
+    gpu: str = option(env_default("DRZERO_GPU", "H100"), choices=sorted(GPU_MEMORY_GIB), help=(
+        "GPU kind ($DRZERO_GPU); picks the model's recipe"))
+    gpu_mem: float | None = option(None, metavar="GIB", help="memory per GPU in GiB instead of --gpu's")
+    stage: str = option("all", choices=["all", *STAGES], help="which stage to plan")
+    use_recipe: bool = option(True, flag="--recipe", help="apply the model's recipe for --gpu; --no-recipe: the "
+                                                          "shipped config (config/search_multiturn_grpo.yaml)")
+    rollout_tp: int | None = option(None, help="as `drzero challenger --rollout-tp`")
+    sglang_dp: int | None = option(None, help="as `drzero challenger --sglang-dp` (the reward server)")
+    sglang_tp: int | None = option(None, help="as `drzero challenger --sglang-tp`")
+    sglang_mem: float | None = option(None, help="as `drzero challenger --sglang-mem`")
+    overrides: list[str] = field(default_factory=list)  # Hydra overrides after `--`, as the stages take them
+
+    def __post_init__(self) -> None:
+        require(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
+        require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
+        require(self.gpu_mem is None or self.gpu_mem > 0, "gpu_mem", self.gpu_mem, "GiB per GPU, > 0")
+
+
+def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
+    """Plan each asked-for stage as `drzero <stage>` would and estimate its memory."""
+    from drzero.models import ModelNotFound
+    from drzero.train.preflight import compose
+    from drzero.train.stages import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+
+    shape = model_shape(cfg.model)
+    if shape is None:
+        raise ModelNotFound(f"--model {cfg.model}: drzero knows no shape for it; pass a directory holding its "
+                            f"config.json, or one of `drzero list-models`")
+    common = dict(model=cfg.model, gpus=cfg.gpus, nnodes=cfg.nodes, gpu=cfg.gpu, gpu_mem=cfg.gpu_mem,
+                  use_recipe=cfg.use_recipe, rollout_tp=cfg.rollout_tp, overrides=list(cfg.overrides), logger="console")
+    server = dict(sglang_dp=cfg.sglang_dp, sglang_tp=cfg.sglang_tp, sglang_mem=cfg.sglang_mem)
+    plans = {"challenger": plan_challenger(ChallengerConfig(**common, **server)),
+             "solver": plan_solver(SolverConfig(**common))}
+    memories = []
+    composed: dict[str, object] = {}
+    for stage in STAGES:
+        if cfg.stage not in ("all", stage):
+            continue
+        source = stage if stage in plans else "challenger"   # gen-data and evaluate use the proposer's budgets
+        plan = plans[source]
+        if source not in composed:
+            composed[source] = compose(plan.verl_overrides)
+        if stage in plans:
+            memories.append(plan_memory(stage_setup(composed[stage], plan.memory, stage)))
+            continue
+        sequence = stage_setup(composed[source], plan.memory, stage).rollout.sequence_tokens
+        dp, tp, fraction = SERVER_ALONE
+        server = Engine(f"{stage} server", shape, tp, fraction, sequence, dp=dp)
+        memories.append(plan_memory(StageSetup(stage, plan.memory.capacity, plan.memory.gpu, cfg.gpus, cfg.nodes,
+                                               server=server)))
+    return memories
+
+
+def run_memory(cfg: MemoryConfig, print_fn=print) -> int:
+    memories = stage_memories(cfg)
+    for memory in memories:
+        print_fn(render(memory) + "\n")
+    failing = [m.setup.stage for m in memories if not m.fits]
+    gpu = memories[0].setup.gpu if memories else cfg.gpu
+    print_fn(f"{cfg.model} on {cfg.nodes} x {cfg.gpus} x {gpu}: "
+             + (f"does not fit: {', '.join(failing)}" if failing else "every stage fits"))
+    return 1 if failing else 0
