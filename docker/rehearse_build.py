@@ -71,7 +71,7 @@ class Instruction:
 
 def instructions(path: Path = DOCKERFILE) -> list[Instruction]:
     """The Dockerfile's instructions, continuation lines joined, comments kept as step titles."""
-    found, current, comments = [], "", []
+    found, current, comments, pending = [], "", [], ""
     for line in path.read_text().splitlines():
         stripped = line.strip()
         if not current and stripped.startswith("#"):
@@ -87,7 +87,12 @@ def instructions(path: Path = DOCKERFILE) -> list[Instruction]:
             text = current.strip()
             keyword, _, args = text.partition(" ")
             titles = [c for c in comments if c and not c.startswith(("hadolint", "syntax=", "DL"))]
-            found.append(Instruction(keyword.upper(), args.strip(), titles[0] if titles else ""))
+            title = titles[0] if titles else ""
+            if keyword.upper() == "RUN":  # a step's comment may sit above the COPY lines it needs
+                title, pending = title or pending, ""
+            elif title:
+                pending = title
+            found.append(Instruction(keyword.upper(), args.strip(), title))
             current, comments = "", []
     return found
 
