@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate docker/base-packages.txt: the Python packages lmsysorg/sglang:v0.5.9 carries.
 
-    python3 docker/base_set.py > docker/base-packages.txt      # needs pip >= 26 and PyPI (a few minutes)
+    python3 docker/base_set.py > docker/base-packages.txt      # needs PyPI; a few minutes
 
 No Docker engine runs where the tests run, so the GPU image's base is reconstructed from what built
 it: sglang's own Dockerfile (tag v0.5.9, CUDA 12.9.1) installs ``sgl-kernel==0.3.21``, then
@@ -63,9 +63,21 @@ def canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
+def pip_with_upload_dates(python: str, scratch: Path) -> str:
+    """``python`` if its pip knows --uploaded-prior-to (pip >= 26), else a scratch venv's new pip."""
+    version = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True).stdout.split()
+    if len(version) > 1 and int(version[1].split(".")[0]) >= 26:
+        return python
+    venv = scratch / "pip26"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "pip>=26"], check=True)
+    return str(venv / "bin" / "python")
+
+
 def resolve(python: str, index_url: str) -> dict[str, str]:
     """name -> version of everything ``pip install REQUEST`` installs into an empty 3.12 environment."""
     with tempfile.TemporaryDirectory() as scratch:
+        python = pip_with_upload_dates(python, Path(scratch))
         report = Path(scratch) / "report.json"
         command = [python, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed", "--quiet",
                    "--index-url", index_url, "--report", str(report), "--uploaded-prior-to", UPLOADED_PRIOR_TO,
@@ -76,8 +88,7 @@ def resolve(python: str, index_url: str) -> dict[str, str]:
             command[5:5] = ["--cert", str(cert)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            raise SystemExit(f"pip could not resolve {' '.join(REQUEST)} (pip >= 26 is needed for "
-                             f"--uploaded-prior-to):\n{result.stderr[-3000:]}")
+            raise SystemExit(f"pip could not resolve {' '.join(REQUEST)}:\n{result.stderr[-3000:]}")
         installs = json.loads(report.read_text())["install"]
     return {item["metadata"]["name"]: item["metadata"]["version"] for item in installs}
 
@@ -101,7 +112,8 @@ def render(resolved: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--python", default=sys.executable, help="an interpreter whose pip is >= 26")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose pip resolves (a scratch venv with pip >= 26 if it is older)")
     parser.add_argument("--index-url", default="https://pypi.org/simple")
     args = parser.parse_args(argv)
     sys.stdout.write(render(resolve(args.python, args.index_url)))
