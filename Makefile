@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export ANONYMIZED_TELEMETRY := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-image bench venv clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The GPU image's build rehearsed in a reconstructed base (Python 3.12; several GB the first time).
+# `make test` runs it too when CI=true.
+test-image: $(STAMP)
+	DRZERO_IMAGE_REHEARSAL=1 $(VENV)/bin/python -m pytest -q tests/test_image_rehearsal.py
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/retrieval.py

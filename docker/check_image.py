@@ -4,6 +4,7 @@
     python3 docker/check_image.py pins --gpu            # name==version of what the base image ships (constraints)
     python3 docker/check_image.py pins --names torch    # the same for a chosen set of distributions
     python3 docker/check_image.py requirements --extras retrieval,train [--also NAME ...]
+    python3 docker/check_image.py relax-torch nvidia-cudnn-cu12 nvidia-nccl-cu12
     python3 docker/check_image.py check --profile gpu --sglang-tag v0.5.9
     python3 docker/check_image.py check --profile cpu | retriever
 
@@ -14,13 +15,19 @@ the SGLang base image installs sglang from a source checkout, which ``pip freeze
 ``requirements`` prints the dependencies of pyproject.toml's extras (one per line) so that the
 images install exactly what the package declares, with the package itself installed ``--no-deps``.
 
+``relax-torch`` deletes torch's installed requirements on the CUDA libraries the base image
+replaced with newer builds (see relax_requirements), so that pip can install under the base's pins.
+
 ``check`` imports the stack, prints the versions and exits 1 on a mismatch: Python, torch, verl,
 flash-attn, sglang, numpy < 2 (verl 0.7.1), drzero and its config directory, and - for the GPU
 image - every SGLang symbol verl 0.7.1 imports (the API drift that broke earlier Dr. Zero images).
 Expected versions default to the project pins and can be overridden by the environment
 (EXPECT_PYTHON, EXPECT_TORCH, EXPECT_VERL, EXPECT_FLASH_ATTN, EXPECT_SGLANG).
 
-Standard library only until ``check`` imports the stack; runs on Python >= 3.11.
+Standard library only until ``relax-torch`` deletes torch's installed requirements on the CUDA libraries the base image
+replaced with newer builds (see relax_requirements), so that pip can install under the base's pins.
+
+``check`` imports the stack; runs on Python >= 3.11.
 """
 
 from __future__ import annotations
@@ -53,24 +60,31 @@ GPU_PINNED = ("torch", "torchvision", "torchaudio", "triton", "sglang", "sgl-ker
               "xgrammar", "cuda-python", "cuda-bindings")
 GPU_PINNED_PREFIXES = ("nvidia-",)
 
-# What verl 0.7.1 imports from sglang (verl/workers/rollout/sglang_rollout/{async_sglang_server,
-# sglang_rollout,http_server_engine}.py) plus the moved symbols of the drift table in
-# reference/verl-0.7.1.md section 10.1. Every name must exist at the top level of its module.
+# Every sglang name verl 0.7.1's SGLang rollout (verl/workers/rollout/sglang_rollout/*.py) uses:
+# its module-level and function-level (lazy) `from sglang... import` lines and the attributes it
+# reads from or assigns to sglang modules it imports. tests/test_containers.py re-derives this
+# table from the installed verl, so it cannot drift. Every name must exist at the top level of its
+# module; a missing one is the API drift that broke earlier Dr. Zero images (sglang moved
+# ReleaseMemoryOccupationReqInput to io_struct in 0.5.2, get_ip became get_local_ip_auto, ...).
 SGLANG_SYMBOLS = {
+    "sglang": ["__version__"],
+    "sglang.srt.entrypoints.EngineBase": ["EngineBase"],
+    # verl replaces _set_envs_and_config (a silent no-op if sglang stopped defining it) and passes
+    # the three *_process/manager functions to _launch_subprocesses on sglang >= 0.5.7
+    "sglang.srt.entrypoints.engine": ["_set_envs_and_config", "init_tokenizer_manager", "run_detokenizer_process",
+                                      "run_scheduler_process"],
     "sglang.srt.entrypoints.http_server": ["ServerArgs", "_GlobalState", "_launch_subprocesses", "app",
-                                           "set_global_state", "launch_server"],
+                                           "launch_server", "set_global_state"],
+    "sglang.srt.layers.moe.routed_experts_capturer": ["extract_routed_experts_from_meta_info"],
     "sglang.srt.managers.io_struct": ["ContinueGenerationReqInput", "GenerateReqInput", "PauseGenerationReqInput",
                                       "ReleaseMemoryOccupationReqInput", "ResumeMemoryOccupationReqInput",
                                       "UpdateWeightsFromTensorReqInput"],
     "sglang.srt.managers.tokenizer_manager": ["ServerStatus"],
-    "sglang.srt.entrypoints.engine": ["Engine", "_set_envs_and_config"],
-    "sglang.srt.entrypoints.EngineBase": ["EngineBase"],
     "sglang.srt.server_args": ["ServerArgs"],
-    "sglang.srt.utils": ["assert_pkg_version", "is_cuda", "set_prometheus_multiproc_dir", "set_ulimit",
-                         "kill_process_tree"],
+    "sglang.srt.utils": ["assert_pkg_version", "is_cuda", "kill_process_tree", "set_prometheus_multiproc_dir",
+                         "set_ulimit"],
     "sglang.srt.utils.common": ["add_prometheus_middleware"],
     "sglang.srt.weight_sync.utils": ["update_weights"],
-    "sglang.srt.function_call.function_call_parser": ["FunctionCallParser"],
 }
 # verl 0.7.1 passes these to _launch_subprocesses on sglang >= 0.5.7.
 LAUNCH_KWARGS_SINCE_057 = ("init_tokenizer_manager_func", "run_scheduler_process_func",
@@ -129,6 +143,55 @@ def requirements(pyproject: Path, extras: list[str], also: list[str]) -> list[st
             seen.add(line)
             unique.append(line)
     return unique
+
+
+# --- relax-torch -------------------------------------------------------------------------------------
+
+def relax_requirements(owner: str, names: list[str]) -> int:
+    """Delete ``owner``'s installed Requires-Dist lines on ``names`` (what verl's own sglang image does).
+
+    sglang's base image force-installs newer NCCL and cuDNN wheels over torch's exact pins
+    (torch 2.9.1 pins nvidia-cudnn-cu12==9.10.2.21 and nvidia-nccl-cu12==2.27.5; the base carries
+    9.16.0.29 and 2.28.3). pip checks an installed distribution's requirements whenever it
+    resolves anything that depends on it, so every later ``pip install`` under the base's pins
+    fails with ResolutionImpossible until torch stops asking for the old versions. Only the
+    metadata changes; the libraries stay the base's. The METADATA file is found through
+    importlib.metadata (no site-packages path) and replaced, not edited in place.
+    """
+    try:
+        dist = metadata.distribution(owner)
+    except metadata.PackageNotFoundError:
+        print(f"relax-torch: {owner} is not installed for {sys.executable}", file=sys.stderr)
+        return 1
+    files = [f for f in dist.files or () if f.name == "METADATA" and f.parent.name.endswith(".dist-info")]
+    if len(files) != 1:
+        print(f"relax-torch: cannot find {owner}'s METADATA through its RECORD ({dist.files and len(files)} found)",
+              file=sys.stderr)
+        return 1
+    path = Path(files[0].locate())
+    wanted = {_canonical(name) for name in names}
+    kept, dropped = [], []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            requirement = line.split(":", 1)[1].strip()
+            name = _canonical(re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0])
+            if name in wanted:
+                dropped.append((name, requirement))
+                continue
+        kept.append(line)
+    if missing := sorted(wanted - {name for name, _ in dropped}):
+        print(f"relax-torch: {owner} {dist.version} has no requirement on {', '.join(missing)}; "
+              f"it requires {', '.join(sorted(_canonical(r.split()[0]) for r in dist.requires or []))}. "
+              f"Update the names in docker/Dockerfile.", file=sys.stderr)
+        return 1
+    replacement = path.with_name(path.name + ".relaxed")
+    replacement.write_text("".join(kept), encoding="utf-8")
+    os.replace(replacement, path)  # a new file: hard-linked copies of this tree keep the original
+    have = installed()
+    for name, requirement in dropped:
+        print(f"{owner} {dist.version}: dropped requirement {requirement!r} (installed: {name} {have.get(name)})")
+    return 0
 
 
 # --- check -------------------------------------------------------------------------------------------
@@ -437,16 +500,15 @@ def check(profile: str, sglang_tag: str | None) -> int:
                     report.fail("tool-call parser", f"{TOOL_CALL_PARSER} unknown; SGLang has {sorted(parsers)}")
             except Exception as error:  # noqa: BLE001
                 report.warn("tool-call parser", f"{type(error).__name__}: {error}")
+        # No leniency here: the flash-attn wheel is a prebuilt binary for one torch/CUDA/ABI, and
+        # an import that fails on the build machine (with the driver stub loaded) fails on a GPU too.
         try:
             report.expect("flash-attn", metadata.version("flash-attn"), expected["flash_attn"])
             import flash_attn
 
             report.ok("flash_attn import", flash_attn.__version__)
         except Exception as error:  # noqa: BLE001
-            if _environment_error(error) and not isinstance(error, metadata.PackageNotFoundError):
-                report.warn("flash_attn import", f"{type(error).__name__}: {error}")
-            else:
-                report.fail("flash-attn", f"{type(error).__name__}: {error}")
+            report.fail("flash-attn", f"{type(error).__name__}: {error}")
 
     if profile in ("retriever", "cpu", "gpu"):
         for module in ("chromadb", "sentence_transformers", "fastapi", "uvicorn"):
@@ -506,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pyproject", type=Path, default=Path(__file__).resolve().parents[1] / "pyproject.toml")
     r.add_argument("--extras", default="", help="comma-separated extras")
     r.add_argument("--also", nargs="*", default=[], help="single requirements taken from any extra, with their pin")
+    x = sub.add_parser("relax-torch", help="drop torch's installed requirements on the named distributions")
+    x.add_argument("names", nargs="+", help="distributions the base replaced under torch (nvidia-cudnn-cu12 ...)")
     c = sub.add_parser("check", help="import the stack, print versions, fail on a mismatch")
     c.add_argument("--profile", choices=["gpu", "cpu", "retriever"], required=True)
     c.add_argument("--sglang-tag", help="the base image tag; the installed sglang must match it")
@@ -522,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "requirements":
         print("\n".join(requirements(args.pyproject, [e for e in args.extras.split(",") if e], args.also)))
         return 0
+    if args.action == "relax-torch":
+        return relax_requirements("torch", args.names)
     return check(args.profile, args.sglang_tag)
 
 
