@@ -24,17 +24,19 @@ class ModelEntry:
     tool_call_parser: str     # SGLang --tool-call-parser for this family
     suggested_tp: int         # tensor parallel size that fits an H100 80 GB comfortably
     note: str = ""
+    thinking: bool | None = None  # Qwen3's enable_thinking default (off: see drzero.rollout.render); None: no switch
 
 
 REGISTRY = {e.key: e for e in [
-    ModelEntry("qwen3-32b", "Qwen/Qwen3-32B", "Qwen3-32B", "qwen25", 4, "the production run; cached on the volume"),
-    ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2),
-    ModelEntry("qwen3-8b", "Qwen/Qwen3-8B", "Qwen3-8B", "qwen25", 1),
+    ModelEntry("qwen3-32b", "Qwen/Qwen3-32B", "Qwen3-32B", "qwen25", 4, "the production run; cached on the volume",
+               thinking=False),
+    ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2, thinking=False),
+    ModelEntry("qwen3-8b", "Qwen/Qwen3-8B", "Qwen3-8B", "qwen25", 1, thinking=False),
     ModelEntry("qwen2.5-3b-instruct", "Qwen/Qwen2.5-3B-Instruct", "Qwen2.5-3B-Instruct", "qwen25", 1,
                "Dr. Zero's base model"),
     ModelEntry("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct", "qwen25", 1,
                "debugging on one GPU"),
-    ModelEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3-0.6B", "qwen25", 1, "debugging on one GPU"),
+    ModelEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3-0.6B", "qwen25", 1, "debugging on one GPU", thinking=False),
 ]}
 
 DEFAULT_MODEL = "qwen2.5-3b-instruct"
