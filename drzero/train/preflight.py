@@ -139,7 +139,8 @@ def _prompt_budget(config, planned: set[Path]) -> Check:
         prompts.sort(key=lambda messages: -sum(len(m["content"]) for m in messages))
         from omegaconf import OmegaConf
 
-        kwargs = OmegaConf.to_container(config.data.get("apply_chat_template_kwargs") or {})
+        kwargs = config.data.get("apply_chat_template_kwargs")
+        kwargs = OmegaConf.to_container(kwargs) if kwargs is not None else {}
         budget_counter = PromptBudget(AutoTokenizer.from_pretrained(str(model)), kwargs)
         longest = max(budget_counter.rendered_length(messages) for messages in prompts[:50])
     if longest > budget:
