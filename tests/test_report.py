@@ -36,7 +36,8 @@ def _eval_summary(tmp_path, right_per_hop) -> dict:
                               cover_em=float(i < right), hops=str(hops), data_source=f"search_zero_{hops}", turns=2,
                               searches=1, stop_reason="answer", error=None)
                for hops, right in enumerate(right_per_hop, 1) for i in range(4)]
-    return build_summary(EvaluateConfig(model="http://127.0.0.1:8001", data=str(data)), records, 16, {})
+    return build_summary(EvaluateConfig(model="http://127.0.0.1:8001", data=str(data), tokenizer="tok"), records,
+                         16, {})
 
 
 @pytest.fixture

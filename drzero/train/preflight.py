@@ -172,7 +172,11 @@ def response_budget(config) -> Check:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model))
-    budget = response_budget_for(config, tokenizer, manifest)
+    # the corpus density in the manifest holds for the tokenizer it was measured with, not another model's
+    measured_with = str((manifest or {}).get("tokenizer") or "")
+    same_tokenizer = measured_with == str(model) or (Path(measured_with).is_dir() and model.is_dir()
+                                                     and Path(measured_with).resolve() == model.resolve())
+    budget = response_budget_for(config, tokenizer, manifest if same_tokenizer else None)
     proposer = str(OmegaConf.select(config, "reward.custom_reward_function.name", default="")).startswith("proposer")
     max_hops = len(str((manifest or {}).get("hop_ratio") or "4321"))
     rows = budget.rows(max_hops, ("proposer", "solver") if proposer else ("solver",))
