@@ -159,7 +159,10 @@ def test_client_tokens_equal_verls_tool_agent_loop_and_the_budget_cut_is_the_sam
     fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute"]}, searches=2), tokenizer=qwen3)
     with fake.serve() as base_url:
         verl_out = _verl_rollout(qwen3, base_url, config, messages)
+        verl_requests = len(fake.requests)
         ours = _our_rollout(qwen3, base_url, retriever_url, config, messages)
+    # the first request each sent: the same prompt ids, byte for byte
+    assert fake.requests[verl_requests]["input_ids"] == fake.requests[0]["input_ids"] == verl_out.prompt_ids
     assert qwen3.decode(verl_out.prompt_ids) == ChatRenderer(qwen3, chat_template_kwargs=THINKING_OFF).prompt_text(
         messages)
     verl_text = qwen3.decode(verl_out.response_ids, skip_special_tokens=True)
