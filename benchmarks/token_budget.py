@@ -30,7 +30,7 @@ from qwen_vocab import qwen_tokenizer  # noqa: E402
 
 from drzero.corpus.chunking import split_text  # noqa: E402
 from drzero.data.budget import ResponseBudget, chars_per_token_of_results, tool_turn_overhead  # noqa: E402
-from drzero.rollout.render import ChatRenderer, ToolOutputLimit  # noqa: E402
+from drzero.rollout.render import THINKING_RESPONSE_LENGTH, ChatRenderer, ToolOutputLimit  # noqa: E402
 
 PREVIOUS_CAP = 4096
 
@@ -74,8 +74,6 @@ def main() -> int:
         words = sum(len(t.split()) for _, t in passages) / len(passages)
         whole = chars_per_token_of_results(renderer, passages, samples=args.samples)
         capped = chars_per_token_of_results(renderer, passages, samples=args.samples, limit=ToolOutputLimit(cap))
-        old = chars_per_token_of_results(renderer, passages, samples=args.samples,
-                                         limit=ToolOutputLimit(PREVIOUS_CAP))
         measured = {}
         for label, limit in (("cap", cap), ("old", PREVIOUS_CAP)):
             import random
@@ -95,7 +93,7 @@ def main() -> int:
     print(f"\nmax tokens one search took (tool turn incl. wrapper), {args.samples} random 3-passage results; "
           f"cap {cap} chars vs the previous {PREVIOUS_CAP}")
     for thinking in (False, True):
-        budget = ResponseBudget(max_response_length=response if not thinking else 5120,
+        budget = ResponseBudget(max_response_length=THINKING_RESPONSE_LENGTH if thinking else response,
                                 tool_output=ToolOutputLimit(cap), max_assistant_turns=int(multi_turn["max_assistant_turns"]),
                                 thinking=thinking, chars_per_token=worst, tool_turn_overhead=overhead,
                                 measured_with="Qwen vocabulary, worst corpus above")
