@@ -78,7 +78,9 @@ def client(questions: int, urls: dict, concurrency: int) -> None:
         results = await asyncio.gather(*(proposer.compute_score(
             "search_zero_1", proposal(i), None, {"hops": 1, "seed_document": "Tessaly Institute"},
             base_url=urls["sglang"], model_name="solver", n=PROBES, retriever_url=urls["retriever"],
-            concurrency=concurrency, max_turns=TURNS) for i in range(questions)))
+            concurrency=concurrency, max_turns=TURNS,
+            api="chat",  # measures the HTTP fan-out; the chat wire needs no tokenizer in the stand-in
+        ) for i in range(questions)))
         return time.perf_counter() - started, results
 
     wall, results = asyncio.run(run())

@@ -41,7 +41,8 @@ from drzero.config import option, require
 from drzero.eval_set import QA_SUFFIXES, QaItem, read_qa_file
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import exact_match, normalize_answer
-from drzero.rollout.client import Trajectory
+from drzero.rollout.client import APIS, Trajectory
+from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout.search import DEFAULT_RETRIEVER_URL, RETRIEVER_URL_ENV
 from drzero.train.layout import env_default
 
@@ -109,13 +110,17 @@ class EvaluateConfig:
                                 help=f"the retriever's /retrieve endpoint (${RETRIEVER_URL_ENV})")
     topk: int = option(3, help="passages per search query")
     max_turns: int = option(5, help="assistant turns per question (Dr. Zero: 5, i.e. <= 4 searches and an answer)")
-    max_response_tokens: int = option(2560, help="tokens of all assistant turns of one question together")
+    max_response_tokens: int | None = option(None, help=(
+        "response budget per question, tool tokens included (default: the solver's data.max_response_length "
+        "in config/search_multiturn_grpo.yaml)"))
     concurrency: int = option(64, help="generate requests in flight at once")
     limit: int | None = option(None, help="only the first N questions of the file")
-    api: str = option("chat", choices=("chat", "completions"), help=(
-        "'chat': the server applies its chat template; 'completions': we render prompts with --tokenizer"))
+    api: str = option("generate", choices=APIS, help=(
+        "'generate': token ids through SGLang's /generate, rendered and budgeted exactly as the solver trained; "
+        "'chat': the server applies its own chat template (does not match training)"))
     tokenizer: str | None = option(None, metavar="PATH", help=(
-        "tokenizer for --api completions (default: the --model itself when it is not a URL)"))
+        "the solver's tokenizer for --api generate (default: the --model itself when it is not a URL)"))
+    thinking: bool = option(False, help="Qwen3 thinking on, for a solver trained with --thinking")
     timeout: float = option(300.0, help="seconds one generate request may take before it is retried")
     retries: int = option(4, help="extra attempts of a generate request after a 5xx, timeout or connection error")
     port: int = option(8001, help="port of the SGLang server started for a model (not a URL)")
@@ -134,11 +139,13 @@ class EvaluateConfig:
         require(data.suffix in QA_SUFFIXES, "data", self.data, f"a file ending in {', '.join(QA_SUFFIXES)}")
         require(self.retriever_url.startswith(("http://", "https://")), "retriever_url", self.retriever_url,
                 "an http:// or https:// URL of the retriever's /retrieve endpoint")
-        require(self.api in ("chat", "completions"), "api", self.api, "'chat' or 'completions'")
-        require(self.api != "completions" or bool(self.tokenizer) or self.serves_model, "tokenizer", self.tokenizer,
-                "a tokenizer name or directory when api='completions' and --model is a URL")
-        for name in ("topk", "max_turns", "max_response_tokens", "concurrency", "dp", "tp"):
+        require(self.api in APIS, "api", self.api, " or ".join(repr(a) for a in APIS))
+        require(self.api != "generate" or bool(self.tokenizer) or self.serves_model, "tokenizer", self.tokenizer,
+                "a tokenizer name or directory when api='generate' and --model is a URL")
+        for name in ("topk", "max_turns", "concurrency", "dp", "tp"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        require(self.max_response_tokens is None or self.max_response_tokens >= 1, "max_response_tokens",
+                self.max_response_tokens, "an integer >= 1")
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "an integer >= 1, or unset for all")
         require(self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
         require(self.retries >= 0, "retries", self.retries, "an integer >= 0")
@@ -286,11 +293,18 @@ async def _rollouts(cfg: EvaluateConfig, base_url: str, items: list[QaItem], tok
     from drzero.rollout.client import AgentRolloutClient, GenerationSettings
     from drzero.rollout.search import SearchSettings
 
+    limits = RolloutLimits.from_training_config(SOLVER_PROMPT_LENGTH, cfg.thinking)
+    kwargs = template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None else \
+        {"enable_thinking": cfg.thinking}
     generation = GenerationSettings(base_url=base_url, model=cfg.served_model_name, api=cfg.api,
                                     temperature=0.0,  # greedy: evaluation, not exploration
-                                    max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                    max_turns=cfg.max_turns, max_prompt_tokens=limits.max_prompt_tokens,
+                                    max_response_tokens=cfg.max_response_tokens or limits.max_response_tokens,
+                                    tool_output=limits.tool_output, chat_template_kwargs=kwargs,
                                     timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency)
-    client = AgentRolloutClient(generation, SearchSettings(url=cfg.retriever_url, topk=cfg.topk), tokenizer=tokenizer)
+    client = AgentRolloutClient(generation, SearchSettings(url=cfg.retriever_url, topk=cfg.topk,
+                                                           max_chars=limits.tool_output.max_length),
+                                tokenizer=tokenizer)
     try:
         with tqdm(total=len(items), desc="evaluate", unit="question", mininterval=1.0) as bar:
             async def tracked(item: QaItem) -> Trajectory:
@@ -351,7 +365,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     out_dir = cfg.output_dir()
     _check_writable(out_dir)  # before any server time is spent
     tokenizer = None
-    if cfg.api == "completions":
+    if cfg.api == "generate":
         from drzero.models import load_tokenizer
         from drzero.train.registry import resolve_model
 

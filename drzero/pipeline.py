@@ -52,7 +52,9 @@ class GenDataStageConfig(StageConfig):
 class EvolveConfig(StageConfig):
     takes_hydra_overrides: ClassVar[bool] = True  # passed to every verl stage
     iterations: int = option(3, help="iterations of the loop (Dr. Zero: 3)")
-    seed_rows: int = option(64000, help="rows of the seed parquet prepare-data writes when it is missing")
+    seed_rows: int | None = option(None, help=(
+        "rows of the seed parquet prepare-data writes when it is missing (default: prepare-data's, fresh seeds "
+        "for every iteration's challenger and gen-data)"))
     tokenizer: str | None = option(None, metavar="PATH", help="tokenizer for prepare-data (default: the model's)")
     probes: int = option(5, help="solver probes per question in the proposer reward")
     samples: int = option(5, help="proposer samples per seed in gen-data")
@@ -103,8 +105,12 @@ class RunState:
 
 def _shared(cfg: StageConfig, iteration: int) -> dict:
     names = ("model", "db", "data_dir", "checkpoints", "gpus", "nnodes", "steps", "train_batch_size", "rollout_tp",
-             "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides")
+             "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides", "thinking")
     return {**{n: getattr(cfg, n) for n in names}, "iteration": iteration}
+
+
+def _thinking_word(thinking: bool | None) -> str:
+    return "n/a" if thinking is None else "on" if thinking else "off"
 
 
 def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
@@ -113,12 +119,19 @@ def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
 
     layout = cfg.layout
 
+    from drzero.train.stages import thinking_setting
+
+    thinking = thinking_setting(cfg)
+
     def prepare():  # configured when it runs: planning must not fail on a model that a later step provides
         run_prepare_data(PrepareDataConfig(db=cfg.db, out=str(layout.seeds), rows=cfg.seed_rows,
-                                           tokenizer=cfg.tokenizer or resolve_model(cfg.model).path))
+                                           tokenizer=cfg.tokenizer or resolve_model(cfg.model).path,
+                                           thinking=bool(thinking)))
 
+    rows = f" --rows {cfg.seed_rows}" if cfg.seed_rows else ""
     return StagePlan(name="prepare-data", run=prepare, inputs=[layout.db],
-                     run_label=f"drzero prepare-data --db {layout.db} --out {layout.seeds} --rows {cfg.seed_rows}",
+                     run_label=f"drzero prepare-data --db {layout.db} --out {layout.seeds}{rows} (thinking "
+                               f"{_thinking_word(thinking)})",
                      outputs=[layout.seeds, layout.seeds_val], done_when_outputs_exist=True)
 
 
@@ -141,15 +154,21 @@ def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
         services.append(spec)
         proposer_url = spec.url
 
+    from drzero.train.stages import thinking_setting
+
+    thinking = thinking_setting(cfg)
+
     def generate():  # configured when it runs: the seed data may come from an earlier stage of this run
         return run_gen_data(GenDataConfig(
             iteration=cfg.iteration, seeds=str(layout.seeds), out=str(layout.solver_data(cfg.iteration)),
             samples=cfg.samples, verify=cfg.verify, solver_url=cfg.solver_url, limit=cfg.limit,
-            proposer_url=proposer_url, proposer_model="proposer", retriever_url=retriever_url))
+            proposer_url=proposer_url, proposer_model="proposer", retriever_url=retriever_url,
+            tokenizer=str(proposer), thinking=bool(thinking)))
 
     return StagePlan(name=f"gen-data (iteration {cfg.iteration})", run=generate,
                      run_label=f"drzero gen-data --iteration {cfg.iteration} (proposer at {proposer_url}, "
-                               f"{cfg.samples} samples per seed of partition {cfg.iteration - 1})",
+                               f"{cfg.samples} samples per seed of partition {cfg.iteration - 1}, thinking "
+                               f"{_thinking_word(thinking)})",
                      services=services, inputs=[layout.seeds, proposer],
                      outputs=[layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)])
 
@@ -164,12 +183,18 @@ def plan_evaluate(cfg: EvolveConfig, iteration: int) -> StagePlan:
     model = layout.merged("solver", iteration)
     out = layout.checkpoints / "eval" / f"iter{iteration}"
 
+    from drzero.train.stages import thinking_setting
+
+    thinking = thinking_setting(cfg)
+
     def evaluate():  # configured when it runs: the model is written by the merge before it
         return run_evaluate(EvaluateConfig(model=str(model), data=cfg.eval_data, out=str(out),
-                                           retriever_url=retriever_url, dp=cfg.sglang_dp or 4, tp=cfg.sglang_tp or 2))
+                                           retriever_url=retriever_url, dp=cfg.sglang_dp or 4, tp=cfg.sglang_tp or 2,
+                                           thinking=bool(thinking)))
 
     return StagePlan(name=f"evaluate (iteration {iteration})", run=evaluate, services=services,
-                     run_label=f"drzero evaluate --model {model} --data {cfg.eval_data} --out {out}",
+                     run_label=f"drzero evaluate --model {model} --data {cfg.eval_data} --out {out} (thinking "
+                               f"{_thinking_word(thinking)})",
                      inputs=[model, Path(cfg.eval_data)], outputs=[out / "summary.json"])
 
 
@@ -199,7 +224,9 @@ def all_plans(cfg: EvolveConfig) -> list[tuple[str, StagePlan]]:
 # -- running -------------------------------------------------------------------------------------
 
 DIGEST_KEYS = ("algorithm.adv_estimator", "actor_rollout_ref.model.path", "actor_rollout_ref.rollout.n",
-               "data.train_files", "data.val_files", "data.max_prompt_length", "trainer.total_training_steps",
+               "data.train_files", "data.val_files", "data.max_prompt_length", "data.max_response_length",
+               "data.apply_chat_template_kwargs.enable_thinking",
+               "reward.custom_reward_function.reward_kwargs.thinking", "trainer.total_training_steps",
                "trainer.default_local_dir", "trainer.resume_mode", "trainer.resume_from_path",
                "reward.custom_reward_function.name")
 

@@ -155,9 +155,32 @@ def last_tag(text: str, tag: str) -> str | None:
     return found[-1] if found else None
 
 
+_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>")
+
+
 def starts_with_think(turn: str) -> bool:
-    """Whether an assistant turn opens with a closed ``<think>`` block."""
-    return re.match(r"\s*<think>.*?</think>", turn, re.DOTALL) is not None
+    """Whether an assistant turn opens with a closed, non-empty ``<think>`` block.
+
+    An empty block in front is skipped: it is what a Qwen3 template with thinking off writes into
+    the generation prompt, not something the model wrote. So the term rewards reasoning the model
+    did, with thinking on or off, and a turn whose thinking never closed does not count.
+    """
+    while True:
+        empty = _EMPTY_THINK.match(turn)
+        if not empty:
+            break
+        turn = turn[empty.end():]
+    match = re.match(r"\s*<think>(.*?)</think>", turn, re.DOTALL)
+    return match is not None and bool(match.group(1).strip())
+
+
+MAX_QUESTION_WORDS = 50  # Dr. Zero cuts every generated question to its first 50 words
+
+
+def cut_question(question: str, max_words: int = MAX_QUESTION_WORDS) -> tuple[str, bool]:
+    """The question as the solver will see it (first ``max_words`` words), and whether it was cut."""
+    words = question.split()
+    return " ".join(words[:max_words]), len(words) > max_words
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ IMPORTS = (("torch", "torch", False), ("transformers", "transformers", False), (
 VERL_TRAIN_ROWS, VERL_VAL_ROWS = 8, 4
 VERL_OVERRIDES = (
     "data.max_response_length=1024",                     # short answers: a plumbing check, not a benchmark
+    "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=2",  # one search + the answer: fits 1,024 tokens
     "actor_rollout_ref.rollout.gpu_memory_utilization=0.4",
     "trainer.test_freq=-1",                              # no validation pass; the checkpoint save still runs
 )

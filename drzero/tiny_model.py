@@ -54,6 +54,38 @@ CHAT_TEMPLATE = (
 )
 
 
+# The same turns in the Qwen3 style: no default system turn, consecutive tool results share one
+# user turn, and the generation prompt honours ``enable_thinking``: when a caller passes
+# ``enable_thinking=False`` it pre-fills an empty ``<think>`` block, as Qwen3's own template does,
+# so that tests can check that every renderer passes the switch on.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{% if messages and messages[0].role == 'system' %}{{ messages[0].content }}{{ '\\n\\n' }}{% endif %}"
+    "# Tools\n\nFunctions you may call are described inside <tools></tools>:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "To call a function, write a JSON object with its name and arguments inside <tool_call></tool_call>:\n"
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{% elif messages and messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n' }}<tool_response>\n{{ message.content }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif message.role == 'assistant' %}"
+    "<|im_start|>assistant\n{{ message.content or '' }}"
+    "{% for call in message.tool_calls or [] %}{{ '\\n' }}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson if call.function.arguments is mapping "
+    "else call.function.arguments }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message.role != 'system' or not loop.first %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+CHAT_TEMPLATES = {"chatml": CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE}
+
+
 @dataclass(kw_only=True)
 class TinyModelConfig:
     out: str = option(help="directory to write the tokenizer and model to", metavar="DIR")
@@ -65,6 +97,8 @@ class TinyModelConfig:
     layers: int = option(2, help="transformer layers")
     seed: int = option(0, help="seed for the random weights")
     no_weights: bool = option(False, help="write the tokenizer only")
+    chat_template: str = option("chatml", choices=sorted(CHAT_TEMPLATES), help=(
+        "chat template: 'chatml' (Qwen2.5 style, default system turn) or 'qwen3' (honours enable_thinking)"))
 
     def __post_init__(self) -> None:
         require(self.vocab_size >= 512, "vocab_size", self.vocab_size, "an integer >= 512")
@@ -73,7 +107,7 @@ class TinyModelConfig:
         require(self.layers >= 1, "layers", self.layers, "an integer >= 1")
 
 
-def build_chatml_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+def build_chatml_tokenizer(texts: Iterable[str], vocab_size: int = 4096, chat_template: str = CHAT_TEMPLATE):
     """A byte-level BPE tokenizer trained on ``texts`` with ChatML tokens and our chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,7 +128,7 @@ def build_chatml_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     # and the rewards must still see <think>, <tool_call>, <answer>.
     tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in TAG_TOKENS])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE, model_max_length=32768,
+                                   chat_template=chat_template, model_max_length=32768,
                                    additional_special_tokens=["<|im_start|>"])
 
 
@@ -125,7 +159,8 @@ def corpus_texts(db: str | None, collection: str) -> list[str]:
 
 def run_tiny_model(cfg: TinyModelConfig) -> Path:
     out = Path(cfg.out)
-    tokenizer = build_chatml_tokenizer(corpus_texts(cfg.db, cfg.collection), cfg.vocab_size)
+    tokenizer = build_chatml_tokenizer(corpus_texts(cfg.db, cfg.collection), cfg.vocab_size,
+                                       CHAT_TEMPLATES[cfg.chat_template])
     tokenizer.save_pretrained(out)
     if not cfg.no_weights:
         build_tiny_model(tokenizer, cfg.hidden_size, cfg.layers, cfg.seed).save_pretrained(out)

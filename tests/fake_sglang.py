@@ -2,9 +2,11 @@
 
 SGLang needs a GPU, so tests and benchmarks of the rollout client and the reward code talk to
 this fake instead. It serves the same wire format on loopback (``/health``, ``/v1/models``,
-``/v1/chat/completions``, ``/v1/completions``) and answers every generate request with the
-output of a *policy*: a plain function of the conversation so far that scripts what the
-assistant says next. Both APIs hand the policy the same :class:`Conversation`; for
+``/v1/chat/completions``, ``/v1/completions`` and SGLang's native ``/generate`` with
+``input_ids``) and answers every generate request with the output of a *policy*: a plain
+function of the conversation so far that scripts what the assistant says next. ``/generate``
+needs the model's ``tokenizer``: it decodes the ids, and encodes the reply into ``output_ids``
+(ending with the end-of-turn id when the turn finished on its own, as SGLang's do). Both APIs hand the policy the same :class:`Conversation`; for
 ``/v1/completions`` the raw ChatML prompt is parsed back into turns (tool results, which chat
 templates render as ``<tool_response>`` user turns, become ``tool`` turns again).
 
@@ -204,6 +206,16 @@ class _CompletionRequest(_Generate):
     prompt: str
 
 
+class _NativeRequest(BaseModel):
+    """SGLang's GenerateReqInput, the part verl and our client send."""
+
+    model_config = ConfigDict(extra="allow")
+    input_ids: list[int] = Field(min_length=1)
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    rid: str | None = None
+    return_logprob: bool = False
+
+
 def _message_text(message: _Message) -> str:
     """A chat message's text as the chat template renders it (content parts joined, tool calls appended)."""
     content = message.content
@@ -255,8 +267,9 @@ def _limit(reply: Reply, stop: str | list[str] | None, max_tokens: int | None) -
 class FakeSGLang:
     """An SGLang-compatible HTTP app answering with ``policy``; ``serve()`` runs it on loopback."""
 
-    def __init__(self, policy: Policy, model: str = "solver", faults: Faults | None = None):
+    def __init__(self, policy: Policy, model: str = "solver", faults: Faults | None = None, tokenizer=None):
         self.policy = policy
+        self.tokenizer = tokenizer
         self.model = model
         self.faults = faults if faults is not None else Faults()
         self.healthy = True
@@ -292,6 +305,10 @@ class FakeSGLang:
         async def completions(request: Request):
             return await self._generate(request, "completions")
 
+        @app.post("/generate")
+        async def generate(request: Request):
+            return await self._generate(request, "generate")
+
         return app
 
     async def _generate(self, request: Request, api: str) -> JSONResponse:
@@ -320,6 +337,8 @@ class FakeSGLang:
             self.in_flight -= 1
 
     async def _answer(self, body: Any, api: str) -> JSONResponse:
+        if api == "generate":
+            return await self._answer_ids(body)
         schema = _ChatRequest if api == "chat" else _CompletionRequest
         try:
             parsed = schema.model_validate(body)
@@ -359,6 +378,44 @@ class FakeSGLang:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return JSONResponse({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                              "created": int(time.time()), "model": parsed.model, "choices": [choice], "usage": usage})
+
+    async def _answer_ids(self, body: Any) -> JSONResponse:
+        """SGLang's native /generate: token ids in, ``output_ids`` + ``meta_info`` out."""
+        try:
+            parsed = _NativeRequest.model_validate(body)
+        except ValidationError as error:
+            return _error(400, _validation_message(error))
+        if self.tokenizer is None:
+            return _error(500, "the fake SGLang server was started without a tokenizer; /generate needs one")
+        prompt = self.tokenizer.decode(parsed.input_ids, skip_special_tokens=False)
+        try:
+            turns, prefill = parse_chatml(prompt)
+        except ValueError as error:
+            return _error(400, f"the fake SGLang server could not parse the ChatML prompt: {error}")
+        system = next((turn.content for turn in turns if turn.role == "system"), "")
+        conversation = Conversation(turns=turns, api="generate", request=body, tools=parse_tools_block(system),
+                                    prefill=prefill)
+        self.conversations.append(conversation)
+        try:
+            reply = self.policy(conversation)
+            if inspect.isawaitable(reply):
+                reply = await reply
+        except Exception as error:
+            log.exception("fake SGLang policy failed")
+            return _error(500, f"policy raised {type(error).__name__}: {error}")
+        reply = Reply(reply) if isinstance(reply, str) else reply
+        limit = int(parsed.sampling_params.get("max_new_tokens", 128))
+        ids = self.tokenizer(reply.text, add_special_tokens=False)["input_ids"]
+        if reply.finish_reason == "stop":
+            ids = ids + [self.tokenizer.convert_tokens_to_ids(IM_END)]
+        finish = {"type": "stop", "matched": ids[-1]} if reply.finish_reason == "stop" else \
+            {"type": "length", "length": limit}
+        if len(ids) > limit:
+            ids, finish = ids[:limit], {"type": "length", "length": limit}
+        return JSONResponse({"text": self.tokenizer.decode(ids, skip_special_tokens=True), "output_ids": ids,
+                             "meta_info": {"id": uuid.uuid4().hex, "finish_reason": finish,
+                                           "prompt_tokens": len(parsed.input_ids), "completion_tokens": len(ids),
+                                           "cached_tokens": 0}})
 
     @staticmethod
     def _conversation(parsed: _Generate, body: dict, api: str) -> Conversation:

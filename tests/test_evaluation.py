@@ -91,7 +91,7 @@ def test_bad_data_is_one_clear_config_error_and_writes_nothing(tmp_path, name, c
         path.write_bytes(content)
     else:
         path.write_text(content)
-    cfg = EvaluateConfig(model="http://127.0.0.1:9", data=str(path), out=str(tmp_path / "out"))
+    cfg = EvaluateConfig(model="http://127.0.0.1:9", data=str(path), out=str(tmp_path / "out"), api="chat")
     with pytest.raises(ConfigError, match=message):
         run_evaluate(cfg)
     assert not (tmp_path / "out").exists()
@@ -100,7 +100,8 @@ def test_bad_data_is_one_clear_config_error_and_writes_nothing(tmp_path, name, c
 @pytest.mark.parametrize("overrides,message", [
     ({"data": "/nowhere/qa.parquet"}, "data='/nowhere/qa.parquet' is not valid: expected an existing parquet"),
     ({"data": "SUFFIX.csv"}, "expected a file ending in .parquet, .jsonl, .json"),
-    ({"api": "completions"}, "tokenizer=None is not valid"),
+    ({"api": "completions"}, "api='completions' is not valid"),
+    ({"api": "generate", "tokenizer": None}, "tokenizer=None is not valid"),
     ({"retriever_url": "127.0.0.1:8000"}, "retriever_url='127.0.0.1:8000' is not valid"),
     ({"limit": 0}, "limit=0 is not valid"),
     ({"concurrency": 0}, "concurrency=0 is not valid"),
@@ -113,7 +114,7 @@ def test_config_validation_names_the_field(tmp_path, overrides, message):
     if overrides.get("data") == "SUFFIX.csv":
         overrides = {"data": str(tmp_path / "SUFFIX.csv")}
     with pytest.raises(ConfigError, match=re.escape(message)):
-        EvaluateConfig(**{"model": "http://127.0.0.1:8001", "data": str(data), **overrides})
+        EvaluateConfig(**{"model": "http://127.0.0.1:8001", "data": str(data), "tokenizer": "tok", **overrides})
 
 
 # -- make-eval-set -------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def _scripted_prediction(answer: str, hops: int) -> str:
 
 def _evaluate(base_url, retriever, data, out, **overrides):
     settings = {"model": base_url, "data": str(data), "out": str(out), "retriever_url": f"{retriever.url}/retrieve",
-                "retries": 1, "timeout": 10.0, **overrides}
+                "retries": 1, "timeout": 10.0, "api": "chat", **overrides}
     return run_evaluate(EvaluateConfig(**settings))
 
 
@@ -223,7 +224,9 @@ def test_evaluate_scores_the_scripted_answers_exactly(eval_set, retriever, tmp_p
     assert "EM 0.500" in text and "1 hop(s): EM 1.000" in text and "0 rollout errors" in text
 
 
-def test_search_r1_jsonl_over_the_completions_api(eval_set, retriever, tiny_tokenizer_dir, tmp_path):
+def test_search_r1_jsonl_over_the_generate_api(eval_set, retriever, tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
     rows = _rows(eval_set.path)[:4]
     data = tmp_path / "bamboogle_test.jsonl"
     records = [{"id": f"test_{i}", "question": r["question"], "golden_answers": ["alias", r["golden_answers"][0]],
@@ -231,9 +234,10 @@ def test_search_r1_jsonl_over_the_completions_api(eval_set, retriever, tiny_toke
                for i, r in enumerate(rows)]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     answers = {r["question"]: [r["golden_answers"][0] if i % 2 == 0 else "wrong"] for i, r in enumerate(rows)}
-    fake = FakeSGLang(SearchThenAnswer(answers))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    fake = FakeSGLang(SearchThenAnswer(answers), tokenizer=tokenizer)
     with fake.serve() as base_url:
-        result = _evaluate(base_url, retriever, data, tmp_path / "out", api="completions",
+        result = _evaluate(base_url, retriever, data, tmp_path / "out", api="generate",
                            tokenizer=str(tiny_tokenizer_dir))
     summary = result.summary
     assert {s: (g["questions"], g["em"]) for s, g in summary["by_data_source"].items()} == {
@@ -241,7 +245,7 @@ def test_search_r1_jsonl_over_the_completions_api(eval_set, retriever, tiny_toke
     assert summary["macro_average"]["em"] == pytest.approx(0.5) and summary["overall"]["em"] == 0.5
     assert list(summary["by_hops"]) == ["unknown"]
     assert "musique: EM 0.500" in summary_lines(result) and "macro average  EM 0.500" in summary_lines(result)
-    assert all("prompt" in r and "<|im_start|>" in r["prompt"] for r in fake.requests)
+    assert all("<|im_start|>" in tokenizer.decode(r["input_ids"]) for r in fake.requests)
 
 
 def test_server_failures_are_counted_not_raised_and_limit_takes_the_first_rows(eval_set, retriever, tmp_path):
@@ -274,7 +278,7 @@ def test_servers_that_are_not_there_fail_before_any_rollout(eval_set, retriever,
             _evaluate(base_url, retriever, eval_set.path, tmp_path / "a", served_model_name="policy")
         with pytest.raises(ServiceError, match=r"the retriever at http://127\.0\.0\.1:9/retrieve did not answer"):
             run_evaluate(EvaluateConfig(model=base_url, data=str(eval_set.path), out=str(tmp_path / "b"),
-                                        retriever_url="http://127.0.0.1:9/retrieve"))
+                                        retriever_url="http://127.0.0.1:9/retrieve", api="chat"))
     with pytest.raises(ServiceError, match=r"http://127\.0\.0\.1:9/health was not healthy"):
         _evaluate("http://127.0.0.1:9", retriever, eval_set.path, tmp_path / "c", wait=0.5)
 
@@ -294,8 +298,8 @@ def test_a_model_path_starts_sglang_and_reports_when_it_cannot(eval_set, retriev
 # -- the command line ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config_class,argv,expected", [
-    (EvaluateConfig, ["--model", "http://h:8001", "--data", "{data}", "--limit", "3", "--api", "completions",
-                      "--tokenizer", "tok", "--dp", "2"], {"limit": 3, "api": "completions", "dp": 2, "out": None}),
+    (EvaluateConfig, ["--model", "http://h:8001", "--data", "{data}", "--limit", "3", "--api", "generate",
+                      "--tokenizer", "tok", "--dp", "2"], {"limit": 3, "api": "generate", "dp": 2, "out": None}),
     (MakeEvalSetConfig, ["--per-hop", "7", "--hops", "1", "3", "--out", "{tmp}"], {"per_hop": 7, "hops": [1, 3]}),
 ])
 def test_configs_become_documented_command_line_options(tmp_path, config_class, argv, expected):

@@ -28,8 +28,9 @@ LONG_PADDING = " ".join(["and", "please", "consider", "every", "clause", "of", "
 @pytest.fixture(scope="module")
 def seeds(demo_db, tiny_tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("seeds") / "zero_ratio4321.parquet"
-    return run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(out), rows=20, val_rows=4, partitions=2,
-                                              tokenizer=str(tiny_tokenizer_dir)))
+    # two iterations of 3 proposer rows and 10 gen-data seeds: gen-data reads rows 6-15, then 16-25
+    return run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(out), challenger_rows=3, gen_rows=10,
+                                              val_rows=4, partitions=2, tokenizer=str(tiny_tokenizer_dir)))
 
 
 def _rows(path):
@@ -131,7 +132,7 @@ class ScriptedSolver:
 def _config(seeds, proposer_url, retriever, out, **overrides) -> GenDataConfig:
     settings = {"iteration": ITERATION, "seeds": str(seeds.train_path), "out": str(out) if out else None,
                 "proposer_url": proposer_url, "retriever_url": f"{retriever.url}/retrieve", "retries": 1,
-                "timeout": 10.0, **overrides}
+                "timeout": 10.0, "api": "chat", **overrides}
     return GenDataConfig(**settings)
 
 
@@ -206,7 +207,7 @@ def test_manifest_counts_add_up(seeds, generated):
     assert train["invalid_candidate_reasons"] == {"missing <question> or <answer>": 7 + 3 * 3,
                                                   "the answer appears in the question": 7 + 3 * 2}
     assert sum(train["candidate_stop_reasons"].values()) == 50 and train["rollout_errors"] == 0
-    assert manifest["seed_partition"] == {"partition": 1, "rows": [10, 20]}
+    assert manifest["seed_partition"] == {"partition": 1, "rows": [16, 26]}
     assert manifest["val"]["seeds"] == manifest["val"]["kept"] == len(val_rows) == 4
     assert {r["extra_info"]["split"] for r in val_rows} == {"val"}
     assert [r["extra_info"]["index"] for r in val_rows] == [0, 1, 2, 3]
@@ -256,11 +257,14 @@ def test_verify_rejects_questions_answered_without_search_and_questions_never_an
 
 # -- smaller runs: iteration 1, --limit, both APIs, the default output path --------------------
 
-@pytest.mark.parametrize("api", ["chat", "completions"])
+@pytest.mark.parametrize("api", ["chat", "generate"])
 def test_iteration_one_reads_partition_zero_and_limit_takes_the_first_seeds(seeds, retriever, tiny_tokenizer_dir,
                                                                           api):
+    from transformers import AutoTokenizer
+
     proposer = ScriptedProposer()
-    with FakeSGLang(proposer, model="proposer").serve() as base_url:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir) if api == "generate" else None
+    with FakeSGLang(proposer, model="proposer", tokenizer=tokenizer).serve() as base_url:
         cfg = _config(seeds, base_url, retriever, None, iteration=1, limit=3, api=api,
                       tokenizer=str(tiny_tokenizer_dir))
         result = run_gen_data(cfg)
@@ -271,7 +275,7 @@ def test_iteration_one_reads_partition_zero_and_limit_takes_the_first_seeds(seed
     assert result.val_path.name == "solver_iter1_val.parquet"
     assert result.manifest_path.name == "solver_iter1.manifest.json"
     assert [r["extra_info"]["iteration"] for r in _rows(result.train_path)] == [1, 1, 1]
-    assert result.manifest["seed_partition"] == {"partition": 0, "rows": [0, 3]}
+    assert result.manifest["seed_partition"] == {"partition": 0, "rows": [6, 9]}
 
 
 # -- failures ------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def test_a_proposer_server_that_fails_every_request_drops_every_seed_with_a_clea
 
 
 def test_an_iteration_past_the_last_partition_names_the_field(seeds, tmp_path):
-    cfg = GenDataConfig(iteration=3, seeds=str(seeds.train_path), out=str(tmp_path / "x.parquet"))
+    cfg = GenDataConfig(iteration=3, seeds=str(seeds.train_path), out=str(tmp_path / "x.parquet"), api="chat")
     with pytest.raises(ConfigError, match=r"iteration=3 is not valid: expected an integer from 1 to 2"):
         run_gen_data(cfg)
 
@@ -316,7 +320,8 @@ def test_an_iteration_past_the_last_partition_names_the_field(seeds, tmp_path):
     ({"verify_probes": 0}, "verify_probes=0 is not valid"),
     ({"val_rows": 0}, "val_rows=0 is not valid"),
     ({"api": "grpc"}, "api='grpc' is not valid"),
-    ({"api": "completions"}, "tokenizer=None is not valid: expected a tokenizer name or directory"),
+    ({"api": "completions"}, "api='completions' is not valid"),
+    ({"api": "generate", "tokenizer": None}, "tokenizer=None is not valid: expected a tokenizer name or directory"),
     ({"proposer_url": "127.0.0.1:8001"}, "proposer_url='127.0.0.1:8001' is not valid: expected an http"),
     ({"concurrency": 0}, "concurrency=0 is not valid"),
     ({"temperature": -1.0}, "temperature=-1.0 is not valid"),
@@ -324,7 +329,7 @@ def test_an_iteration_past_the_last_partition_names_the_field(seeds, tmp_path):
 ])
 def test_config_validation_names_the_field(seeds, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        GenDataConfig(**{"iteration": 1, "seeds": str(seeds.train_path), **overrides})
+        GenDataConfig(**{"iteration": 1, "seeds": str(seeds.train_path), "tokenizer": "tok", **overrides})
 
 
 def test_a_seed_parquet_without_its_manifest_says_what_to_run(tmp_path):
@@ -332,7 +337,7 @@ def test_a_seed_parquet_without_its_manifest_says_what_to_run(tmp_path):
     pq.write_table(pa.table({"x": [1]}), lonely)
     with pytest.raises(ConfigError, match=r"has no manifest seeds\.manifest\.json beside it; run `drzero "
                                           r"prepare-data`"):
-        run_gen_data(GenDataConfig(iteration=1, seeds=str(lonely), out=str(tmp_path / "out.parquet")))
+        run_gen_data(GenDataConfig(iteration=1, seeds=str(lonely), out=str(tmp_path / "out.parquet"), api="chat"))
 
 
 # -- the pieces ----------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def test_rows_follow_the_seed_parquet_contract(prepared):
         assert info["tools_kwargs"] == {"search": {"create_kwargs": {"data_source": row["data_source"],
                                                                        "seed_id": info["seed_id"]}}}
         assert info["template_id"] == PROPOSER_TEMPLATE_ID
-        assert info["partition"] == index * 3 // 300
+        # the proposer's region first (29 rows per iteration, read from the top), then gen-data's (71 each)
+        assert info["partition"] == (index // 29 if index < 87 else (index - 87) // 71)
         assert extract_source_document(row["prompt"][0]["content"]).startswith(f"(Title: {info['seed_title']})")
 
 
@@ -75,7 +76,10 @@ def test_manifest_reports_what_was_written(prepared):
     assert manifest["hop_histogram"] == {str(h): sum(r["extra_info"]["hops"] == h for r in rows) for h in range(1, 5)}
     assert manifest["template_id"] == PROPOSER_TEMPLATE_ID and manifest["seed"] == 42
     assert manifest["collection"]["size"] == 200 and manifest["tokenizer"] == cfg.tokenizer
-    assert [p["rows"] for p in manifest["partitions"]] == [[0, 100], [100, 200], [200, 300]]
+    # 300 rows for 3 iterations, split 12,800 : 32,000 between the proposer and gen-data
+    assert [c["rows"] for c in manifest["challenger_rows"]] == [[0, 29], [29, 58], [58, 87]]
+    assert [p["rows"] for p in manifest["partitions"]] == [[87, 158], [158, 229], [229, 300]]
+    assert manifest["search_results"]["chars_per_token"]["min"] > 1
     assert manifest["prompt_tokens"]["max"] <= 1536 and manifest["prompt_tokens"]["exact_check"]["mismatches"] == 0
     assert result.val_path.name == "zero_ratio4321_val.parquet"
 
@@ -169,7 +173,23 @@ def test_a_model_name_without_local_files_says_where_to_put_them(demo_db, tmp_pa
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFound, match="no tokenizer found for 'Qwen/Qwen2.5-3B-Instruct'.*--tokenizer DIR"):
-        run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(tmp_path / "x.parquet"), rows=5, val_rows=1))
+        run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(tmp_path / "x.parquet"), rows=10, val_rows=1))
+
+
+def test_every_iteration_sees_seeds_no_earlier_iteration_saw():
+    """Default layout (Dr. Zero's 50 steps x 256 prompts per proposer iteration, 5 partitions): the proposer's
+    rows of iteration k, read from the top, and gen-data's partition k never overlap each other or any earlier
+    iteration's rows."""
+    cfg = PrepareDataConfig(db=".", tokenizer="Qwen/Qwen2.5-3B-Instruct")
+    challenger, gen = cfg.regions()
+    assert cfg.total_rows == 5 * (12800 + 32000)
+    assert challenger[0] == [0, 50 * 256] and all(b - a == 12800 for a, b in challenger)
+    assert all(b - a == 32000 for a, b in gen)
+    seen: set[int] = set()
+    for (c0, c1), (g0, g1) in zip(challenger, gen):
+        rows = set(range(c0, c1)) | set(range(g0, g1))
+        assert len(rows) == (c1 - c0) + (g1 - g0) and not rows & seen
+        seen |= rows
 
 
 # -- verl 0.7.1 reads what we wrote ------------------------------------------------------------

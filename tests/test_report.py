@@ -36,7 +36,8 @@ def _eval_summary(tmp_path, right_per_hop) -> dict:
                               cover_em=float(i < right), hops=str(hops), data_source=f"search_zero_{hops}", turns=2,
                               searches=1, stop_reason="answer", error=None)
                for hops, right in enumerate(right_per_hop, 1) for i in range(4)]
-    return build_summary(EvaluateConfig(model="http://127.0.0.1:8001", data=str(data)), records, 16, {})
+    return build_summary(EvaluateConfig(model="http://127.0.0.1:8001", data=str(data), tokenizer="tok"), records,
+                         16, {})
 
 
 @pytest.fixture
@@ -185,7 +186,8 @@ def test_benchmark_evaluations_get_a_table_by_data_source(tmp_path):
                               f1=float(right), cover_em=float(right), hops="unknown", data_source=source, turns=2,
                               searches=1, stop_reason="answer", error=None)
                for i, (source, right) in enumerate([("nq", 1), ("nq", 0), ("bamboogle", 1), ("bamboogle", 1)])]
-    summary = build_summary(EvaluateConfig(model="http://127.0.0.1:8001", data=str(data)), records, 4, {})
+    summary = build_summary(EvaluateConfig(model="http://127.0.0.1:8001", data=str(data), tokenizer="tok"), records,
+                            4, {})
     _write(tmp_path / "run" / "eval" / "iter0" / "summary.json", summary)
     result = run_report(ReportConfig(checkpoints=str(tmp_path / "run"), data_dir=str(tmp_path)))
     (row,) = _tables(result.markdown_path.read_text())["iteration bamboogle"]

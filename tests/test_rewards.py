@@ -92,9 +92,24 @@ def test_exact_match_normalization(prediction, targets, match):
 def test_solver_score_uses_the_last_answer_and_any_target():
     text = "<think>a</think><answer>Paris</answer>" + response("x") + "<think>b</think><answer>Ravenport</answer>"
     assert solver.compute_score("search_zero_2", text, {"target": ["Oslo", "ravenport"]}) == {
-        "score": 1.0, "answered": 1.0}
+        "score": 1.0, "answered": 1.0, "budget_cut": 0.0}
     assert solver.compute_score("search_zero_2", text, {"target": "Paris"})["score"] == 0.0
-    assert solver.compute_score("search_zero_2", "no answer", {"target": ["x"]}) == {"score": 0.0, "answered": 0.0}
+    assert solver.compute_score("search_zero_2", "no answer", {"target": ["x"]}) == {
+        "score": 0.0, "answered": 0.0, "budget_cut": 0.0}
+    # the tool agent loop's record of a budget cut reaches the reward's extra info
+    assert solver.compute_score("search_zero_2", "no answer", {"target": ["x"]}, {"budget_cut": 1})["budget_cut"] == 1.0
+
+
+@pytest.mark.parametrize("turn, counts", [
+    ("<think>I reason.</think><tool_call>{}</tool_call>", True),
+    ("<think>\n\n</think>\n\n<think>I reason.</think>x", True),     # template's empty block skipped
+    ("<think>\n\n</think>\n\n<tool_call>{}</tool_call>", False),    # only the template's empty block
+    ("<think>never closed", False),                                    # thinking cut by the budget
+])
+def test_think_term_counts_reasoning_the_model_wrote(turn, counts):
+    from drzero.prompts import starts_with_think
+
+    assert starts_with_think(turn) is counts
 
 
 def test_turn_splitting_of_a_decoded_response():

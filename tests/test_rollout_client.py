@@ -31,12 +31,12 @@ def _rollouts(client, conversations):
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("api", ["chat", "completions"])
+@pytest.mark.parametrize("api", ["chat", "generate"])
 def test_search_then_answer_over_both_apis(api, retriever, tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute"]}, searches=2))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir) if api == "completions" else None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir) if api == "generate" else None
+    fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute"]}, searches=2), tokenizer=tokenizer)
     with fake.serve() as base_url:
         (trajectory,) = _rollouts(_client(base_url, f"{retriever.url}/retrieve", api, tokenizer),
                                   [solver_messages(QUESTION)])
@@ -47,9 +47,10 @@ def test_search_then_answer_over_both_apis(api, retriever, tiny_tokenizer_dir):
     assert json.loads(tool_turns[0]["content"])["result"].startswith("Doc 1 (Title: ")  # real retriever hits
     # the server saw the search results in the conversation of the last turn
     assert len(fake.conversations[-1].tool_responses) == 2
-    if api == "completions":
-        assert fake.requests[-1]["prompt"].endswith("<|im_start|>assistant\n")
-        assert "<tools>" in fake.requests[-1]["prompt"]
+    if api == "generate":
+        prompt = tokenizer.decode(fake.requests[-1]["input_ids"])
+        assert prompt.endswith("<|im_start|>assistant\n") and "<tools>" in prompt
+        assert '{"type": "function", "function": {"name": "search"' in prompt  # verl's tool schema
     else:
         assert fake.requests[-1]["tools"][0]["function"]["name"] == "search"
 
@@ -126,34 +127,76 @@ EXTRA = {"hops": 2, "seed_document": "(Title: Sparse Lattice Codes) by Mira Okaf
     (["Tessaly Institute", "the tessaly institute", "x", "y", "z"], 2, 0.75),
     (["x"] * 5, 0, 0.0),                                        # nobody finds it
 ])
-def test_proposer_reward_counts_matching_probes(retriever, answers, k, difficulty):
-    fake = FakeSGLang(SearchThenAnswer({QUESTION: answers}))
+def test_proposer_reward_counts_matching_probes(retriever, answers, k, difficulty, tiny_tokenizer_dir):
+    fake = FakeSGLang(SearchThenAnswer({QUESTION: answers}), tokenizer=_tokenizer(tiny_tokenizer_dir))
     with fake.serve() as base_url:
         result = asyncio.run(proposer.compute_score(
             "search_zero_2", PROPOSAL, {"target": None}, EXTRA, base_url=base_url, model_name="solver", n=5,
-            retriever_url=f"{retriever.url}/retrieve", retries=1, timeout=5.0))
+            retriever_url=f"{retriever.url}/retrieve", retries=1, timeout=5.0, tokenizer=str(tiny_tokenizer_dir)))
     assert result["k"] == k and result["difficulty"] == difficulty
     assert result["format"] == 1.0 and result["score"] == 0.5 + difficulty
     assert fake.generate_calls == 10  # 5 probes x (search turn + answer turn)
     assert {c.question for c in fake.conversations} == {QUESTION}
 
 
-def test_proposer_reward_when_the_solver_server_is_down_scores_format_only(retriever, caplog):
-    with FakeSGLang(never_answers, faults=Faults(fail_first=1000)).serve() as base_url:
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_proposer_reward_when_the_solver_server_is_down_scores_format_only(retriever, caplog, tiny_tokenizer_dir):
+    with FakeSGLang(never_answers, faults=Faults(fail_first=1000),
+                    tokenizer=_tokenizer(tiny_tokenizer_dir)).serve() as base_url:
         result = asyncio.run(proposer.compute_score(
             "search_zero_2", PROPOSAL, None, EXTRA, base_url=base_url, retries=1, timeout=2.0,
-            retriever_url=f"{retriever.url}/retrieve"))
+            retriever_url=f"{retriever.url}/retrieve", tokenizer=str(tiny_tokenizer_dir)))
     assert result["probe_errors"] == 5 and result["reason"] == proposer.REASON_PROBES_FAILED
     assert result["score"] == 0.5 and result["difficulty"] == 0.0
+    assert result["n"] == 0 and result["probes_incomplete"] == 1.0
     assert "every solver probe failed" in caplog.text
 
 
-def test_proposer_reward_with_the_retriever_down_still_scores(tmp_path):
-    fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute", "x", "x", "x", "x"]}))
+class FailsTheFirstTurnOf:
+    """A solver whose first turn fails (500, retries off) for the first ``failing`` probes; the rest answer."""
+
+    def __init__(self, failing: int, answers: list[str]):
+        self.failing, self.policy, self.first_turns = failing, SearchThenAnswer({QUESTION: answers}), 0
+
+    def __call__(self, conversation):
+        if not conversation.tool_responses and not conversation.assistant_turns:
+            self.first_turns += 1
+            if self.first_turns <= self.failing:
+                raise RuntimeError("injected solver failure")
+        return self.policy(conversation)
+
+
+@pytest.mark.parametrize("failing, answers, k, n, difficulty, incomplete", [
+    # 3 right + 2 errors: the old count said difficulty (5-3)/4 = 0.5; over completed probes k = n = 3 -> 0
+    (2, ["Tessaly Institute"] * 3, 3, 3, 0.0, 0.0),
+    (2, ["Tessaly Institute", "x", "x"], 1, 3, 1.0, 0.0),
+    # one completed probe cannot measure difficulty: format reward only, and counted
+    (4, ["Tessaly Institute"], 1, 1, 0.0, 1.0),
+])
+def test_probe_errors_are_left_out_of_k_and_n(retriever, tiny_tokenizer_dir, failing, answers, k, n, difficulty,
+                                             incomplete):
+    fake = FakeSGLang(FailsTheFirstTurnOf(failing, answers), tokenizer=_tokenizer(tiny_tokenizer_dir))
+    with fake.serve() as base_url:
+        result = asyncio.run(proposer.compute_score(
+            "search_zero_2", PROPOSAL, None, EXTRA, base_url=base_url, n=5, retries=0, timeout=5.0,
+            retriever_url=f"{retriever.url}/retrieve", tokenizer=str(tiny_tokenizer_dir), concurrency=1))
+    assert (result["k"], result["n"], result["probe_errors"]) == (k, n, 5 - n)
+    assert result["difficulty"] == difficulty and result["probes_incomplete"] == incomplete
+    assert result["score"] == 0.5 + difficulty
+
+
+def test_proposer_reward_with_the_retriever_down_still_scores(tmp_path, tiny_tokenizer_dir):
+    fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute", "x", "x", "x", "x"]}),
+                      tokenizer=_tokenizer(tiny_tokenizer_dir))
     with fake.serve() as base_url:
         result = asyncio.run(proposer.compute_score(
             "search_zero_2", PROPOSAL, None, EXTRA, base_url=base_url, retriever_url="http://127.0.0.1:9/retrieve",
-            retries=1, timeout=5.0))
+            retries=1, timeout=5.0, tokenizer=str(tiny_tokenizer_dir)))
     assert result["k"] == 1 and result["difficulty"] == 1.0
     failed = [t for c in fake.conversations for t in c.tool_responses]
     assert failed and all("Search failed: retriever unreachable" in t for t in failed)
@@ -166,13 +209,14 @@ def test_proposer_reward_through_verls_reward_loop(retriever, tiny_tokenizer_dir
     from verl_harness import compose_ppo_config, response_batch, score_with_verl
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute", "x", "x", "x", "x"]}))
+    fake = FakeSGLang(SearchThenAnswer({QUESTION: ["Tessaly Institute", "x", "x", "x", "x"]}), tokenizer=tokenizer)
     with fake.serve() as base_url:
         config = compose_ppo_config([f"actor_rollout_ref.model.path={tiny_tokenizer_dir}",
                                      "actor_rollout_ref.rollout.name=sglang",
                                      *reward_overrides("challenger", {"base_url": base_url, "n": 5,
                                                                       "retriever_url": f"{retriever.url}/retrieve",
-                                                                      "timeout": 5.0})])
+                                                                      "timeout": 5.0,
+                                                                      "tokenizer": str(tiny_tokenizer_dir)})])
         batch = response_batch(tokenizer, [
             {"response": PROPOSAL, "data_source": "search_zero_2", "ground_truth": {"target": None},
              "extra_info": EXTRA},

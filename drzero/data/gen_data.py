@@ -37,10 +37,12 @@ from drzero import __version__
 from drzero.config import ConfigError, option, require
 from drzero.data.seed import (AGENT_NAME, _check_writable, _histogram, _write_parquet_atomically,
                               _write_text_atomically)
-from drzero.prompts import SOLVER_TEMPLATE_ID, extract_source_document, solver_messages
+from drzero.prompts import (MAX_QUESTION_WORDS, SOLVER_TEMPLATE_ID, cut_question, extract_source_document,
+                            solver_messages)
 from drzero.rewards.proposer import REASONS, FormatScore, format_score, hops_of
 from drzero.rewards.solver import exact_match
-from drzero.rollout.client import AgentRolloutClient, GenerationSettings, Trajectory
+from drzero.rollout.client import APIS, AgentRolloutClient, GenerationSettings, Trajectory
+from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout import search
 from drzero.rollout.search import DEFAULT_RETRIEVER_URL, RETRIEVER_URL_ENV, SearchSettings
 from drzero.train.layout import env_default
@@ -71,7 +73,8 @@ class GenDataConfig:
         "solver train parquet to write; the validation parquet and manifest go beside it. "
         "Default: solver_iter<K>.parquet beside the seed parquet"))
     samples: int = option(5, help="proposer rollouts per seed; the best-formatted valid one is kept (Dr. Zero: 5)")
-    max_question_words: int = option(50, help="cut every kept question to this many words (Dr. Zero: 50)")
+    max_question_words: int = option(MAX_QUESTION_WORDS, help="cut every kept question to this many words "
+                                                              "(Dr. Zero: 50)")
     verify: bool = option(False, help=(
         "probe each question with the solver; reject ones answered without searching or never answered"))
     verify_probes: int = option(5, help="solver rollouts per question when --verify is on")
@@ -82,14 +85,20 @@ class GenDataConfig:
     solver_url: str | None = option(None, metavar="URL",
                                     help="base URL of the SGLang server that serves the solver (needed for --verify)")
     solver_model: str = option("solver", help="model name the solver server was started with")
-    api: str = option("chat", choices=("chat", "completions"), help=(
-        "'chat': the servers apply their chat template; 'completions': we render prompts with --tokenizer"))
-    tokenizer: str | None = option(None, metavar="PATH", help="tokenizer (name or directory) for --api completions")
+    api: str = option("generate", choices=APIS, help=(
+        "'generate': token ids through SGLang's /generate, rendered and budgeted exactly as verl does "
+        "(needs --tokenizer); 'chat': the servers apply their own chat template (does not match training)"))
+    tokenizer: str | None = option(None, metavar="PATH", help="the proposer's tokenizer (name or directory)")
+    thinking: bool = option(False, help=(
+        "render with Qwen3 thinking on, as a proposer trained with --thinking (off: enable_thinking=false "
+        "for every template that has the switch)"))
     retriever_url: str = option(env_default(RETRIEVER_URL_ENV, DEFAULT_RETRIEVER_URL), metavar="URL",
                                 help="the retriever's /retrieve endpoint ($DRZERO_RETRIEVER_URL)")
     concurrency: int = option(64, help="generate requests in flight at once, per server")
     max_turns: int = option(5, help="assistant turns per rollout (Dr. Zero: 5, i.e. <= 4 searches and an answer)")
-    max_response_tokens: int = option(2560, help="tokens of all assistant turns of one rollout together")
+    max_response_tokens: int | None = option(None, help=(
+        "response budget of one rollout, tool tokens included (default: data.max_response_length of "
+        "config/search_multiturn_grpo.yaml, as the proposer trained)"))
     temperature: float = option(1.0, help="proposer sampling temperature (solver probes always use 1.0)")
     timeout: float = option(300.0, help="seconds one generate request may take before it is retried")
     retries: int = option(4, help="extra attempts of a generate request after a 5xx, timeout or connection error")
@@ -108,12 +117,13 @@ class GenDataConfig:
             require(url is None or url.startswith(("http://", "https://")), name, url, "an http:// or https:// URL")
         require(not self.verify or bool(self.solver_url), "solver_url", self.solver_url,
                 "the solver server's URL when verify is on (the probes need a server)")
-        require(self.api in ("chat", "completions"), "api", self.api, "'chat' or 'completions'")
-        require(self.api != "completions" or bool(self.tokenizer), "tokenizer", self.tokenizer,
-                "a tokenizer name or directory when api='completions' (prompts are rendered locally)")
+        require(self.api in APIS, "api", self.api, " or ".join(repr(a) for a in APIS))
+        require(self.api != "generate" or bool(self.tokenizer), "tokenizer", self.tokenizer,
+                "a tokenizer name or directory when api='generate' (prompts are rendered as verl renders them)")
         require(self.concurrency >= 1, "concurrency", self.concurrency, "an integer >= 1")
         require(self.max_turns >= 1, "max_turns", self.max_turns, "an integer >= 1")
-        require(self.max_response_tokens >= 1, "max_response_tokens", self.max_response_tokens, "an integer >= 1")
+        require(self.max_response_tokens is None or self.max_response_tokens >= 1, "max_response_tokens",
+                self.max_response_tokens, "an integer >= 1")
         require(self.temperature >= 0, "temperature", self.temperature, "a number >= 0")
         require(self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
         require(self.retries >= 0, "retries", self.retries, "an integer >= 0")
@@ -173,12 +183,15 @@ class SeedOutcome:
 def response_text(trajectory: Trajectory) -> str:
     """The rollout's response as verl decodes it: assistant turns with the tool results in between.
 
-    The ChatML template renders tool results as a user turn of ``<tool_response>`` blocks followed
+    With ``api="generate"`` the client already holds exactly that (``Trajectory.response_text``).
+    Otherwise: the ChatML template renders tool results as a user turn of ``<tool_response>`` blocks followed
     by the next assistant header; with special tokens skipped, that leaves ``\\nuser\\n<blocks>\\n
     assistant\\n`` between two assistant turns, which is what ``split_turns`` expects. Tool calls
     that the server parsed out of a turn (SGLang with a tool-call parser) are put back as the
     template renders them, so the format score counts them either way.
     """
+    if trajectory.response_text is not None:
+        return trajectory.response_text
     messages = trajectory.messages
     # The response is everything after the prompt: walk back over as many assistant turns as the rollout made.
     start, seen = len(messages), 0
@@ -230,11 +243,6 @@ def best_candidate(scores: list[FormatScore]) -> int | None:
         if score.score > 0 and (best is None or score.score > scores[best].score):
             best = index
     return best
-
-
-def cut_question(question: str, max_words: int) -> tuple[str, bool]:
-    words = question.split()
-    return " ".join(words[:max_words]), len(words) > max_words
 
 
 def verification_verdict(probes: list[Trajectory], answer: str) -> str:
@@ -292,17 +300,26 @@ async def _process_seed(seed: dict, cfg: GenDataConfig, proposer: AgentRolloutCl
     return outcome
 
 
-def _client(cfg: GenDataConfig, base_url: str, model: str, temperature: float, tokenizer) -> AgentRolloutClient:
+def _client(cfg: GenDataConfig, base_url: str, model: str, temperature: float, tokenizer,
+            max_prompt_tokens: int | None = None) -> AgentRolloutClient:
+    """A client under the limits the proposer (or, for verification, the solver) trains under."""
+    limits = RolloutLimits.from_training_config(max_prompt_tokens, cfg.thinking)
+    kwargs = template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None else \
+        {"enable_thinking": cfg.thinking}
     generation = GenerationSettings(base_url=base_url, model=model, api=cfg.api, temperature=temperature,
-                                    max_turns=cfg.max_turns, max_response_tokens=cfg.max_response_tokens,
+                                    max_turns=cfg.max_turns, max_prompt_tokens=limits.max_prompt_tokens,
+                                    max_response_tokens=cfg.max_response_tokens or limits.max_response_tokens,
+                                    tool_output=limits.tool_output, chat_template_kwargs=kwargs,
                                     timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency)
-    return AgentRolloutClient(generation, SearchSettings(url=cfg.retriever_url), tokenizer=tokenizer)
+    search_settings = SearchSettings(url=cfg.retriever_url, max_chars=limits.tool_output.max_length)
+    return AgentRolloutClient(generation, search_settings, tokenizer=tokenizer)
 
 
 async def _generate(cfg: GenDataConfig, splits: dict[str, list[dict]], tokenizer) -> dict[str, list[SeedOutcome]]:
     """Every seed of every split at once, through one client per server (each bounds its own requests)."""
     proposer = _client(cfg, cfg.proposer_url, cfg.proposer_model, cfg.temperature, tokenizer)
-    solver = _client(cfg, cfg.solver_url, cfg.solver_model, PROBE_TEMPERATURE, tokenizer) if cfg.verify else None
+    solver = _client(cfg, cfg.solver_url, cfg.solver_model, PROBE_TEMPERATURE, tokenizer,
+                     SOLVER_PROMPT_LENGTH) if cfg.verify else None
     total = sum(len(seeds) for seeds in splits.values())
     try:
         with tqdm(total=total, desc="gen-data seeds", unit="seed", mininterval=1.0) as bar:
@@ -449,7 +466,7 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
                                                                                    cfg.limit or cfg.val_rows)]
     seed_rows = {"train": _read_rows(Path(cfg.seeds).expanduser(), start, end, "seed parquet"), "val": val_seeds}
     tokenizer = None
-    if cfg.api == "completions":
+    if cfg.api == "generate":
         from drzero.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)

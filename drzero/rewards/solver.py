@@ -42,7 +42,12 @@ def exact_match(prediction: str | None, targets: list[str]) -> bool:
 
 def compute_score(data_source: str, solution_str: str, ground_truth, extra_info: dict | None = None,
                   **kwargs) -> dict:
-    """1.0 when the last <answer> matches a target; the same keys for every sample."""
+    """1.0 when the last <answer> matches a target; the same keys for every sample.
+
+    ``budget_cut`` is 1 when the response budget ended the trajectory (``drzero.rollout.agent_loop``
+    records it in the row's extra info).
+    """
     prediction = last_tag(solution_str, "answer")
     return {"score": float(exact_match(prediction, targets_of(ground_truth))),
-            "answered": float(prediction is not None)}
+            "answered": float(prediction is not None),
+            "budget_cut": float(bool((extra_info or {}).get("budget_cut")))}

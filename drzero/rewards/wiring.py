@@ -31,11 +31,24 @@ def hydra_value(value) -> str:
     return f"'{escaped}'"
 
 
-def reward_overrides(stage: str, reward_kwargs: dict | None = None) -> list[str]:
+# The solver probes run under the limits training runs under; these reward kwargs are Hydra
+# interpolations into the composed config, so an override of the training value moves both.
+PROBE_LIMITS = {
+    "max_response_tokens": "${data.max_response_length}",
+    "max_turns": "${actor_rollout_ref.rollout.multi_turn.max_assistant_turns}",
+    "max_tool_response_length": "${actor_rollout_ref.rollout.multi_turn.max_tool_response_length}",
+    "tool_response_truncate_side": "${actor_rollout_ref.rollout.multi_turn.tool_response_truncate_side}",
+}
+
+
+def reward_overrides(stage: str, reward_kwargs: dict | None = None, probe_limits: bool = False) -> list[str]:
     if stage not in REWARD_FUNCTIONS:
         raise ValueError(f"stage={stage!r} is not valid: expected one of {sorted(REWARD_FUNCTIONS)}")
     overrides = [f"reward.custom_reward_function.path={ENTRY_FILE}",
                  f"reward.custom_reward_function.name={REWARD_FUNCTIONS[stage]}"]
     overrides += [f"+reward.custom_reward_function.reward_kwargs.{key}={hydra_value(value)}"
                   for key, value in (reward_kwargs or {}).items()]
+    if probe_limits:
+        overrides += [f"+reward.custom_reward_function.reward_kwargs.{key}={value}"
+                      for key, value in PROBE_LIMITS.items()]
     return overrides

@@ -8,9 +8,17 @@ server passes one shared concurrency bound and is retried with backoff on 5xx, t
 connection errors; a rollout that still fails ends with ``stop_reason="error"`` and a reason,
 it never raises into the caller.
 
-Two wire formats: ``api="chat"`` sends messages (the server applies its chat template and may
-return parsed ``tool_calls``); ``api="completions"`` renders the prompt with our tokenizer and
-sends raw text, which keeps the template under our control.
+Two wire formats. ``api="generate"`` (the default) is verl 0.7.1's own: token ids in, token ids
+out, through SGLang's native ``/generate``. The prompt is rendered by ``drzero.rollout.render``
+exactly as verl renders it (the model's chat template, verl's tool schema, the configured
+``chat_template_kwargs`` such as Qwen3's ``enable_thinking``); tool results are cut to the same
+``max_tool_response_length`` and appended as the same tokens; and the same limits end a rollout:
+``max_new_tokens = min(response, prompt + response - context)`` per turn, the episode ends when
+the response reaches ``max_response_tokens`` *counting tool tokens*, or when the next tool result
+would not fit (``stop_reason="budget"``). So a probe measures the solver that training trains.
+``api="chat"`` sends messages to ``/v1/chat/completions`` and lets the server apply its own
+template (tools rendered SGLang's way, tool text free); it is kept for servers that offer
+nothing else and does not match training.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ from dataclasses import dataclass, field
 
 from drzero.prompts import SEARCH_TOOL_SCHEMA, ToolCall, last_tag, parse_tool_call, parse_tool_calls
 from drzero.rollout.http import RetriesExhausted, post_with_retries
+from drzero.rollout.render import ChatRenderer, ToolOutputLimit, verl_tool_schemas
 from drzero.rollout.search import SearchSettings, search
+
+APIS = ("generate", "chat")
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +43,24 @@ log = logging.getLogger(__name__)
 class GenerationSettings:
     base_url: str
     model: str
-    api: str = "chat"                 # "chat" (/v1/chat/completions) or "completions" (/v1/completions)
+    api: str = "generate"             # "generate" (SGLang /generate, token ids, as verl) or "chat"
     temperature: float = 1.0
     top_p: float = 1.0
     max_turns: int = 5                # assistant turns; Dr. Zero: 5 (<= 4 searches and an answer)
-    max_response_tokens: int = 2560   # all assistant turns together, as verl's response_length
+    max_response_tokens: int = 2560   # verl's data.max_response_length: model AND tool tokens ("generate")
+    max_prompt_tokens: int = 512      # verl's data.max_prompt_length; the context is prompt + response
+    tool_output: ToolOutputLimit = field(default_factory=ToolOutputLimit)  # verl's max_tool_response_length
+    chat_template_kwargs: tuple = ()  # (key, value) pairs, e.g. (("enable_thinking", False),)
     timeout: float = 300.0
     retries: int = 4
     backoff: float = 1.0
     concurrency: int = 64             # generate requests in flight at once, across all rollouts
 
     def __post_init__(self) -> None:
-        if self.api not in ("chat", "completions"):
-            raise ValueError(f"api={self.api!r} is not valid: expected 'chat' or 'completions'")
+        if self.api not in APIS:
+            raise ValueError(f"api={self.api!r} is not valid: expected one of {APIS}")
+        if isinstance(self.chat_template_kwargs, dict):  # accept a dict; keep the settings hashable
+            object.__setattr__(self, "chat_template_kwargs", tuple(sorted(self.chat_template_kwargs.items())))
 
 
 @dataclass
@@ -55,10 +71,21 @@ class Trajectory:
     valid_tool_calls: int = 0
     search_failures: int = 0
     final_answer: str | None = None
-    stop_reason: str = "running"      # answer | no_tool_call | max_turns | max_tokens | error
+    stop_reason: str = "running"      # answer | no_tool_call | max_turns | max_tokens | budget | error
     error: str | None = None
-    response_tokens: int = 0
+    response_tokens: int = 0          # "generate": model and tool tokens, as verl counts them
+    response_text: str | None = None  # "generate": the response as verl decodes it for the reward
     seconds: float = 0.0
+
+    @property
+    def completed(self) -> bool:
+        """The rollout ran to an end of its own (not a server or search-infrastructure failure)."""
+        return self.stop_reason != "error"
+
+    @property
+    def budget_cut(self) -> bool:
+        """Ended by the response budget: the response filled it, or the next tool result did not fit."""
+        return self.stop_reason in ("budget", "max_tokens")
 
 
 class GenerationError(RuntimeError):
@@ -68,11 +95,15 @@ class GenerationError(RuntimeError):
 class AgentRolloutClient:
     def __init__(self, generation: GenerationSettings, search_settings: SearchSettings, tokenizer=None,
                  tools: list[dict] | None = None):
-        if generation.api == "completions" and tokenizer is None:
-            raise ValueError("api='completions' renders prompts locally and needs the model's tokenizer")
         self.generation = generation
         self.search_settings = search_settings
         self.tokenizer = tokenizer
+        self.renderer = None
+        if generation.api == "generate":
+            if tokenizer is None:
+                raise ValueError("api='generate' renders prompts as verl does and needs the model's tokenizer")
+            self.renderer = ChatRenderer(tokenizer, tools if tools is not None else verl_tool_schemas(),
+                                         dict(generation.chat_template_kwargs))
         self.tools = tools if tools is not None else [SEARCH_TOOL_SCHEMA]
         self._semaphore: asyncio.Semaphore | None = None
         self._admission: asyncio.Semaphore | None = None
@@ -127,24 +158,32 @@ class AgentRolloutClient:
             raise GenerationError(f"inference server sent a body that is not JSON: {text[:200]!r}") from None
 
     async def _generate(self, messages: list[dict], max_tokens: int) -> tuple[str, list[ToolCall], str, int]:
-        """One assistant turn: (text, tool calls the server parsed out of it, finish reason, tokens)."""
+        """One assistant turn over the chat API: (text, tool calls the server parsed, finish reason, tokens)."""
         settings = self.generation
-        common = {"model": settings.model, "temperature": settings.temperature, "top_p": settings.top_p,
-                  "max_tokens": max_tokens}
-        if settings.api == "chat":
-            reply = await self._post("/v1/chat/completions", {**common, "messages": messages, "tools": self.tools})
-            choice = reply["choices"][0]
-            message = choice.get("message") or {}
-            text = message.get("content") or ""
-            server_calls = [_server_tool_call(call) for call in message.get("tool_calls") or []]
-        else:
-            prompt = self.tokenizer.apply_chat_template(messages, tools=self.tools, add_generation_prompt=True,
-                                                        tokenize=False)
-            reply = await self._post("/v1/completions", {**common, "prompt": prompt})
-            choice = reply["choices"][0]
-            text, server_calls = choice.get("text") or "", []
+        reply = await self._post("/v1/chat/completions", {
+            "model": settings.model, "temperature": settings.temperature, "top_p": settings.top_p,
+            "max_tokens": max_tokens, "messages": messages, "tools": self.tools,
+            **({"chat_template_kwargs": dict(settings.chat_template_kwargs)} if settings.chat_template_kwargs else {})})
+        choice = reply["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
+        server_calls = [_server_tool_call(call) for call in message.get("tool_calls") or []]
         tokens = (reply.get("usage") or {}).get("completion_tokens") or len(text.split())
         return text, server_calls, choice.get("finish_reason") or "stop", int(tokens)
+
+    async def _generate_ids(self, context: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+        """One assistant turn over SGLang's /generate: (output token ids, finish reason type)."""
+        settings = self.generation
+        reply = await self._post("/generate", {
+            "input_ids": context,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": settings.temperature,
+                                "top_p": settings.top_p}})
+        output_ids = reply.get("output_ids")
+        if not isinstance(output_ids, list):
+            raise GenerationError("inference server answered /generate without 'output_ids'; is it SGLang?")
+        finish = (reply.get("meta_info") or {}).get("finish_reason") or {}
+        return [int(t) for t in output_ids], (finish.get("type") if isinstance(finish, dict) else str(finish)) or \
+            "stop"
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -152,7 +191,62 @@ class AgentRolloutClient:
         """Roll out one conversation; never raises for server or search failures."""
         self._bind()
         async with self._admission:
+            if self.generation.api == "generate":
+                return await self._run_tokens(messages)
             return await self._run_admitted(messages)
+
+    async def _run_tokens(self, messages: list[dict]) -> Trajectory:
+        """verl 0.7.1's ToolAgentLoop, over HTTP: token ids in and out, the same limits, the same stops."""
+        started = time.perf_counter()
+        settings, renderer = self.generation, self.renderer
+        trajectory = Trajectory(messages=[dict(m) for m in messages])
+        prompt_length, response_length = settings.max_prompt_tokens, settings.max_response_tokens
+        context = renderer.prompt_ids(trajectory.messages)
+        prompt_size = len(context)
+        try:
+            if prompt_size > prompt_length:
+                # verl's dataset drops such a row (filter_overlong_prompts): it never reaches training
+                raise GenerationError(f"the prompt renders to {prompt_size} tokens, over max_prompt_tokens="
+                                      f"{prompt_length}")
+            for turn in range(settings.max_turns):
+                max_new = min(response_length, prompt_length + response_length - len(context))
+                if max_new <= 0:
+                    trajectory.stop_reason = "max_tokens"
+                    break
+                output_ids, finish = await self._generate_ids(context, max_new)
+                context += output_ids
+                text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+                trajectory.assistant_turns.append(text)
+                trajectory.messages.append({"role": "assistant", "content": text})
+                if len(context) - prompt_size >= response_length:
+                    trajectory.stop_reason = "max_tokens"
+                    break
+                if turn + 1 >= settings.max_turns:  # verl checks the turn cap before it parses tool calls
+                    trajectory.stop_reason = "max_turns"
+                    break
+                # verl's hermes parser drops a call that is not JSON; with no call left the episode ends
+                calls = [c for c in parse_tool_calls(text) if not c.error or not c.error.startswith("tool call is")]
+                if not calls:
+                    trajectory.stop_reason = "answer" if last_tag(text, "answer") is not None else "no_tool_call"
+                    break
+                texts = await self._run_tools(calls, trajectory, settings.tool_output)
+                tool_ids = renderer.tool_turn_ids(texts)
+                if len(context) - prompt_size + len(tool_ids) >= response_length:
+                    trajectory.stop_reason = "budget"  # verl ends the episode here: the result does not fit
+                    break
+                context += tool_ids
+            else:
+                trajectory.stop_reason = "max_turns"
+        except GenerationError as failure:
+            trajectory.stop_reason, trajectory.error = "error", str(failure)
+            log.warning("rollout ended early: %s", failure)
+        response_ids = context[prompt_size:prompt_size + response_length]
+        trajectory.response_tokens = len(response_ids)
+        trajectory.response_text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+        if trajectory.assistant_turns:
+            trajectory.final_answer = last_tag(trajectory.assistant_turns[-1], "answer")
+        trajectory.seconds = time.perf_counter() - started
+        return trajectory
 
     async def _run_admitted(self, messages: list[dict]) -> Trajectory:
         started = time.perf_counter()
@@ -190,12 +284,15 @@ class AgentRolloutClient:
         trajectory.seconds = time.perf_counter() - started
         return trajectory
 
-    async def _run_tools(self, calls: list[ToolCall], trajectory: Trajectory) -> None:
+    async def _run_tools(self, calls: list[ToolCall], trajectory: Trajectory,
+                         limit: ToolOutputLimit | None = None) -> list[str]:
+        """Run the calls, append their results (cut as verl cuts them) as tool turns; return the texts."""
         trajectory.tool_calls += len(calls)
         valid = [c for c in calls if c.valid]
         trajectory.valid_tool_calls += len(valid)
         outcomes = await asyncio.gather(*(search(c.queries, self.search_settings) for c in valid))
         results = iter(outcomes)
+        texts = []
         for call in calls:
             if call.valid:
                 outcome = next(results)
@@ -203,7 +300,10 @@ class AgentRolloutClient:
                 content = outcome.text
             else:
                 content = json.dumps({"result": f"Invalid tool call: {call.error}."})
+            content = limit.apply(content) if limit is not None else content
             trajectory.messages.append({"role": "tool", "content": content})
+            texts.append(content)
+        return texts
 
     async def run_many(self, conversations: list[list[dict]]) -> list[Trajectory]:
         return list(await asyncio.gather(*(self.run(m) for m in conversations)))

@@ -31,6 +31,7 @@ class SearchSettings:
     retries: int = 3          # extra attempts after the first, on connection errors, timeouts and 5xx
     backoff: float = 0.5      # seconds before the first retry, doubled each time
     max_connections: int = 256
+    max_chars: int | None = None  # shorten each result to fit this many characters, JSON included
 
     @classmethod
     def from_config(cls, config: dict | None) -> "SearchSettings":
@@ -38,7 +39,8 @@ class SearchSettings:
         url = os.environ.get(RETRIEVER_URL_ENV) or config.get("retrieval_service_url") or DEFAULT_RETRIEVER_URL
         return cls(url=url, topk=int(config.get("topk", 3)), timeout=float(config.get("timeout", 30.0)),
                    retries=int(config.get("retries", 3)), backoff=float(config.get("backoff", 0.5)),
-                   max_connections=int(config.get("max_connections", 256)))
+                   max_connections=int(config.get("max_connections", 256)),
+                   max_chars=int(config["max_result_chars"]) if config.get("max_result_chars") else None)
 
 
 @dataclass
@@ -50,21 +52,47 @@ class SearchOutcome:
     seconds: float = 0.0
 
 
-def format_hits(results: list[list[dict]]) -> str:
-    """Search-R1's layout: ``Doc i (Title: t) body`` per hit, queries separated by ``---``."""
+def format_hits(results: list[list[dict]], body_chars: int | None = None) -> str:
+    """Search-R1's layout: ``Doc i (Title: t) body`` per hit, queries separated by ``---``.
+
+    ``body_chars`` shortens every body to that many characters, at a word boundary, marked ``…``.
+    """
     blocks = []
     for hits in results:
         lines = []
         for rank, hit in enumerate(hits, 1):
             document = hit.get("document", hit)
             title, _, body = document.get("contents", "").partition("\n")
-            lines.append(f"Doc {rank} (Title: {document.get('title') or title}) {body.strip()}")
+            body = body.strip()
+            if body_chars is not None and len(body) > body_chars:
+                body = body[:body_chars].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
+            lines.append(f"Doc {rank} (Title: {document.get('title') or title}) {body}")
         blocks.append("\n".join(lines) if lines else "No search results found.")
     return "\n---\n".join(blocks)
 
 
 def _as_model_text(result: str) -> str:
     return json.dumps({"result": result}, ensure_ascii=False)
+
+
+def fitted_text(results: list[list[dict]], max_chars: int | None) -> str:
+    """The model's text for ``results``, each passage shortened by the same amount until it fits ``max_chars``.
+
+    verl cuts an overlong tool result in the middle (``max_tool_response_length``), which would
+    drop the end of one passage and the start of the next; shortening every passage alike keeps
+    each one readable.
+    """
+    text = _as_model_text(format_hits(results))
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    hits = max(1, sum(len(h) for h in results))
+    body_chars = max(1, (max_chars - len(_as_model_text(format_hits(results, 0)))) // hits)
+    while body_chars > 1:
+        text = _as_model_text(format_hits(results, body_chars))
+        if len(text) <= max_chars:
+            return text
+        body_chars = int(body_chars * 0.9)  # JSON escapes made it longer than the raw count
+    return text
 
 
 # One pooled session per (event loop, settings): verl builds a tool object per trajectory, and an
@@ -115,7 +143,7 @@ async def search(queries: list[str], settings: SearchSettings) -> SearchOutcome:
             error = "retriever sent a response without a 'result' list"
         else:
             results = decoded["result"]
-            return SearchOutcome(text=_as_model_text(format_hits(results)), ok=True,
+            return SearchOutcome(text=fitted_text(results, settings.max_chars), ok=True,
                                  hits=sum(len(h) for h in results), seconds=time.perf_counter() - started)
     log.warning("search for %r failed: %s", queries[:3], error)
     return SearchOutcome(text=_as_model_text(f"Search failed: {error}. Try again later or answer with what "

@@ -226,7 +226,10 @@ class HRPOTaskRunner(_task_runner_base()):
     """verl's TaskRunner with the HRPO ``compute_advantage`` wrapper installed inside the actor."""
 
     def run(self, config):
+        from drzero.rewards.metrics import install_training_metrics
+
         install_hrpo_wrapper()
+        install_training_metrics()  # reward extra info (budget_cut, probe_errors, ...) as training metrics
         return super().run(config)
 
 

@@ -138,13 +138,56 @@ def _prompt_budget(config, planned: set[Path]) -> Check:
 
         prompts = pq.read_table(train, columns=["prompt"]).column("prompt").to_pylist()
         prompts.sort(key=lambda messages: -sum(len(m["content"]) for m in messages))
-        budget_counter = PromptBudget(AutoTokenizer.from_pretrained(str(model)))
+        from omegaconf import OmegaConf
+
+        kwargs = config.data.get("apply_chat_template_kwargs")
+        kwargs = OmegaConf.to_container(kwargs) if kwargs is not None else {}
+        budget_counter = PromptBudget(AutoTokenizer.from_pretrained(str(model)), kwargs)
         longest = max(budget_counter.rendered_length(messages) for messages in prompts[:50])
     if longest > budget:
         return Check("prompt budget", False, f"the longest prompt is {longest} tokens (tools included) but "
                                              f"data.max_prompt_length={budget}; raise it or make the prompts shorter "
                                              f"(prepare-data --max-doc-tokens)")
     return Check("prompt budget", True, f"longest prompt {longest} <= {budget} tokens")
+
+
+def response_budget(config) -> Check:
+    """The worst-case trajectory of each hop count (and the solver's) against data.max_response_length.
+
+    verl ends an episode, unanswered, when the next tool result does not fit the response budget;
+    the table (drzero.data.budget) shows each shape's tool and model tokens.
+    """
+    from omegaconf import OmegaConf
+
+    from drzero.data.budget import response_budget_for
+
+    train = Path(str(OmegaConf.select(config, "data.train_files")))
+    stem = train.name[:-len(".parquet")] if train.name.endswith(".parquet") else train.name
+    manifest, tokenizer = None, None
+    for candidate in (train.with_name(f"{stem}.manifest.json"), train.parent / "zero_ratio4321.manifest.json"):
+        if candidate.is_file():
+            manifest = json.loads(candidate.read_text())
+            break
+    model = Path(str(config.actor_rollout_ref.model.path))
+    if (model / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    # the corpus density in the manifest holds for the tokenizer it was measured with, not another model's
+    measured_with = str((manifest or {}).get("tokenizer") or "")
+    same_tokenizer = measured_with == str(model) or (Path(measured_with).is_dir() and model.is_dir()
+                                                     and Path(measured_with).resolve() == model.resolve())
+    budget = response_budget_for(config, tokenizer, manifest if same_tokenizer else None)
+    proposer = str(OmegaConf.select(config, "reward.custom_reward_function.name", default="")).startswith("proposer")
+    max_hops = len(str((manifest or {}).get("hop_ratio") or "4321"))
+    rows = budget.rows(max_hops, ("proposer", "solver") if proposer else ("solver",))
+    table = budget.table(rows).replace("\n", "\n        ")
+    too_long = [r for r in rows if not r.fits]
+    if too_long:
+        return Check("response budget", False, f"{len(too_long)} trajectory shape(s) do not fit: raise "
+                     f"data.max_response_length to {budget.required_length(rows)} or lower "
+                     f"actor_rollout_ref.rollout.multi_turn.max_tool_response_length\n        {table}")
+    return Check("response budget", True, "worst case fits\n        " + table)
 
 
 def _model_path(config, allow_download: bool) -> Check:
@@ -237,6 +280,7 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
     checks += [train_files, _check_parquet(config.data.val_files, planned, "data.val_files")]
     checks.append(_prompt_budget(config, planned) if train_files.ok
                   else Check("prompt budget", True, "no readable train file to measure", skipped=True))
+    checks.append(response_budget(config))
     checks.append(_model_path(config, allow_download) if Path(str(config.actor_rollout_ref.model.path)) not in planned
                   else Check("model path", True, "written by `drzero merge` earlier in this run"))
     checks.append(_micro_batches(config))

@@ -45,6 +45,7 @@ class ModelEntry:
     suggested_tp: int         # tensor parallel size that fits an H100 80 GB comfortably
     note: str = ""
     recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for 8 of them
+    thinking: bool | None = None  # Qwen3's enable_thinking default (off: see drzero.rollout.render); None: no switch
 
     def recipe(self, capacity: float, gpus: int) -> Recipe | None:
         """The recipe for 8 GPUs of ``capacity`` GiB each: that of the largest kind no bigger than it."""
@@ -67,15 +68,15 @@ REGISTRY = {e.key: e for e in [
                                   note="full fine-tuning with FSDP2 CPU offload: needs ~490 GiB host RAM per node"),
                    "H200": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25),
                                   note="full fine-tuning, FSDP state on the GPUs, offloaded while the rollout runs"),
-               }),
+               }, thinking=False),
     ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2, recipes={
         "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25)),
         "H200": Recipe(OFFLOAD),
-    }),
+    }, thinking=False),
     ModelEntry("qwen3-8b", "Qwen/Qwen3-8B", "Qwen3-8B", "qwen25", 1, recipes={
         "H100": Recipe(OFFLOAD, reward_server=(4, 2, 0.3)),
         "H200": Recipe(note="the shipped settings fit"),
-    }),
+    }, thinking=False),
     ModelEntry("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct", "qwen25", 1,
                "Dr. Zero's larger base model", recipes={
                    "H100": Recipe(OFFLOAD, reward_server=(4, 2, 0.3)),
@@ -88,7 +89,7 @@ REGISTRY = {e.key: e for e in [
                }),
     ModelEntry("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct", "qwen25", 1,
                "debugging on one GPU"),
-    ModelEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3-0.6B", "qwen25", 1, "debugging on one GPU"),
+    ModelEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "Qwen3-0.6B", "qwen25", 1, "debugging on one GPU", thinking=False),
 ]}
 
 DEFAULT_MODEL = "qwen2.5-3b-instruct"

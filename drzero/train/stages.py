@@ -24,6 +24,7 @@ from typing import Callable, ClassVar
 
 from drzero.config import option, require
 from drzero.rewards.wiring import reward_overrides
+from drzero.rollout.render import SOLVER_PROMPT_LENGTH, THINKING_RESPONSE_LENGTH
 from drzero.train.layout import Layout, config_dir, env_default, latest_step
 from drzero.train.memory import Placement
 from drzero.train.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model
@@ -63,6 +64,9 @@ class StageConfig:
     retriever_url: str | None = option(None, metavar="URL", help=(
         "retriever /retrieve URL; default: start `drzero serve-retriever` on :8000 for the stage"))
     logger: str = option("console,wandb", help="verl trainer loggers, comma separated")
+    thinking: bool = option(False, help=(
+        "turn Qwen3 thinking on (off by default; Qwen2.5 has none): verl and every probe pass "
+        "enable_thinking=true and the response budget rises to 5,632 tokens"))
     allow_download: bool = option(False, help="let verl and SGLang download a model that is not on disk")
     dry_run: bool = option(False, help="print the plan, the resolved config and the preflight; start nothing")
     preflight_only: bool = option(False, flag="--preflight", help="run the preflight checks only")
@@ -133,7 +137,7 @@ class ChallengerConfig(StageConfig):
 class SolverConfig(StageConfig):
     takes_hydra_overrides: ClassVar[bool] = True
     rollout_n: int = option(5, help="samples per prompt for GRPO (Dr. Zero: 5)")
-    max_prompt_length: int = option(512, help="solver prompt budget in tokens")
+    max_prompt_length: int = option(SOLVER_PROMPT_LENGTH, help="solver prompt budget in tokens")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,6 +201,41 @@ def retriever_for(cfg: StageConfig) -> tuple[list, str]:
     return [spec], f"{spec.url}/retrieve"
 
 
+def template_has_thinking(model_path: str) -> bool:
+    """Whether a model directory's chat template takes ``enable_thinking`` (Qwen3-style)."""
+    import json
+
+    directory = Path(model_path)
+    texts = [p.read_text(errors="ignore") for p in (directory / "chat_template.jinja",) if p.is_file()]
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template") or ""
+        texts.append(template if isinstance(template, str) else json.dumps(template))
+    return any("enable_thinking" in text for text in texts)
+
+
+def thinking_setting(cfg: StageConfig) -> bool | None:
+    """True/False for a model whose template has the switch (the registry's, or a local template's); else None."""
+    model = resolve_model(cfg.model)
+    applies = (model.entry.thinking is not None) if model.entry is not None else \
+        (model.local and template_has_thinking(model.path))
+    if not applies:
+        require(not cfg.thinking, "thinking", cfg.thinking,
+                f"off: the chat template of {cfg.model} has no enable_thinking switch (Qwen3 models have one)")
+        return None
+    return bool(cfg.thinking)
+
+
+def thinking_overrides(thinking: bool | None) -> list[str]:
+    """The same switch for verl's dataset and agent loop (data.apply_chat_template_kwargs) and our probes."""
+    if thinking is None:
+        return []
+    overrides = [f"+data.apply_chat_template_kwargs.enable_thinking={'true' if thinking else 'false'}"]
+    if thinking:
+        overrides.append(f"data.max_response_length={THINKING_RESPONSE_LENGTH}")
+    return overrides
+
+
 def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str]:
     layout = cfg.layout
     loggers = ",".join(x.strip() for x in cfg.logger.split(",") if x.strip())
@@ -204,6 +243,8 @@ def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str
     return [
         f"actor_rollout_ref.model.path={model_path}",
         f"actor_rollout_ref.rollout.multi_turn.tool_config_path={config_dir() / 'search_tool_config.yaml'}",
+        # verl's tool agent loop, recording episodes the response budget ended (drzero.rollout.agent_loop)
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={config_dir() / 'agent_loop_config.yaml'}",
         f"actor_rollout_ref.rollout.tensor_model_parallel_size={cfg.rollout_tp or recipe.rollout_tp or ROLLOUT_TP}",
         f"data.train_batch_size={cfg.train_batch_size}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={min(256, cfg.train_batch_size)}",
@@ -213,7 +254,7 @@ def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str
         f"trainer.experiment_name={stage}_iter{cfg.iteration}",
         f"trainer.default_local_dir={layout.checkpoint(stage, cfg.iteration)}",
         *recipe.overrides,  # the model's settings for these GPUs; `--` overrides come later and win
-    ]
+    ] + thinking_overrides(thinking_setting(cfg))
 
 
 def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
@@ -250,7 +291,10 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     else:
         overrides.append("trainer.resume_mode=auto")  # picks up this iteration's own checkpoint after a crash
     overrides += reward_overrides("challenger", {"base_url": sglang_url, "model_name": "solver", "n": cfg.probes,
-                                                 "retriever_url": retriever_url})
+                                                 "retriever_url": retriever_url, "tokenizer": solver_path,
+                                                 "thinking": thinking_setting(cfg),
+                                                 "max_prompt_tokens": SOLVER_PROMPT_LENGTH},
+                                  probe_limits=True)
     inputs = [layout.seeds, layout.seeds_val] + ([layout.merged("solver", cfg.iteration - 1)] if cfg.iteration > 1
                                                  else [])
     return StagePlan(name=f"challenger (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
