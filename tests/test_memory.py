@@ -127,7 +127,8 @@ def test_preflight_refuses_the_seed_guides_qwen3_32b_settings_and_accepts_the_re
 
     check = _memory_check(plan_challenger(_stage(ChallengerConfig, model="qwen3-32b", **SEED_GUIDE)))
     assert not check.ok
-    assert "verl's rollout: 0.5 x" in check.message and "cannot hold one 4096-token trajectory" in check.message
+    # one trajectory = the shipped prompt + response budgets (config/search_multiturn_grpo.yaml)
+    assert "verl's rollout: 0.5 x" in check.message and "cannot hold one 4608-token trajectory" in check.message
     assert "smallest change that fits: --rollout-tp 4 --sglang-dp 2 --sglang-tp 4" in check.message
     solver = _memory_check(plan_solver(_stage(SolverConfig, model="qwen3-32b", **SEED_GUIDE)))
     assert not solver.ok and "smallest change that fits" in solver.message
