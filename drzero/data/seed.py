@@ -154,7 +154,8 @@ def load_seed_documents(store: CorpusStore, ids: list[str], tokenizer, max_token
     return documents
 
 
-def _row(index: int, split: str, hops: int, document: SeedDocument, partition: int | None) -> dict:
+def seed_row(index: int, split: str, hops: int, document: SeedDocument, partition: int | None) -> dict:
+    """One proposer row (the prepare-data format) for ``document`` at ``hops``."""
     data_source = f"search_zero_{hops}"
     extra_info = {
         "index": index,
@@ -232,10 +233,10 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareDataResult:
     documents = load_seed_documents(store, [all_ids[i] for i in train_order + val_order], tokenizer,
                                     cfg.max_doc_tokens)
 
-    train_rows = [_row(i, "train", h, documents[all_ids[d]], i * cfg.partitions // cfg.rows)
+    train_rows = [seed_row(i, "train", h, documents[all_ids[d]], i * cfg.partitions // cfg.rows)
                   for i, (d, h) in enumerate(zip(tqdm(train_order, desc="train rows", unit="row", mininterval=1.0),
                                                  train_hops))]
-    val_rows = [_row(i, "val", h, documents[all_ids[d]], None) for i, (d, h) in enumerate(zip(val_order, val_hops))]
+    val_rows = [seed_row(i, "val", h, documents[all_ids[d]], None) for i, (d, h) in enumerate(zip(val_order, val_hops))]
     lengths = budget.proposer_lengths(train_rows + val_rows, {d.id: d.tokens for d in documents.values()})
     over = np.flatnonzero(lengths > cfg.max_prompt_length)
     if over.size:
