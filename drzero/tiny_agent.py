@@ -226,12 +226,13 @@ def evaluate_agent(model, tokenizer, questions: list) -> dict:
     return {"tool_call_rate": calls / n, "exact_match": correct / n, "held_out": len(questions)}
 
 
-def build_trained_agent(out: str | Path, cfg: AgentTrainingConfig = AgentTrainingConfig()) -> dict:
+def build_trained_agent(out: str | Path, cfg: AgentTrainingConfig = AgentTrainingConfig(),
+                        vocab_size: int = 4096) -> dict:
     """Tokenizer + tiny model from the demo world, trained on scripted trajectories, saved to ``out``."""
     from drzero.tiny_model import build_chatml_tokenizer, build_tiny_model, corpus_texts
 
     out = Path(out)
-    tokenizer = build_chatml_tokenizer(corpus_texts(None, "corpus"))
+    tokenizer = build_chatml_tokenizer(corpus_texts(None, "corpus"), vocab_size)
     model = build_tiny_model(tokenizer, TRAINED_HIDDEN, TRAINED_LAYERS, cfg.seed)
     stats = train_agent(model, tokenizer, cfg)
     tokenizer.save_pretrained(out)

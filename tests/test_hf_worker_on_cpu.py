@@ -100,3 +100,11 @@ def test_challenger_engine_hf_serves_probes_without_sglang(tmp_path):
     assert [s.name for s in plan.services] == ["hf-server"]
     assert "drzero.rollout.hf_server" in plan.services[0].command
     assert plan.sglang_gpus is None and plan.sglang_parser is None   # no SGLang checks for a server not started
+
+
+def test_preflight_gpu_checks_need_neither_sglang_nor_flash_attn_with_engine_hf(tmp_path):
+    from drzero.train.preflight import compose, gpu_only_checks
+    from drzero.train.stages import engine_overrides
+
+    checks = gpu_only_checks(compose(engine_overrides("hf")), enabled=True)   # as on a GPU machine
+    assert [(c.name, c.ok, c.skipped) for c in checks] == [("sglang API", True, True), ("flash-attn", True, True)]
