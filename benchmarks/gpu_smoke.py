@@ -19,8 +19,8 @@ What it runs, each part timed, with the GPU's peak memory (nvidia-smi, all proce
               group's advantages average to zero
 
 Then one table: part, pass/fail, seconds, key metrics (reward mean, search calls and tool-call parse
-failures per trajectory from the step's rollout dump, step time, peak GPU memory, the memory model's
-prediction when `drzero memory` exists). Why a benchmark script and not a `drzero` command: it installs
+failures per trajectory from the step's rollout dump, step time, peak GPU memory from nvidia-smi and
+torch's max allocated from verl's metrics). Why a benchmark script and not a `drzero` command: it installs
 packages and kills processes, and its output is a measurement that goes to benchmarks/results/.
 """
 
@@ -134,15 +134,6 @@ def latest(checkpoint: Path) -> int | None:
     from drzero.train.layout import latest_step
 
     return latest_step(checkpoint)
-
-
-def memory_prediction(stage: str) -> str:
-    """`drzero memory`'s prediction for this run, where the memory model exists in this checkout."""
-    try:
-        import drzero.memory  # noqa: F401
-    except ImportError:
-        return "n/a (no drzero memory here)"
-    return "see drzero memory"
 
 
 # -- the parts -------------------------------------------------------------------------------------
@@ -408,7 +399,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/drzero-gpu-smoke"))
     parser.add_argument("--table", type=Path, default=None, help="also write the table here")
     parser.add_argument("--parts", default="solver,merge,challenger")
-    parser.add_argument("--kill-delay", type=float, default=2.0, help="seconds into step 2 before kill -9")
+    parser.add_argument("--kill-delay", type=float, default=1.0, help="seconds into step 2 before kill -9")
     args = parser.parse_args()
     bootstrap(args.wheels)
     args.work.mkdir(parents=True, exist_ok=True)
