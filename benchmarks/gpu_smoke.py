@@ -1,11 +1,16 @@
 """GPU smoke of whole training stages with the `hf` engine: one GPU, Python and torch, nothing else installed.
 
     python benchmarks/gpu_smoke.py --wheels WHEEL_DIR --model TINY_AGENT_DIR --work /tmp/smoke --table out.md
+    python benchmarks/gpu_smoke.py --wheels WHEEL_DIR --train-model /tmp/tiny-agent --train-steps 1000 ...
 
 What it runs, each part timed, with the GPU's peak memory (nvidia-smi, all processes) while it runs:
 
   install     the wheels in --wheels (ray without its Java jar, verl and what it imports) into a target
               folder, then this script again with them on PYTHONPATH
+  tiny agent  with --train-model: `drzero tiny-model --trained`'s training on this GPU (seconds here,
+              where a shared 2-core CPU needs half an hour), then the one-hop demo questions it answers
+              at greedy decoding, which the solver trains on first: a 2-layer model cannot earn a
+              reward otherwise
   retriever   the demo corpus served on loopback in the retriever's wire format (POST /retrieve); ranked by
               drzero.tiny_agent.keyword_search — the real retriever's embedder weights (83 MB) do not fit
               the 64 MiB a GPU command may carry
@@ -178,8 +183,10 @@ def start_retriever(port: int) -> str:
     return f"http://127.0.0.1:{port}/retrieve"
 
 
-def write_data(data_dir: Path) -> None:
-    """Solver rows (one-hop demo questions) and proposer seed rows (demo passages, hops 1-2)."""
+def write_data(data_dir: Path, preferred: list[str] = ()) -> dict:
+    """Solver rows (one-hop demo questions, those in ``preferred`` first) and proposer seed rows (demo
+    passages, hops 1-2). ``preferred``: questions the tiny agent answers at greedy decoding (found on a
+    CPU with drzero.tiny_agent.episode), so that a model this small can earn a non-zero reward."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -190,7 +197,11 @@ def write_data(data_dir: Path) -> None:
 
     world = build_demo_world()
     data_dir.mkdir(parents=True, exist_ok=True)
-    questions = world.questions(1, count=TRAIN_ROWS + VAL_ROWS, seed=99)
+    pool = world.questions(1, count=400, seed=99)
+    wanted = set(preferred)
+    questions = [q for q in pool if q.question in wanted][:TRAIN_ROWS]
+    chosen = len(questions)
+    questions += [q for q in pool if q not in questions][:TRAIN_ROWS + VAL_ROWS - len(questions)]
     pq.write_table(pa.Table.from_pylist(demo_rows(questions[:TRAIN_ROWS], "train")),
                    data_dir / "solver_iter1.parquet")
     pq.write_table(pa.Table.from_pylist(demo_rows(questions[TRAIN_ROWS:], "test")),
@@ -202,6 +213,50 @@ def write_data(data_dir: Path) -> None:
     val = [seed_row(i, "val", 1 + i % 2, d, None) for i, d in enumerate(docs[TRAIN_ROWS:TRAIN_ROWS + VAL_ROWS])]
     pq.write_table(pa.Table.from_pylist(train), data_dir / "zero_ratio4321.parquet")
     pq.write_table(pa.Table.from_pylist(val), data_dir / "zero_ratio4321_val.parquet")
+    return {"solver_rows_the_model_answers": f"{chosen}/{TRAIN_ROWS}"}
+
+
+def tiny_agent_part(args) -> Part:
+    """`drzero tiny-model --trained`'s training (drzero.tiny_agent) on this GPU, then the one-hop questions
+    it answers at greedy decoding (at most ``SCAN_SECONDS`` of looking)."""
+    from drzero.tiny_agent import AgentTrainingConfig, build_trained_agent
+
+    started = time.monotonic()
+    stats = build_trained_agent(args.train_model, AgentTrainingConfig(steps=args.train_steps, batch_size=16,
+                                                                      time_limit_s=150))
+    args.model = str(Path(args.train_model).resolve())
+    args.questions_found = answered_questions(args.model, limit_s=SCAN_SECONDS)
+    return Part("tiny agent", ok=stats["tool_call_rate"] > 0, seconds=time.monotonic() - started,
+                metrics={**stats, "answered_of_scanned": f"{len(args.questions_found[0])}/{args.questions_found[1]}"})
+
+
+SCAN_SECONDS = 20.0
+
+
+def answered_questions(model_dir: str, limit_s: float) -> tuple[list[str], int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drzero.corpus.demo import build_demo_world
+    from drzero.tiny_agent import episode
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    world = build_demo_world()
+    passages, found, scanned, started = world.passages(), [], 0, time.monotonic()
+    for q in world.questions(1, count=400, seed=99):
+        if time.monotonic() - started > limit_s or len(found) >= TRAIN_ROWS:
+            break
+        scanned += 1
+        _, answer = episode(model, tokenizer, q.question, passages, max_new_tokens=64)
+        if answer is not None and answer.strip().lower() == q.answer.lower():
+            found.append(q.question)
+    del model
+    return found, scanned
+
+
+def agent_questions(args) -> list[str]:
+    return list(getattr(args, "questions_found", ([], 0))[0])
 
 
 def stage_command(stage: str, args, retriever_url: str, steps: int, extra: list[str]) -> list[str]:
@@ -369,11 +424,19 @@ def challenger_part(args, retriever_url: str) -> Part:
     return part
 
 
+def shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {shown(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def table(parts: list[Part]) -> str:
     lines = ["| part | result | seconds | key metrics |", "|---|---|---|---|"]
     for p in parts:
-        shown = "; ".join(f"{k}={v}" for k, v in p.metrics.items())
-        lines.append(f"| {p.name} | {'pass' if p.ok else 'FAIL'} | {p.seconds:.0f} | {shown} |")
+        shown_metrics = "; ".join(f"{k}={shown(v)}" for k, v in p.metrics.items())
+        lines.append(f"| {p.name} | {'pass' if p.ok else 'FAIL'} | {p.seconds:.0f} | {shown_metrics} |")
     return "\n".join(lines)
 
 
@@ -395,15 +458,22 @@ def bootstrap(wheels: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--wheels", default="", help="folder of wheels to install first (none: already installed)")
-    parser.add_argument("--model", required=True, help="the tiny agent (drzero tiny-model --trained)")
+    parser.add_argument("--model", default="", help="the tiny agent (drzero tiny-model --trained)")
+    parser.add_argument("--train-model", default="", help="train the tiny agent here (on the GPU) into this folder "
+                                                          "instead of --model")
+    parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--work", type=Path, default=Path("/tmp/drzero-gpu-smoke"))
     parser.add_argument("--table", type=Path, default=None, help="also write the table here")
     parser.add_argument("--parts", default="solver,merge,challenger")
+    parser.add_argument("--questions", default="", help="JSON list of one-hop demo questions to train the solver on "
+                                                        "first (those the model answers; see write_data)")
     parser.add_argument("--kill-delay", type=float, default=1.0, help="seconds into step 2 before kill -9")
     args = parser.parse_args()
     bootstrap(args.wheels)
     args.work.mkdir(parents=True, exist_ok=True)
-    args.model = str(Path(args.model).resolve())
+    if not (args.model or args.train_model):
+        parser.error("give --model DIR or --train-model DIR")
+    args.model = str(Path(args.model).resolve()) if args.model else ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray")
@@ -413,9 +483,17 @@ def main() -> int:
     parts[0].metrics = {m: md.version(m) for m in ("torch", "transformers", "ray", "verl", "numpy")}
     started = time.monotonic()
     retriever_url = start_retriever(8010)
-    write_data(args.work / "data")
+    preferred = json.loads(Path(args.questions).read_text()) if args.questions else []
+    if args.train_model:
+        say("part tiny agent")
+        agent = tiny_agent_part(args)
+        parts.append(agent)
+        say(f"part tiny agent: {agent.metrics}")
+        preferred += agent_questions(args)
+        started = time.monotonic()
+    data = write_data(args.work / "data", preferred)
     parts.append(Part("retriever+data", ok=True, seconds=time.monotonic() - started,
-                      metrics={"url": retriever_url, "kind": "keyword stand-in, retriever wire format"}))
+                      metrics={"url": retriever_url, "kind": "keyword stand-in, retriever wire format", **data}))
     wanted = args.parts.split(",")
     for name, run in (("solver", lambda: solver_part(args, retriever_url)), ("merge", lambda: merge_part(args)),
                       ("challenger", lambda: challenger_part(args, retriever_url))):
