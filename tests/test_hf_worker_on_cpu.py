@@ -108,3 +108,14 @@ def test_preflight_gpu_checks_need_neither_sglang_nor_flash_attn_with_engine_hf(
 
     checks = gpu_only_checks(compose(engine_overrides("hf")), enabled=True)   # as on a GPU machine
     assert [(c.name, c.ok, c.skipped) for c in checks] == [("sglang API", True, True), ("flash-attn", True, True)]
+
+
+def test_challenger_with_a_running_server_skips_sglangs_own_checks(tmp_path):
+    """--sglang-url: no SGLang is started, so its dp x tp = GPUs check must not refuse a 1-GPU run."""
+    from drzero.train.stages import ChallengerConfig, plan_challenger
+
+    plan = plan_challenger(ChallengerConfig(sglang_url="http://127.0.0.1:8001", db=str(tmp_path / "db"),
+                                            data_dir=str(tmp_path / "d"), checkpoints=str(tmp_path / "ck"),
+                                            model=str(tmp_path / "m"), retriever_url="http://127.0.0.1:1/retrieve",
+                                            gpus=1))
+    assert plan.services == [] and plan.sglang_gpus is None
