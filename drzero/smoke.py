@@ -3,6 +3,7 @@
     drzero smoke                                    # a demo corpus in a temporary directory
     drzero smoke --db /corpus/chromadb --question "Who proposed iO from LWE?"
     drzero smoke --require-gpu                      # on the GPU machine (Modal's smoke passes this)
+    drzero smoke --engine hf --model DIR            # a GPU without SGLang: transformers serves and rolls out
 
 It runs, in order, and prints one line per part:
 
@@ -12,6 +13,7 @@ It runs, in order, and prints one line per part:
                directory, started under the service supervisor and healthy
   search       one query through the search tool's own client (drzero.rollout.search)
   sglang       an SGLang server for --model on one GPU, healthy                        [GPU]
+               (with --engine hf: "hf server", drzero.rollout.hf_server in SGLang's API shape)
   rollout      agent rollouts against it until one calls the search tool              [GPU]
   verl step    `drzero solver` for one step on one GPU: 8 demo-world questions, batch 4 x n=2,
                --steps 1 (trainer.total_training_steps=1), console logger, its own preflight first  [GPU]
@@ -47,6 +49,7 @@ from typing import Callable
 from drzero.config import option, require
 from drzero.services import SGLANG_PORT
 from drzero.train.preflight import Check
+from drzero.train.stages import engine_option
 
 # The registry's one-GPU debugging model: small enough to load in a minute and train one step on one H100.
 SMOKE_MODEL = "qwen2.5-0.5b-instruct"
@@ -79,6 +82,7 @@ class SmokeConfig:
         "for a corpus without the demo world)"))
     allow_download: bool = option(False, help="let SGLang and verl download --model when it is not on disk")
     require_gpu: bool = option(False, help="fail, rather than skip the GPU parts, when no GPU is visible")
+    engine: str = engine_option()
     skip_verl: bool = option(False, help="stop after the rollout; skip the one-step verl run")
     rollouts: int = option(4, help="rollouts to try until one calls the search tool")
     demo_papers: int = option(60, help="size of the demo corpus built when --db is not given, in papers")
@@ -128,6 +132,19 @@ def summary_lines(result: SmokeResult) -> str:
 # -- the plans of the GPU parts (pure, so they can be checked without a GPU) ----------------------
 
 
+def server_part(cfg: "SmokeConfig") -> str:
+    """The inference-server part's name: SGLang, or drzero's transformers server with --engine hf."""
+    return "sglang" if cfg.engine == "sglang" else "hf server"
+
+
+def inference_spec(cfg: "SmokeConfig", model_path: str, tool_call_parser: str, port: int):
+    if cfg.engine == "sglang":
+        return sglang_spec(model_path, tool_call_parser, port)
+    from drzero.rollout.hf_server import hf_server_service
+
+    return hf_server_service(model_path, port, SMOKE_SERVED_NAME)
+
+
 def sglang_spec(model_path: str, tool_call_parser: str, port: int):
     """One SGLang server on one GPU, serving ``model_path`` as ``smoke``."""
     from drzero.services import sglang_service
@@ -141,7 +158,7 @@ def verl_step_command(cfg: SmokeConfig, model_path: str, db: Path, work: Path, r
     command = [sys.executable, "-m", "drzero.cli", "solver", "--iteration", "1", "--model", model_path,
                "--db", str(db), "--data-dir", str(work / "data"), "--checkpoints", str(work / "checkpoints"),
                "--gpus", "1", "--rollout-tp", "1", "--steps", "1", "--train-batch-size", "4", "--rollout-n", "2",
-               "--logger", "console", "--retriever-url", retriever_url]
+               "--logger", "console", "--retriever-url", retriever_url, "--engine", cfg.engine]
     if cfg.allow_download:
         command.append("--allow-download")
     return command + ["--", *VERL_OVERRIDES]
@@ -345,6 +362,9 @@ def run_smoke(cfg: SmokeConfig, log: Callable[[str], None] = _say) -> SmokeResul
                 checks.append(Check("GPUs", False, "no CUDA device visible, and --require-gpu was given"))
             else:
                 checks.append(Check("GPUs", True, "none visible; the GPU parts are skipped", skipped=True))
+        if cfg.engine == "hf" and module_name in ("sglang", "flash_attn"):
+            checks.append(Check(f"import {module_name}", True, "not used with --engine hf", skipped=True))
+            continue
         checks.append(check_import(module_name, distribution, gpu_only, has_gpu))
 
     owned = cfg.work_dir is None
@@ -380,7 +400,7 @@ def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Che
     from drzero.services import ServiceError, Supervisor, retriever_service
     from drzero.train.registry import resolve_model
 
-    gpu_parts = ("sglang", "rollout") + (() if cfg.skip_verl else ("verl step",))
+    gpu_parts = (server_part(cfg), "rollout") + (() if cfg.skip_verl else ("verl step",))
 
     def skip_rest(names, why: str) -> None:
         checks.extend(Check(name, True, why, skipped=True) for name in names)
@@ -408,8 +428,8 @@ def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Che
             if not has_gpu:
                 model = resolve_model(cfg.model)
                 why = "no GPU here; on a GPU machine it runs: "
-                spec = sglang_spec(model.path, model.tool_call_parser, SGLANG_PORT)
-                checks.append(Check("sglang", True, why + spec.command_line, skipped=True))
+                spec = inference_spec(cfg, model.path, model.tool_call_parser, SGLANG_PORT)
+                checks.append(Check(server_part(cfg), True, why + spec.command_line, skipped=True))
                 checks.append(Check("rollout", True, f"no GPU here; on a GPU machine: {cfg.rollouts} agent "
                                                      f"rollouts of {question!r}", skipped=True))
                 if not cfg.skip_verl:
@@ -436,20 +456,20 @@ def _gpu_parts(cfg: SmokeConfig, db: Path, work: Path, world, question: str, ret
 
     model = resolve_model(cfg.model)
     if not model.local and not cfg.allow_download:
-        checks.append(Check("sglang", False, f"{cfg.model} is not on disk (looked in $DRZERO_MODELS_DIR); "
+        checks.append(Check(server_part(cfg), False, f"{cfg.model} is not on disk (looked in $DRZERO_MODELS_DIR); "
                                              f"put its weights there (Modal: `python -m backends.modal upload-model "
                                              f"--model {cfg.model}`) or pass --allow-download"))
         checks.extend(Check(n, True, "needs the model", skipped=True)
                       for n in ("rollout",) + (() if cfg.skip_verl else ("verl step",)))
         return
-    spec = sglang_spec(model.path, model.tool_call_parser, _free_port())
-    log(f"smoke: starting SGLang for {model.path}")
+    spec = inference_spec(cfg, model.path, model.tool_call_parser, _free_port())
+    log(f"smoke: starting {server_part(cfg)} for {model.path}")
     try:
         with Supervisor([spec], log=log):
-            checks.append(Check("sglang", True, f"healthy at {spec.url} serving {model.path}"))
+            checks.append(Check(server_part(cfg), True, f"healthy at {spec.url} serving {model.path}"))
             checks.append(guarded("rollout", check_rollout, spec.url, retriever_url, question, cfg.rollouts))
     except ServiceError as error:  # SGLang's memory must be free before verl starts: it stops here either way
-        checks.append(Check("sglang", False, str(error).splitlines()[0]))
+        checks.append(Check(server_part(cfg), False, str(error).splitlines()[0]))
         checks.extend(Check(n, True, "needs SGLang", skipped=True)
                       for n in ("rollout",) + (() if cfg.skip_verl else ("verl step",))
                       if not any(c.name == n for c in checks))

@@ -1,6 +1,7 @@
 """`drzero tiny-model`: a tiny ChatML chat model built offline, for CPU dry runs, tests and the demo.
 
     drzero tiny-model --db .drzero/demo-db --out .drzero/tiny-model
+    drzero tiny-model --trained --out .drzero/tiny-agent      # taught to search: drzero.tiny_agent
 
 It writes a byte-level BPE tokenizer trained on the corpus, with ChatML special tokens and a
 chat template that renders tools and tool turns the way Qwen-family templates do
@@ -8,6 +9,8 @@ chat template that renders tools and tool turns the way Qwen-family templates do
 ``<tool_response>`` in user turns), and a 2-layer Qwen2 model with random weights. Nothing here is
 trained to be useful: it exists so that every code path that needs a real tokenizer and a real
 model — token budgets, verl's dataset, the agent loop — runs on a machine with no model hub.
+``--trained`` instead trains it for a few CPU minutes to call the search tool and answer (see
+``drzero.tiny_agent``), for runs that must really search and earn rewards (the GPU smoke).
 """
 
 from __future__ import annotations
@@ -99,12 +102,17 @@ class TinyModelConfig:
     no_weights: bool = option(False, help="write the tokenizer only")
     chat_template: str = option("chatml", choices=sorted(CHAT_TEMPLATES), help=(
         "chat template: 'chatml' (Qwen2.5 style, default system turn) or 'qwen3' (honours enable_thinking)"))
+    trained: bool = option(False, help=(
+        "teach the model to search and answer (a few CPU minutes on scripted demo-world trajectories; "
+        "drzero.tiny_agent) instead of leaving its weights random"))
 
     def __post_init__(self) -> None:
         require(self.vocab_size >= 512, "vocab_size", self.vocab_size, "an integer >= 512")
         require(self.hidden_size >= 16 and self.hidden_size % 4 == 0, "hidden_size", self.hidden_size,
                 "a multiple of 4, at least 16")
         require(self.layers >= 1, "layers", self.layers, "an integer >= 1")
+        require(not (self.trained and (self.db or self.no_weights)), "trained", self.trained,
+                "no --db or --no-weights with --trained (it trains on the built-in demo world)")
 
 
 def build_chatml_tokenizer(texts: Iterable[str], vocab_size: int = 4096, chat_template: str = CHAT_TEMPLATE):
@@ -159,6 +167,11 @@ def corpus_texts(db: str | None, collection: str) -> list[str]:
 
 def run_tiny_model(cfg: TinyModelConfig) -> Path:
     out = Path(cfg.out)
+    if cfg.trained:
+        from drzero.tiny_agent import AgentTrainingConfig, build_trained_agent
+
+        build_trained_agent(out, AgentTrainingConfig(seed=cfg.seed), vocab_size=cfg.vocab_size)
+        return out
     tokenizer = build_chatml_tokenizer(corpus_texts(cfg.db, cfg.collection), cfg.vocab_size,
                                        CHAT_TEMPLATES[cfg.chat_template])
     tokenizer.save_pretrained(out)

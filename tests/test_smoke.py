@@ -119,3 +119,18 @@ def test_the_verl_step_reports_a_crash_and_a_hang_with_the_reason(tmp_path):
     assert not hung.ok and "did not finish within 1 s" in hung.message
     no_checkpoint = run_verl_step([sys.executable, "-c", "pass"], tmp_path, 60, lambda line: None)
     assert not no_checkpoint.ok and "saved no checkpoint" in no_checkpoint.message
+
+
+def test_engine_hf_needs_no_sglang_and_serves_with_transformers(tmp_path):
+    """--engine hf: SGLang and flash-attn are not needed, the server is drzero's, the verl step uses hf."""
+    from drzero.smoke import inference_spec, server_part
+
+    cfg = SmokeConfig(engine="hf")
+    spec = inference_spec(cfg, "/models/tiny", "qwen25", 8123)
+    assert server_part(cfg) == "hf server" and "drzero.rollout.hf_server --model /models/tiny" in spec.command_line
+    command = verl_step_command(cfg, "/models/tiny", tmp_path / "db", tmp_path, "http://127.0.0.1:9/retrieve")
+    assert command[command.index("--engine") + 1] == "hf"
+    result = run_smoke(SmokeConfig(db=str(tmp_path / "none"), engine="hf"), log=lambda line: None)
+    for module in ("sglang", "flash_attn"):
+        check = result.check(f"import {module}")
+        assert check.skipped and "--engine hf" in check.message

@@ -200,7 +200,8 @@ def _sample_passages(store: CorpusStore, ids: list[str], rng: np.random.Generato
     return [tuple(contents.partition("\n")[::2]) for contents in got["documents"]]
 
 
-def _row(index: int, split: str, hops: int, document: SeedDocument, partition: int | None) -> dict:
+def seed_row(index: int, split: str, hops: int, document: SeedDocument, partition: int | None) -> dict:
+    """One proposer row (the prepare-data format) for ``document`` at ``hops``."""
     data_source = f"search_zero_{hops}"
     extra_info = {
         "index": index,
@@ -288,10 +289,10 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareDataResult:
         partition_of[start:end] = p
     for p, (start, end) in enumerate(gen_regions):
         partition_of[start:end] = p
-    train_rows = [_row(i, "train", h, documents[all_ids[d]], int(partition_of[i]))
+    train_rows = [seed_row(i, "train", h, documents[all_ids[d]], int(partition_of[i]))
                   for i, (d, h) in enumerate(zip(tqdm(train_order, desc="train rows", unit="row", mininterval=1.0),
                                                  train_hops))]
-    val_rows = [_row(i, "val", h, documents[all_ids[d]], None) for i, (d, h) in enumerate(zip(val_order, val_hops))]
+    val_rows = [seed_row(i, "val", h, documents[all_ids[d]], None) for i, (d, h) in enumerate(zip(val_order, val_hops))]
     lengths = budget.proposer_lengths(train_rows + val_rows, {d.id: d.tokens for d in documents.values()})
     over = np.flatnonzero(lengths > cfg.max_prompt_length)
     if over.size:

@@ -6,7 +6,9 @@
 The stage commands (`drzero challenger`, `drzero solver`) build the command line; a user never
 needs to. It does what verl's own ``main`` does — migrate the legacy reward keys, then
 ``run_ppo`` — with our TaskRunner, which installs the hop-grouped advantage (HRPO) inside the
-process that trains. Every other estimator passes through unchanged.
+process that trains. Every other estimator passes through unchanged. With
+``actor_rollout_ref.rollout.name=hf`` (``--engine hf``) the TaskRunner is ``HFTaskRunner``, which adds the
+``transformers`` rollout engine of ``drzero.train.hf_worker``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ def main(config) -> None:
     from drzero.train.hrpo import run_ppo_with_hrpo
 
     migrate_legacy_reward_impl(config)
-    run_ppo_with_hrpo(config)
+    if config.actor_rollout_ref.rollout.name == "hf":
+        from drzero.train.hf_worker import HFTaskRunner
+
+        run_ppo_with_hrpo(config, HFTaskRunner)
+    else:
+        run_ppo_with_hrpo(config)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,23 @@ def hop_group_index(data) -> np.ndarray:
     return groups
 
 
+SUMMARY_PREFIX = "drzero-hrpo groups:"
+
+
+def group_summary(groups, scores, sample_advantages) -> str:
+    """``SUMMARY_PREFIX`` then JSON {group: {n, score_mean, advantage_mean}} for one batch."""
+    import json
+
+    out = {}
+    for group in sorted(set(np.asarray(groups, dtype=object).tolist())):
+        members = [i for i, g in enumerate(groups) if g == group]
+        out[str(group)] = {"n": len(members),
+                           "score_mean": round(float(sum(float(scores[i]) for i in members) / len(members)), 6),
+                           "advantage_mean": round(float(sum(float(sample_advantages[i]) for i in members))
+                                                   / len(members), 6)}
+    return f"{SUMMARY_PREFIX} {json.dumps(out, sort_keys=True)}"
+
+
 def compute_advantage_by_hop(original: Callable) -> Callable:
     """Wrap verl 0.7.1's ``ray_trainer.compute_advantage`` so that ``hrpo`` groups by hop count.
 
@@ -156,6 +173,10 @@ def compute_advantage_by_hop(original: Callable) -> Callable:
                                         norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)
         data.batch["advantages"] = advantages
         data.batch["returns"] = returns
+        # one line per step in the trainer's log: the groups really were hop counts (a GPU smoke checks it)
+        print(group_summary(hop_group_index(data), data.batch["token_level_rewards"].sum(-1),
+                            (advantages * data.batch["response_mask"]).sum(-1)
+                            / data.batch["response_mask"].sum(-1).clamp(min=1)), flush=True)
         return data
 
     setattr(compute_advantage, MARKER, True)

@@ -348,17 +348,22 @@ def gpu_only_checks(config, enabled: bool | None = None) -> list[Check]:
     if not enabled:
         return [Check("sglang API", True, "no CUDA here; checked on the GPU machine", skipped=True),
                 Check("flash-attn", True, "no CUDA here; checked on the GPU machine", skipped=True)]
-    checks = []
-    try:
-        # what verl 0.7.1's SGLang rollout imports; an ImportError here is the drift the seed guide hit
-        import verl.workers.rollout.sglang_rollout.async_sglang_server  # noqa: F401
-        import verl.workers.rollout.sglang_rollout.sglang_rollout  # noqa: F401
-
-        checks.append(Check("sglang API", True, "verl's SGLang rollout imports"))
-    except Exception as error:
-        checks.append(Check("sglang API", False, f"{type(error).__name__}: {error}; the image's SGLang does not match "
-                                                 f"verl 0.7.1 (use the pinned docker/Dockerfile)"))
     from omegaconf import OmegaConf
+
+    checks = []
+    engine = OmegaConf.select(config, "actor_rollout_ref.rollout.name")
+    if engine != "sglang":   # --engine hf: transformers generates, SGLang is not imported
+        checks.append(Check("sglang API", True, f"not used (rollout.name={engine})", skipped=True))
+    else:
+        try:
+            # what verl 0.7.1's SGLang rollout imports; an ImportError here is the drift the seed guide hit
+            import verl.workers.rollout.sglang_rollout.async_sglang_server  # noqa: F401
+            import verl.workers.rollout.sglang_rollout.sglang_rollout  # noqa: F401
+
+            checks.append(Check("sglang API", True, "verl's SGLang rollout imports"))
+        except Exception as error:
+            checks.append(Check("sglang API", False, f"{type(error).__name__}: {error}; the image's SGLang does not "
+                                                     f"match verl 0.7.1 (use the pinned docker/Dockerfile)"))
 
     attn = OmegaConf.select(config, "actor_rollout_ref.model.override_config.attn_implementation")
     if attn and attn != "flash_attention_2":

@@ -36,6 +36,23 @@ CONFIG_NAME = "search_multiturn_grpo"
 RETRIEVER_PORT, SGLANG_PORT = 8000, 8001
 ROLLOUT_TP = 2
 REWARD_SERVER = (4, 2, 0.5)  # dp, tp, --mem-fraction-static of the challenger's reward SGLang on 8 GPUs
+ENGINES = ("sglang", "hf")
+
+
+def engine_option():
+    return option("sglang", choices=list(ENGINES), help=(
+        "rollout engine: sglang (production) or hf (transformers on the training GPU itself: slow, for "
+        "debugging on a GPU without SGLang)"))
+
+
+def engine_overrides(engine: str) -> list[str]:
+    """verl keys for ``--engine``: none for SGLang; for hf its rollout name and no flash-attn."""
+    if engine == "sglang":
+        return []
+    return ["actor_rollout_ref.rollout.name=hf",
+            # no flash-attn with this engine: unpadding imports it, and verl's default attention is flash_attention_2
+            "actor_rollout_ref.model.use_remove_padding=false",
+            "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"]
 
 
 @dataclass(kw_only=True)
@@ -116,6 +133,7 @@ class ChallengerConfig(StageConfig):
                                               f"model's recipe, else {REWARD_SERVER[1]})")
     sglang_mem: float | None = option(None, help=f"--mem-fraction-static of the reward SGLang server (default: the "
                                                  f"model's recipe, else {REWARD_SERVER[2]})")
+    engine: str = engine_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,6 +156,7 @@ class SolverConfig(StageConfig):
     takes_hydra_overrides: ClassVar[bool] = True
     rollout_n: int = option(5, help="samples per prompt for GRPO (Dr. Zero: 5)")
     max_prompt_length: int = option(SOLVER_PROMPT_LENGTH, help="solver prompt budget in tokens")
+    engine: str = engine_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -245,7 +264,9 @@ def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str
         f"actor_rollout_ref.rollout.multi_turn.tool_config_path={config_dir() / 'search_tool_config.yaml'}",
         # verl's tool agent loop, recording episodes the response budget ended (drzero.rollout.agent_loop)
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={config_dir() / 'agent_loop_config.yaml'}",
-        f"actor_rollout_ref.rollout.tensor_model_parallel_size={cfg.rollout_tp or recipe.rollout_tp or ROLLOUT_TP}",
+        # the hf engine serves each GPU's rollouts on that GPU's trainer: no tensor parallelism
+        f"actor_rollout_ref.rollout.tensor_model_parallel_size="
+        f"{1 if engine_of(cfg) == 'hf' else cfg.rollout_tp or recipe.rollout_tp or ROLLOUT_TP}",
         f"data.train_batch_size={cfg.train_batch_size}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={min(256, cfg.train_batch_size)}",
         f"trainer.n_gpus_per_node={cfg.gpus}",
@@ -254,7 +275,11 @@ def _common_overrides(cfg: StageConfig, model_path: str, stage: str) -> list[str
         f"trainer.experiment_name={stage}_iter{cfg.iteration}",
         f"trainer.default_local_dir={layout.checkpoint(stage, cfg.iteration)}",
         *recipe.overrides,  # the model's settings for these GPUs; `--` overrides come later and win
-    ] + thinking_overrides(thinking_setting(cfg))
+    ] + thinking_overrides(thinking_setting(cfg)) + engine_overrides(engine_of(cfg))
+
+
+def engine_of(cfg: StageConfig) -> str:
+    return getattr(cfg, "engine", "sglang")
 
 
 def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
@@ -265,8 +290,15 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     solver_path = str(layout.merged("solver", cfg.iteration - 1)) if cfg.iteration > 1 else base.path
     services, retriever_url = retriever_for(cfg)
     dp, tp, mem = cfg.reward_server()
+    starts_sglang = not cfg.sglang_url and cfg.engine == "sglang"
     if cfg.sglang_url:
         sglang_url = cfg.sglang_url
+    elif cfg.engine == "hf":   # the probes' server in SGLang's API shape, on transformers
+        from drzero.rollout.hf_server import hf_server_service
+
+        spec = hf_server_service(solver_path, port=SGLANG_PORT, served_model_name="solver")
+        services.append(spec)
+        sglang_url = spec.url
     else:
         from drzero.services import sglang_service
 
@@ -300,8 +332,10 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     return StagePlan(name=f"challenger (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
                      env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
                      outputs=[own], verl_overrides=overrides + cfg.overrides,
-                     sglang_parser=base.tool_call_parser, sglang_gpus=(dp, tp),
-                     memory=cfg.placement(None if cfg.sglang_url else ("reward server", dp, tp, mem)))
+                     # SGLang's own checks only where this stage starts SGLang
+                     sglang_parser=base.tool_call_parser if starts_sglang else None,
+                     sglang_gpus=(dp, tp) if starts_sglang else None,
+                     memory=cfg.placement(("reward server", dp, tp, mem) if starts_sglang else None))
 
 
 def plan_solver(cfg: SolverConfig) -> StagePlan:

@@ -1,0 +1,95 @@
+"""`python -m drzero.rollout.hf_server`: a real server process answering drzero's own rollout client.
+
+The proposer reward probes the solver through ``AgentRolloutClient``; with ``--engine hf`` this server
+stands where SGLang stands. The model is the offline tiny ChatML model (random weights), so the test
+checks the wire shape and limits, not the words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def hf_server(tiny_tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from drzero.tiny_model import build_tiny_model
+
+    model_dir = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.save_pretrained(model_dir)
+    build_tiny_model(tokenizer, hidden_size=32, layers=1).save_pretrained(model_dir)
+    port = free_port()
+    log = tmp_path_factory.mktemp("logs") / "hf_server.log"
+    process = subprocess.Popen([sys.executable, "-m", "drzero.rollout.hf_server", "--model", str(model_dir),
+                                "--port", str(port), "--device", "cpu"], stdout=open(log, "wb"),
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"hf_server did not start:\n{log.read_text()}")
+            time.sleep(0.3)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_chat_completion_has_sglangs_shape_and_honours_max_tokens(hf_server):
+    status, reply = post(hf_server + "/v1/chat/completions", {
+        "model": "solver", "messages": [{"role": "user", "content": "Who founded Kreidol College?"}],
+        "max_tokens": 5, "temperature": 0})
+    assert status == 200
+    choice = reply["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    assert 1 <= reply["usage"]["completion_tokens"] <= 5
+    status, reply = post(hf_server + "/v1/completions", {"model": "solver", "prompt": "Kreidol", "max_tokens": 3})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 3
+    status, reply = post(hf_server + "/v1/chat/completions", {"model": "solver", "messages": []})
+    assert status == 400 and "messages" in reply["message"]
+
+
+def test_drzero_rollout_client_runs_against_it(hf_server):
+    from drzero.rollout.client import AgentRolloutClient, GenerationSettings
+    from drzero.rollout.search import SearchSettings
+
+    client = AgentRolloutClient(GenerationSettings(base_url=hf_server, model="solver", max_turns=2,
+                                                   max_response_tokens=24, temperature=1.0),
+                                SearchSettings(url="http://127.0.0.1:9/retrieve", retries=0))
+
+    async def roll():
+        try:
+            return await asyncio.gather(*[client.run([{"role": "user", "content": f"question {i}"}])
+                                          for i in range(3)])
+        finally:
+            await client.aclose()
+
+    trajectories = asyncio.run(roll())
+    assert all(t.stop_reason != "error" and t.assistant_turns for t in trajectories), \
+        [(t.stop_reason, t.error) for t in trajectories]
+    assert all(t.response_tokens <= 24 for t in trajectories)
