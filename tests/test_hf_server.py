@@ -74,13 +74,29 @@ def test_chat_completion_has_sglangs_shape_and_honours_max_tokens(hf_server):
     assert status == 400 and "messages" in reply["message"]
 
 
-def test_drzero_rollout_client_runs_against_it(hf_server):
+def test_generate_takes_token_ids_and_answers_in_sglangs_native_shape(hf_server):
+    status, reply = post(hf_server + "/generate", {"input_ids": [5, 6, 7],
+                                                   "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    assert status == 200
+    assert 1 <= len(reply["output_ids"]) <= 4 and all(isinstance(t, int) for t in reply["output_ids"])
+    assert reply["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"])
+    status, reply = post(hf_server + "/generate", {"text": "no ids"})
+    assert status == 400 and "input_ids" in reply["message"]
+
+
+@pytest.mark.parametrize("api", ["generate", "chat"])
+def test_drzero_rollout_client_runs_against_it(hf_server, tiny_tokenizer_dir, api):
+    from transformers import AutoTokenizer
+
     from drzero.rollout.client import AgentRolloutClient, GenerationSettings
     from drzero.rollout.search import SearchSettings
 
-    client = AgentRolloutClient(GenerationSettings(base_url=hf_server, model="solver", max_turns=2,
+    # the probes' default is "generate" (rendered as verl renders, token ids over /generate)
+    client = AgentRolloutClient(GenerationSettings(base_url=hf_server, model="solver", max_turns=2, api=api,
                                                    max_response_tokens=24, temperature=1.0),
-                                SearchSettings(url="http://127.0.0.1:9/retrieve", retries=0))
+                                SearchSettings(url="http://127.0.0.1:9/retrieve", retries=0),
+                                tokenizer=AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
 
     async def roll():
         try:

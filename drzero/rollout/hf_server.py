@@ -2,9 +2,11 @@
 
     python -m drzero.rollout.hf_server --model /checkpoints/solver_iter1_hf --port 8001 --served-model-name solver
 
-The proposer reward probes the current solver through ``/v1/chat/completions`` (or ``/v1/completions``) as
-SGLang serves it. Where SGLang cannot run (``--engine hf``: a GPU without SGLang's image, or a CPU), this
-server answers the same requests: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``
+The proposer reward probes the current solver through SGLang's native ``/generate`` (token ids in and out,
+rendered as verl renders them), and other clients use ``/v1/chat/completions`` (or ``/v1/completions``).
+Where SGLang cannot run (``--engine hf``: a GPU without SGLang's image, or a CPU), this server answers the
+same requests: ``GET /health``, ``GET /v1/models``, ``POST /generate`` (``input_ids`` and
+``sampling_params``; replies ``output_ids``, ``text`` and ``meta_info.finish_reason.type``), ``POST /v1/chat/completions``
 (messages and tools rendered with the model's chat template, as SGLang does) and ``POST /v1/completions``
 (a raw prompt). Replies carry ``choices[0].message.content`` / ``choices[0].text``, ``finish_reason``
 (``stop`` / ``length``) and ``usage``; tool calls stay in the text (SGLang without a tool-call parser), which
@@ -89,11 +91,28 @@ def build_app(model_path: str, served_name: str, device: str | None = None, max_
             "id": uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()), "model": served_name,
             "choices": [{"index": 0, "text": text, "finish_reason": reason}], "usage": usage})
 
+    async def native_generate(request):
+        """SGLang's /generate for token ids: what drzero's probes and gen-data send (api="generate")."""
+        body = await request.json()
+        input_ids = body.get("input_ids")
+        if not isinstance(input_ids, list) or not input_ids or not all(isinstance(t, int) for t in input_ids):
+            return bad_request("'input_ids' must be a non-empty list of token ids (this server takes no 'text')")
+        sampling = dict(body.get("sampling_params") or {})
+        try:
+            out = await engine.generate(input_ids, sampling)
+        except ValueError as error:
+            return bad_request(str(error))
+        return web.json_response({
+            "text": tokenizer.decode(out.token_ids, skip_special_tokens=True), "output_ids": list(out.token_ids),
+            "meta_info": {"id": uuid.uuid4().hex, "finish_reason": {"type": out.stop_reason},
+                          "prompt_tokens": len(input_ids), "completion_tokens": len(out.token_ids)}})
+
     app = web.Application(client_max_size=64 << 20)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/generate", native_generate)
     app["engine"] = engine
     return app
 
