@@ -52,6 +52,8 @@ TRAIN_ROWS, VAL_ROWS, ROLLOUT_N, BATCH = 8, 4, 4, 4
 VERL_OVERRIDES = [
     "data.max_prompt_length=1024", "data.max_response_length=1024",
     "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=1024",
+    # one search and an answer: the worst case the preflight's response-budget check allows at 1,024 tokens
+    "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=2",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
     "actor_rollout_ref.actor.optim.lr=1e-5",
@@ -416,7 +418,8 @@ def challenger_part(args, retriever_url: str) -> Part:
                     "step_s": step.get("timing_s/step"), "hrpo_groups": groups,
                     "hrpo_hop_keyed": hop_keyed, "hrpo_groups_centred": centred,
                     "peak_gpu_mib": peak.peak, "torch_max_alloc_gb": step.get("perf/max_memory_allocated_gb"),
-                    "probe_requests": len(re.findall(r"POST /v1/chat/completions", server_log.read_text(errors="replace"))),
+                    "probe_requests": len(re.findall(r"POST /(?:generate|v1/chat/completions)",
+                                                     server_log.read_text(errors="replace"))),
                     **rollout_stats(args.work / "dump_challenger", 1)}
     part.ok = code == 0 and bool(step) and hop_keyed and centred
     if not part.ok:

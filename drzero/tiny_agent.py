@@ -92,12 +92,18 @@ def solver_conversation(question, passages: list, by_source: dict, rng: random.R
     ]
 
 
-def proposer_conversation(question, by_source: dict) -> list[dict]:
-    """A scripted one-hop proposer trajectory: a question about the given passage and its answer."""
+def proposer_conversation(question, by_source: dict, passages: list | None = None) -> list[dict]:
+    """A scripted proposer trajectory: for a multi-hop question, one search per further hop for the title of
+    the next document in its chain (the entity the seed passage names), then the question and its answer."""
     from drzero.prompts import proposer_messages, render_document
 
     seed = by_source[question.seed_source]
-    return proposer_messages(1, render_document(seed.title, seed.text)) + [
+    turns = []
+    for source in question.chain[1:]:
+        title = by_source[source].title
+        turns += [{"role": "assistant", "content": tool_call_text([title])},
+                  {"role": "tool", "content": hits_text(keyword_search(passages or [], title))}]
+    return proposer_messages(question.hops, render_document(seed.title, seed.text)) + turns + [
         {"role": "assistant", "content": f"<question>{question.question}</question>\n<answer>{question.answer}</answer>"},
     ]
 
@@ -130,7 +136,8 @@ def encode_conversation(tokenizer, messages: list[dict], tools: list[dict]) -> t
 
 
 def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
-    """(train, held-out) encoded trajectories from the demo world: solver and proposer, one-hop questions."""
+    """(train, held-out) encoded trajectories from the demo world: solver one-hop questions, proposer one- and
+    two-hop questions (the two-hop ones search, so a proposer step really calls the tool)."""
     from drzero.corpus.demo import build_demo_world
     from drzero.prompts import SEARCH_TOOL_SCHEMA
 
@@ -147,6 +154,8 @@ def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
         examples.append(encode_conversation(tokenizer, solver_conversation(q, passages, by_source, rng), tools))
         if rng.random() < 0.3:
             examples.append(encode_conversation(tokenizer, proposer_conversation(q, by_source), tools))
+    for q in world.questions(2, count=120, seed=seed):
+        examples.append(encode_conversation(tokenizer, proposer_conversation(q, by_source, passages), tools))
     return examples, held_out
 
 

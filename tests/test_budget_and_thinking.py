@@ -78,6 +78,27 @@ def test_preflight_fails_a_budget_whose_worst_case_does_not_fit(overrides):
     assert "raise data.max_response_length to" in check.message
 
 
+def test_without_a_manifest_the_proposer_rows_bound_the_hops_checked(tmp_path):
+    """Seed rows written by hand (no prepare-data manifest) holding 1- and 2-hop rows: 3 and 4 hops are not
+    asked of this run, so a budget for one search fits; the same budget with 4-hop rows does not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("zero_ratio4321.parquet", "zero_ratio4321_val.parquet"):
+        pq.write_table(pa.table({"data_source": ["search_zero_1", "search_zero_2"]}), data / name)
+    short = ["data.max_response_length=1024", "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=1024",
+             "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=2"]
+    check = _budget_check(plan_challenger(ChallengerConfig(**{**STAGE, "data_dir": str(data)}, model="qwen3-8b",
+                                                           overrides=short)))
+    assert check.ok and "proposer 2 hops" in check.message and "proposer 3 hops" not in check.message, check.message
+    pq.write_table(pa.table({"data_source": ["search_zero_1", "search_zero_4"]}), data / "zero_ratio4321.parquet")
+    check = _budget_check(plan_challenger(ChallengerConfig(**{**STAGE, "data_dir": str(data)}, model="qwen3-8b",
+                                                           overrides=short)))
+    assert not check.ok and "proposer 4 hops" in check.message
+
+
 def test_worst_case_arithmetic():
     budget = ResponseBudget(max_response_length=3072, tool_output=ToolOutputLimit(1600), max_assistant_turns=5,
                             thinking=False, chars_per_token=3.05, tool_turn_overhead=15)

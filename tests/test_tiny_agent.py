@@ -66,3 +66,17 @@ def test_trained_refuses_a_corpus():
 
     with pytest.raises(ConfigError, match="trained"):
         TinyModelConfig(out="x", trained=True, db="some-db")
+
+
+def test_two_hop_proposer_script_searches_for_the_next_document_in_the_chain(world):
+    world, passages = world
+    by_source = {p.source: p for p in passages}
+    question = world.questions(2, count=1, seed=3)[0]
+    messages = proposer_conversation(question, by_source, passages)
+    calls = [m for m in messages if m["role"] == "assistant" and "<tool_call>" in m["content"]]
+    assert len(calls) == question.hops - 1 == 1
+    next_title = by_source[question.chain[1]].title
+    assert json.loads(calls[0]["content"].split("\n")[1])["arguments"]["query_list"] == [next_title]
+    tool = next(m for m in messages if m["role"] == "tool")
+    assert f"(Title: {next_title})" in tool["content"]  # the keyword search finds the document it names
+    assert messages[-1]["content"].endswith(f"<answer>{question.answer}</answer>")

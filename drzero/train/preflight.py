@@ -179,7 +179,8 @@ def response_budget(config) -> Check:
                                                      and Path(measured_with).resolve() == model.resolve())
     budget = response_budget_for(config, tokenizer, manifest if same_tokenizer else None)
     proposer = str(OmegaConf.select(config, "reward.custom_reward_function.name", default="")).startswith("proposer")
-    max_hops = len(str((manifest or {}).get("hop_ratio") or "4321"))
+    max_hops = len(str(manifest["hop_ratio"])) if (manifest or {}).get("hop_ratio") else \
+        _most_hops_in(train) if proposer else 4
     rows = budget.rows(max_hops, ("proposer", "solver") if proposer else ("solver",))
     table = budget.table(rows).replace("\n", "\n        ")
     too_long = [r for r in rows if not r.fits]
@@ -188,6 +189,19 @@ def response_budget(config) -> Check:
                      f"data.max_response_length to {budget.required_length(rows)} or lower "
                      f"actor_rollout_ref.rollout.multi_turn.max_tool_response_length\n        {table}")
     return Check("response budget", True, "worst case fits\n        " + table)
+
+
+def _most_hops_in(train: Path) -> int:
+    """The largest hop count among the proposer rows of ``train`` (their ``data_source``); 4 when unreadable."""
+    from drzero.rewards.proposer import hops_of
+
+    try:
+        import pyarrow.parquet as pq
+
+        sources = set(pq.read_table(train, columns=["data_source"]).column("data_source").to_pylist())
+        return max(hops_of(str(s), None) for s in sources)
+    except Exception:  # a missing or foreign file is another check's finding; assume Dr. Zero's 4 hops
+        return 4
 
 
 def _model_path(config, allow_download: bool) -> Check:
