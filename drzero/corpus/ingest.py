@@ -168,8 +168,8 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
         spec = store.recorded_spec()
         embedder = Embedder(spec, device=cfg.device)
         store.check_embedder(spec, embedder.dimension)
-        # deleted first: an upsert of an id the index lost does not put it back in the index
-        store.delete(ids)
+        # upserted again (Chroma 1.5 puts an id its index lost back in); deleting it first fails in the
+        # index writer ("Failed to apply logs to the hnsw segment writer")
         passages = [Passage(id=i, title=c.partition("\n")[0], text=c.partition("\n")[2],
                             source=m.get("source", ""), chunk=int(m.get("chunk", 0)))
                     for i, c, m in zip(ids, contents, metadatas)]

@@ -214,9 +214,6 @@ class CorpusStore:
         got = self.collection.get(ids=ids, include=["documents", "metadatas"])
         return got["ids"], got["documents"], [m or {} for m in got["metadatas"]]
 
-    def delete(self, ids: list[str]) -> None:
-        self.collection.delete(ids=ids)
-
     def iter_embeddings(self, batch: int = 5000) -> Iterable[tuple[list[str], np.ndarray]]:
         """All ids and stored vectors, for exact-search comparisons."""
         total = self.count()
