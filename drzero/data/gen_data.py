@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -548,14 +548,15 @@ def journal_key(cfg: GenDataConfig, seed_manifest: dict, start: int, end: int, v
 
 
 def outcome_record(outcome: SeedOutcome) -> dict:
-    record = {k: v for k, v in asdict(outcome).items() if k != "seed"}
-    record["seed_id"] = outcome.seed["extra_info"]["seed_id"]
+    # not asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs
+    record = {f.name: getattr(outcome, f.name) for f in fields(outcome) if f.name != "seed"}
+    record.update(stop_reasons=dict(outcome.stop_reasons), invalid_reasons=dict(outcome.invalid_reasons),
+                  seed_id=outcome.seed["extra_info"]["seed_id"])
     return record
 
 
 def outcome_from_record(record: dict, seed: dict) -> SeedOutcome:
-    fields = {k: v for k, v in record.items() if k != "seed_id"}
-    outcome = SeedOutcome(seed=seed, **fields)
+    outcome = SeedOutcome(seed=seed, **{k: v for k, v in record.items() if k != "seed_id"})
     outcome.stop_reasons, outcome.invalid_reasons = Counter(outcome.stop_reasons), Counter(outcome.invalid_reasons)
     return outcome
 
