@@ -154,6 +154,18 @@ def test_every_batch_is_written_once(tmp_path, monkeypatch):
 
 # -- one writer per store; every stored passage findable in the index -----------------------------
 
+# Run in subprocesses only: a Chroma client in the test process would cache the store as it first saw it.
+RACE_SETUP = """
+import sys
+from drzero.corpus.embedder import TEST_EMBEDDER, spec_for
+from drzero.corpus.store import CorpusStore
+CorpusStore.create(sys.argv[1], spec_for(TEST_EMBEDDER), 384)
+"""
+UNINDEXED = """
+import json, sys
+from drzero.corpus.store import CorpusStore
+print(json.dumps(CorpusStore.open_existing(sys.argv[1]).unindexed_ids()))
+"""
 RACE_WRITER = """
 import hashlib, sys
 import numpy as np
@@ -213,20 +225,20 @@ def test_verify_finds_passages_the_index_lost_and_repairs_them(tmp_path):
     import subprocess
     import sys
 
+    import shutil
+
     from conftest import drzero_command
-    from drzero.corpus.embedder import spec_for
 
     db = tmp_path / "db"
     lost = []
     for attempt in range(4):  # the race is real, so its damage varies; it shows within a few attempts
-        import shutil
-
         shutil.rmtree(db, ignore_errors=True)
-        CorpusStore.create(db, spec_for(TEST_EMBEDDER), 384)
+        subprocess.run([sys.executable, "-c", RACE_SETUP, str(db)], check=True, timeout=120)
         racers = [subprocess.Popen([sys.executable, "-c", RACE_WRITER, str(db), str(who), "1024"])
                   for who in range(1, 4)]
         assert [racer.wait(timeout=300) for racer in racers] == [0, 0, 0]
-        lost = CorpusStore.open_existing(db).unindexed_ids()
+        lost = json.loads(subprocess.run([sys.executable, "-c", UNINDEXED, str(db)], capture_output=True, text=True,
+                                         check=True, timeout=300).stdout)
         if lost:
             break
     if not lost:
@@ -236,9 +248,6 @@ def test_verify_finds_passages_the_index_lost_and_repairs_them(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"{len(lost)} not in the vector index, {len(lost)} repaired" in done.stdout
-    from chromadb.api.client import SharedSystemClient
-
-    SharedSystemClient.clear_system_cache()  # this process's client still holds the store as it was
     store = CorpusStore.open_existing(db)
     assert store.unindexed_ids() == [] and store.count() == 3 * 1024
     # a repaired passage is found by search again, with its own (re-embedded) vector

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from drzero import pipeline
-from drzero.atomic import commit_set
+from drzero.atomic import commit_set, parquet_writer
 from drzero.pipeline import EvolveConfig, all_plans, evolve
 from drzero.train import stages
 
@@ -34,7 +34,7 @@ class GPUStandIn:
             self.crash_at = None
             raise RuntimeError(f"preempted during {plan.name}")
         if plan.manifest is not None:  # a set of files: committed with its manifest, as the real stages do
-            commit_set({output: (lambda t: t.write_text("written")) for output in plan.outputs}, plan.manifest, {})
+            commit_set({output: parquet_writer([{"written": 1}]) for output in plan.outputs}, plan.manifest, {})
             return
         for output in plan.outputs:
             if output.suffix:
@@ -107,8 +107,7 @@ def test_committed_seed_data_counts_as_prepared(config, monkeypatch):
     runner = GPUStandIn()
     monkeypatch.setattr(stages, "execute", runner)
     plan = dict(all_plans(config))["prepare-data"]
-    commit_set({output: (lambda t: t.write_text("made by another run")) for output in plan.outputs}, plan.manifest,
-               {})
+    commit_set({output: parquet_writer([{"made by": "another run"}]) for output in plan.outputs}, plan.manifest, {})
     evolve(config)
     assert "prepare-data" not in runner.ran
 

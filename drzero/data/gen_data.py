@@ -500,6 +500,7 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
     for split, split_outcomes in outcomes.items():
         log.info("gen-data %s: %s", split, {k: counts[split][k] for k in ("seeds", *VERDICTS)})
         if counts[split][KEPT] == 0:
+            journal.remove()  # nothing usable came out: a rerun (with the cause fixed) starts over
             raise NoQuestionsKept(_nothing_kept_message(cfg, split, counts[split], split_outcomes))
 
     rows = {split: [_solver_row(o, index, split, cfg.iteration)
