@@ -319,7 +319,12 @@ if sys.platform.startswith("linux"):
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """A pre-exec hook: SIGTERM this child when the thread that started it dies (kill -9 included)."""
+    """A pre-exec hook: SIGTERM this child when the thread that started it dies (kill -9 included).
+
+    The kernel watches the *thread* that forked, not the process: a Supervisor entered from a
+    worker thread would lose its children when that thread ends. Every stage enters it from the
+    main thread.
+    """
     if _prctl is None:
         return None
 
