@@ -118,7 +118,7 @@ class RunState:
         write_json_atomically({"version": 1, "stages": self.stages}, self.path)
 
     def rebuild(self, plans: list[tuple[str, StagePlan]], print_fn=print) -> None:
-        """After a corrupt state.json: mark done what the disk proves, in order, up to the first gap.
+        """After a corrupt state.json: mark done every stage whose files on disk prove it finished.
 
         Proof is a manifest that agrees with its files (prepare-data, gen-data) or a verl checkpoint
         at its last step. A merge or evaluation leaves no such proof, so it runs again (a merge is
