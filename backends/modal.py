@@ -51,11 +51,21 @@ DAY = 24 * HOURS  # Modal's limit for one attempt of a Function call
 # added last, mounted when a container starts, so a code change needs no rebuild; `PYTHONPATH`
 # puts it ahead of the copy installed in the image. The variables repeat the image's own so that
 # this file does not depend on them.
+#
+# The upload is the code, never what sits beside it: `.env` (the README's place for W&B and HF
+# keys), local checkpoints, Chroma stores, corpora, weights and data files stay on this machine.
+# The patterns are Modal's (dockerignore syntax, matched from the repository root); the tests run
+# them through Modal's own matcher.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 CODE_DIR = "/opt/drzero-src"
-CODE_IGNORE = [".git", ".venv", ".drzero", "**/__pycache__", ".pytest_cache", "*.egg-info", "build", "dist"]
+CODE_IGNORE = [
+    ".git", ".github", ".venv", "venv", ".drzero", "**/__pycache__", ".pytest_cache", "*.egg-info", "build", "dist",
+    "**/.env", "**/.env.*",                                         # secrets
+    "**/checkpoints", "**/chromadb", "**/wandb", "corpus", "models", "outputs",  # run data (drzero/corpus/ is code)
+    "**/*.parquet", "**/*.sqlite3", "**/*.safetensors", "**/*.bin", "**/*.pt", "**/*.pth", "**/*.gguf",
+]
 
 image = (
     modal.Image.from_dockerfile(DOCKERFILE, context_dir=REPO_ROOT)
@@ -93,10 +103,13 @@ corpus_volume = modal.Volume.from_name("dr-zero-corpus", create_if_missing=True)
 checkpoints_volume = modal.Volume.from_name("dr-zero-checkpoints", create_if_missing=True)
 VOLUMES = {CORPUS_DIR: corpus_volume, CHECKPOINTS_DIR: checkpoints_volume}
 
-SECRETS = [
-    modal.Secret.from_name("wandb-secret", required_keys=["WANDB_API_KEY"]),
-    modal.Secret.from_name("huggingface-secret", required_keys=["HF_TOKEN"]),
-]
+# Each Function gets only the secrets it uses: the W&B key where verl logs (and where the
+# preflight checks the key is there), the Hugging Face token where weights or the embedder may
+# be downloaded. `drzero` passes neither to the retriever or SGLang (drzero.services).
+WANDB = modal.Secret.from_name("wandb-secret", required_keys=["WANDB_API_KEY"])
+HUGGING_FACE = modal.Secret.from_name("huggingface-secret", required_keys=["HF_TOKEN"])
+TRAINING_SECRETS = [WANDB]          # challenger, solver, train, preflight
+DOWNLOAD_SECRETS = [HUGGING_FACE]   # download_model, ingest
 
 app = modal.App("dr-zero")
 
@@ -277,18 +290,18 @@ def run_drzero(command: str, argv: Sequence[str], *, local_corpus: bool = False,
 # One per action. GPU stages get the full day, retries, and a fresh container per attempt.
 
 GPU_STAGE = dict(image=image, gpu=GPU, **resources(GPU), ephemeral_disk=512 * 1024, volumes=VOLUMES,
-                 secrets=SECRETS, timeout=DAY, retries=RETRIES, single_use_containers=True)
-CPU_TASK = dict(image=image, volumes=VOLUMES, secrets=SECRETS)
+                 timeout=DAY, retries=RETRIES, single_use_containers=True)
+CPU_TASK = dict(image=image, volumes=VOLUMES)
 
 
-@app.function(image=image, gpu=SMOKE_GPU, **resources(SMOKE_GPU), volumes=VOLUMES, secrets=SECRETS,
+@app.function(image=image, gpu=SMOKE_GPU, **resources(SMOKE_GPU), volumes=VOLUMES,
               timeout=30 * MINUTES)  # the first image build is slow: the seed guide's 30 minutes
 def smoke(*argv: str) -> dict:
     """`drzero smoke`: imports, retriever, search, SGLang, one agent rollout and one verl step on one GPU."""
     return run_drzero("smoke", argv, gpu_time=True)
 
 
-@app.function(**CPU_TASK, cpu=8.0, memory=32 * 1024, timeout=12 * HOURS)
+@app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=8.0, memory=32 * 1024, timeout=12 * HOURS)
 def ingest(*argv: str) -> dict:
     """`drzero ingest` of the uploaded documents into a local copy of the store, then back onto the volume."""
     copy_tree(CORPUS_DB, LOCAL_DB)
@@ -307,7 +320,7 @@ def prepare_data(*argv: str) -> dict:
     return run_drzero("prepare-data", ["--db", LOCAL_DB, "--out", SEEDS, *argv])
 
 
-@app.function(**GPU_STAGE)
+@app.function(**GPU_STAGE, secrets=TRAINING_SECRETS)
 def challenger(*argv: str) -> dict:
     """`drzero challenger`: HRPO proposer training for one iteration."""
     return run_drzero("challenger", argv, local_corpus=True, gpu_time=True)
@@ -319,7 +332,7 @@ def gen_data(*argv: str) -> dict:
     return run_drzero("gen-data", argv, local_corpus=True, gpu_time=True)
 
 
-@app.function(**GPU_STAGE)
+@app.function(**GPU_STAGE, secrets=TRAINING_SECRETS)
 def solver(*argv: str) -> dict:
     """`drzero solver`: GRPO solver training for one iteration."""
     return run_drzero("solver", argv, local_corpus=True, gpu_time=True)
@@ -337,7 +350,7 @@ def evaluate(*argv: str) -> dict:
     return run_drzero("evaluate", argv, local_corpus=True, gpu_time=True)
 
 
-@app.function(**GPU_STAGE)
+@app.function(**GPU_STAGE, secrets=TRAINING_SECRETS)
 def train(*argv: str) -> dict:
     """`drzero evolve`: the whole loop; a retry continues where state.json says the run stopped."""
     return run_drzero("evolve", argv, local_corpus=True, gpu_time=True)
@@ -349,7 +362,7 @@ def list_models(*argv: str) -> dict:
     return run_drzero("list-models", argv)
 
 
-@app.function(**CPU_TASK, cpu=4.0, memory=16 * 1024, timeout=4 * HOURS)
+@app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=4.0, memory=16 * 1024, timeout=4 * HOURS)
 def download_model(hub_name: str, local_dir: str) -> dict:
     """Weights from the Hugging Face hub into /corpus/models/<local_dir>, so no GPU ever waits on a download."""
     from huggingface_hub import snapshot_download
@@ -369,7 +382,7 @@ def download_model(hub_name: str, local_dir: str) -> dict:
 # W&B key) or the stage's `--dry-run`.
 
 
-@app.function(**CPU_TASK, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
+@app.function(**CPU_TASK, secrets=TRAINING_SECRETS, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
 def preflight(command: list, required: list) -> dict:
     problems = [f"{path} is missing: {fix}" for path, fix in required if not Path(path).exists()]
     if command:

@@ -66,10 +66,15 @@ def _prepare_data(args: argparse.Namespace) -> int:
 
 def _run_stage(plan, cfg) -> int:
     """Dry run / preflight / real run of one planned stage; verl stages are preflighted first."""
+    from drzero.pipeline import finished_step
     from drzero.train.preflight import report, run_checks
     from drzero.train.stages import execute, resolved_config
 
     verl = plan.verl_overrides is not None
+    step = finished_step(plan)
+    if step is not None and not (cfg.dry_run or getattr(cfg, "preflight_only", False)):
+        print(f"{plan.name}: its checkpoint already holds step {step}, the last; nothing to run")
+        return 0  # resuming would make verl validate and train one step past the end
     if verl:
         checks = run_checks(plan, allow_download=cfg.allow_download)
         print(report(plan, checks))

@@ -249,14 +249,14 @@ def demo_rows(questions: list, split: str = "test") -> list[dict]:
 
 
 def run_make_eval_set(cfg: MakeEvalSetConfig) -> MakeEvalSetResult:
-    from drzero.data.seed import _check_writable, _write_parquet_atomically
+    from drzero.atomic import check_writable, write_parquet_atomically
 
     path = cfg.output_path()
-    _check_writable(path.parent)
+    check_writable(path.parent)
     world, described = demo_world_for(cfg)
     questions = [q for hops in sorted(set(cfg.hops)) for q in world.questions(hops, cfg.per_hop, seed=cfg.seed)]
     rows = demo_rows(questions)
-    _write_parquet_atomically(rows, path)
+    write_parquet_atomically(rows, path)
     counts = Counter(str(q.hops) for q in questions)
     return MakeEvalSetResult(path, len(rows), {str(h): counts[str(h)] for h in sorted(set(cfg.hops))}, described)
 

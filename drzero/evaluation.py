@@ -358,12 +358,12 @@ def _csv_text(records: Sequence[QuestionResult]) -> str:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
-    from drzero.data.seed import _check_writable, _write_text_atomically
+    from drzero.atomic import check_writable, write_text_atomically
 
     started = time.perf_counter()
     items, rows_in_file = read_qa_file(cfg.data, cfg.limit)
     out_dir = cfg.output_dir()
-    _check_writable(out_dir)  # before any server time is spent
+    check_writable(out_dir)  # before any server time is spent
     tokenizer = None
     if cfg.api == "generate":
         from drzero.models import load_tokenizer
@@ -381,9 +381,9 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     summary_path, per_question_path = out_dir / SUMMARY_FILE, out_dir / PER_QUESTION_FILE
     summary = build_summary(cfg, records, rows_in_file, timings)
     summary["files"] = {"summary": str(summary_path), "per_question": str(per_question_path)}
-    _write_text_atomically(_csv_text(records), per_question_path)
+    write_text_atomically(_csv_text(records), per_question_path)
     timings["total_seconds"] = round(time.perf_counter() - started, 2)
-    _write_text_atomically(json.dumps(summary, indent=2, ensure_ascii=False), summary_path)
+    write_text_atomically(json.dumps(summary, indent=2, ensure_ascii=False), summary_path)
     return EvaluationResult(out_dir, summary_path, per_question_path, summary, records)
 
 

@@ -10,22 +10,25 @@
 that is done (and whose outputs still exist) is skipped; one that was running when the process
 died runs again and verl resumes it from its last checkpoint (``resume_mode=auto``). So after
 any crash or preemption the same command continues where the run stopped.
+
+What is on disk is the proof, not state.json alone: prepare-data and gen-data are done only when
+their manifest agrees with their files (drzero.atomic), and a verl stage whose own checkpoint
+already holds ``total_training_steps`` is done (verl would otherwise validate and run one step
+more). A state.json that is empty or corrupt is moved aside and rebuilt from that evidence.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
+from drzero.atomic import verify_set, write_json_atomically
 from drzero.config import option, require
-
+from drzero.train.layout import checkpointed_step
 from drzero.train.stages import (ChallengerConfig, MergeConfig, SolverConfig, StageConfig, StagePlan, plan_challenger,
                                  plan_merge, plan_solver)
 
@@ -76,17 +79,39 @@ class EvolveConfig(StageConfig):
 # -- state.json ------------------------------------------------------------------------------------
 
 class RunState:
-    """Stage status on disk, written atomically after every change."""
+    """Stage status on disk, written atomically and durably (file and directory fsync'd) after every change.
 
-    def __init__(self, path: Path):
+    A state.json that cannot be read (empty after a power loss, truncated, edited by hand) is
+    moved aside with a warning; ``rebuilt`` is then True and ``rebuild`` recovers what the files
+    on disk prove.
+    """
+
+    def __init__(self, path: Path, warn=log.warning, move_aside: bool = True):
         self.path = path
         self.stages: dict[str, dict] = {}
+        self.rebuilt = False
         if path.is_file():
-            self.stages = json.loads(path.read_text()).get("stages", {})
+            try:
+                stages = json.loads(path.read_text())["stages"]
+                if not isinstance(stages, dict):
+                    raise ValueError(f"'stages' is a {type(stages).__name__}, not an object")
+                self.stages = stages
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                problem = f"{path} could not be read ({type(error).__name__}: {error})"
+                self.rebuilt = True
+                if not move_aside:  # a dry run changes nothing
+                    warn(f"{problem}; a real run moves it aside and rebuilds it from the files on disk")
+                    return
+                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+                path.replace(aside)
+                warn(f"{problem}; moved it to {aside.name} and rebuilding the run's state from the manifests "
+                     f"and checkpoints on disk")
 
     def is_done(self, key: str, plan: StagePlan | None = None) -> bool:
+        if plan is not None and plan.manifest is not None and verify_set(plan.manifest) is not None:
+            return False  # a set of outputs is done only when its manifest agrees with the files
         if plan is not None and plan.done_when_outputs_exist and all(p.exists() for p in plan.outputs):
-            return True  # prepare-data: "when missing" — data a user made by hand counts
+            return True  # prepare-data: "when missing" — committed data made by another run counts
         entry = self.stages.get(key, {})
         return entry.get("status") == "done" and all(Path(p).exists() for p in entry.get("outputs", []))
 
@@ -94,11 +119,22 @@ class RunState:
         entry = self.stages.setdefault(key, {})
         entry.update(status=status, outputs=[str(p) for p in outputs], updated=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                            time.gmtime()))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".state.", suffix=".tmp")
-        with os.fdopen(handle, "w") as stream:
-            json.dump({"version": 1, "stages": self.stages}, stream, indent=2)
-        os.replace(temporary, self.path)
+        write_json_atomically({"version": 1, "stages": self.stages}, self.path)
+
+    def rebuild(self, plans: list[tuple[str, StagePlan]], print_fn=print) -> None:
+        """After a corrupt state.json: mark done every stage whose files on disk prove it finished.
+
+        Proof is a manifest that agrees with its files (prepare-data, gen-data) or a verl checkpoint
+        at its last step. A merge or evaluation leaves no such proof, so it runs again (a merge is
+        minutes; it rewrites the same directory).
+        """
+        for key, plan in plans:
+            proven = (plan.manifest is not None and verify_set(plan.manifest) is None) or \
+                finished_step(plan) is not None
+            if not proven:
+                continue
+            self.mark(key, "done", plan.outputs)
+            print_fn(f"[rebuilt] {key}: done, as its files on disk show")
 
 
 # -- plans -------------------------------------------------------------------------------------------
@@ -132,11 +168,12 @@ def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
     return StagePlan(name="prepare-data", run=prepare, inputs=[layout.db],
                      run_label=f"drzero prepare-data --db {layout.db} --out {layout.seeds}{rows} (thinking "
                                f"{_thinking_word(thinking)})",
-                     outputs=[layout.seeds, layout.seeds_val], done_when_outputs_exist=True)
+                     outputs=[layout.seeds, layout.seeds_val], manifest=layout.seeds_manifest,
+                     done_when_outputs_exist=True)
 
 
 def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
-    from drzero.data.gen_data import GenDataConfig, run_gen_data
+    from drzero.data.gen_data import GenDataConfig, run_gen_data, summary_lines
     from drzero.train.registry import resolve_model
     from drzero.train.stages import SGLANG_PORT, retriever_for
 
@@ -159,18 +196,21 @@ def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
     thinking = thinking_setting(cfg)
 
     def generate():  # configured when it runs: the seed data may come from an earlier stage of this run
-        return run_gen_data(GenDataConfig(
+        result = run_gen_data(GenDataConfig(
             iteration=cfg.iteration, seeds=str(layout.seeds), out=str(layout.solver_data(cfg.iteration)),
             samples=cfg.samples, verify=cfg.verify, solver_url=cfg.solver_url, limit=cfg.limit,
             proposer_url=proposer_url, proposer_model="proposer", retriever_url=retriever_url,
             tokenizer=str(proposer), thinking=bool(thinking)))
+        print(summary_lines(result), flush=True)
+        return result
 
     return StagePlan(name=f"gen-data (iteration {cfg.iteration})", run=generate,
                      run_label=f"drzero gen-data --iteration {cfg.iteration} (proposer at {proposer_url}, "
                                f"{cfg.samples} samples per seed of partition {cfg.iteration - 1}, thinking "
                                f"{_thinking_word(thinking)})",
                      services=services, inputs=[layout.seeds, proposer],
-                     outputs=[layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)])
+                     outputs=[layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)],
+                     manifest=layout.solver_manifest(cfg.iteration))
 
 
 def plan_evaluate(cfg: EvolveConfig, iteration: int) -> StagePlan:
@@ -245,6 +285,23 @@ def _digest(resolved: str) -> str:
     return "\n".join(lines)
 
 
+def finished_step(plan: StagePlan) -> int | None:
+    """The step of the plan's own complete verl checkpoint when it already holds total_training_steps.
+
+    Resuming such a stage is not a no-op: verl 0.7.1's ``fit`` loads the checkpoint, validates,
+    and trains step total+1 before it checks the step count, leaving a ``global_step_{total+1}``
+    that merge would then pick. So the pipeline records the stage as done instead.
+    """
+    if plan.verl_overrides is None:
+        return None
+    values = dict(o.lstrip("+").split("=", 1) for o in plan.verl_overrides if "=" in o)  # the last one wins
+    total, directory = values.get("trainer.total_training_steps"), values.get("trainer.default_local_dir")
+    if not total or not total.isdigit() or not directory:
+        return None
+    step = checkpointed_step(Path(directory))
+    return step if step is not None and step >= int(total) else None
+
+
 def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, StagePlan]], print_fn=print, *,
                     verbose: bool, resolve: bool) -> int:
     """Preflight every stage that is not done yet, counting on what earlier stages will write.
@@ -295,10 +352,13 @@ def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
 def evolve(cfg: EvolveConfig, print_fn=print) -> int:
     from drzero.train.stages import execute
 
-    state = RunState(cfg.layout.state)
+    state = RunState(cfg.layout.state, warn=lambda message: print_fn(f"evolve: warning: {message}"),
+                     move_aside=not cfg.dry_run)
     if cfg.dry_run:
         return dry_run(cfg, state, print_fn)
     plans = all_plans(cfg)
+    if state.rebuilt:
+        state.rebuild(plans, print_fn)
     if not cfg.skip_preflight:
         problems = check_remaining(cfg, state, plans, print_fn, verbose=False, resolve=False)
         if problems:
@@ -311,6 +371,11 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
         plan = dict(all_plans(cfg))[key]
         if state.is_done(key, plan):
             print_fn(f"[skip] {key}: done")
+            continue
+        step = finished_step(plan)
+        if step is not None:
+            print_fn(f"[skip] {key}: its checkpoint already holds step {step}, the last; recorded as done")
+            state.mark(key, "done", plan.outputs)
             continue
         resumed = state.stages.get(key, {}).get("status") == "running"
         print_fn(f"[{'resume' if resumed else 'run'}] {key}")

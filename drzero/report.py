@@ -326,15 +326,15 @@ def missing_pieces(run: RunView) -> list[str]:
 
 
 def run_report(cfg: ReportConfig) -> ReportResult:
-    from drzero.data.seed import _check_writable, _write_text_atomically
+    from drzero.atomic import check_writable, write_text_atomically
     from drzero.report_figure import write_png
 
     out = cfg.output_dir()
-    _check_writable(out)
+    check_writable(out)
     run = load_run(cfg)
     png_path, markdown_path = out / PNG_FILE, out / MARKDOWN_FILE
     write_png(run, png_path)
-    _write_text_atomically(render_markdown(run), markdown_path)
+    write_text_atomically(render_markdown(run), markdown_path)
     result = ReportResult(png_path, markdown_path, run, missing_pieces(run))
     enabled, why_not = wandb_status(cfg.wandb)
     result.wandb = log_to_wandb(cfg, run, png_path) if enabled else why_not

@@ -9,7 +9,6 @@ does not depend on its contents. Missing pieces are drawn as labels, never left 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from drzero.report import NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, RunView, kept_share
@@ -126,7 +125,7 @@ def write_png(run: RunView, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from drzero.data.seed import _temporary_beside
+    from drzero.atomic import write_atomically
 
     figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)
     FigureCanvasAgg(figure)  # Agg: no display, and no pyplot state shared with the caller
@@ -138,10 +137,4 @@ def write_png(run: RunView, path: Path) -> None:
     _stage_panel(stage_ax, run)
     figure.suptitle(f"drzero run {run.checkpoints}", fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 0.97))
-    temporary = _temporary_beside(path)
-    try:
-        figure.savefig(temporary, format="png", dpi=DPI)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))

@@ -11,7 +11,12 @@ starts them itself wraps its work in a ``Supervisor``::
 
 Entering the ``with`` refuses ports that are already taken (and names who holds them),
 starts every child in its own process group with its output streamed to the log under a
-``[name]`` prefix, and returns once each answers ``GET /health`` with 200. A child that
+``[name]`` prefix, and returns once each answers ``GET /health`` with 200. Children die with
+us: each asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``, Linux), so a
+kill -9 or the OOM killer does not leave them holding the port and the GPUs; and each is recorded
+in a pid file per port, so a server of ours that survived anyway (one that ignores SIGTERM, or a
+non-Linux host) is stopped by the next start instead of blocking it. Children get the
+environment without secrets (W&B, Hugging Face, cloud keys); a spec names the ones it needs. A child that
 exits or stays unhealthy during startup raises ``ServiceError`` with its last log lines.
 Leaving the ``with`` - normally, by an exception, or by SIGTERM, which is how Modal and
 docker stop a container - stops each child's whole process tree: SIGTERM, a grace
@@ -24,13 +29,17 @@ needs ``wait_for_health(url, timeout)``.
 from __future__ import annotations
 
 import collections
+import ctypes
+import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -38,6 +47,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
 
 RETRIEVER_PORT = 8000
 SGLANG_PORT = 8001
@@ -65,7 +76,8 @@ class ServiceSpec:
     port: int
     host: str = "127.0.0.1"
     health_path: str = "/health"
-    env: dict[str, str] = field(default_factory=dict)  # added to os.environ for the child
+    env: dict[str, str] = field(default_factory=dict)  # added to os.environ (less its secrets) for the child
+    pass_secrets: tuple[str, ...] = ()  # secret variables the child needs from os.environ (see child_environment)
     startup_timeout: float = RETRIEVER_STARTUP_TIMEOUT
     cwd: str | os.PathLike | None = None
 
@@ -126,7 +138,28 @@ def sglang_service(
                "--host", host, "--port", str(port), "--dp-size", str(dp), "--tp-size", str(tp),
                "--mem-fraction-static", str(mem_fraction), "--tool-call-parser", tool_call_parser,
                "--served-model-name", served_model_name, *map(str, extra_args)]
-    return ServiceSpec("sglang", command, port, host=host, startup_timeout=startup_timeout)
+    # a Hugging Face token only for weights it is allowed to download; never the W&B key
+    return ServiceSpec("sglang", command, port, host=host, startup_timeout=startup_timeout,
+                       pass_secrets=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
+
+
+# --- what a child inherits -----------------------------------------------------------------
+
+# A variable is a secret when one of its _-separated words is one of these: WANDB_API_KEY,
+# HF_TOKEN, MODAL_TOKEN_SECRET, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN ... (not TOKENIZERS_PARALLELISM).
+_SECRET_WORDS = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|KEY|APIKEY)(_|$)")
+
+
+def is_secret(variable: str) -> bool:
+    return bool(_SECRET_WORDS.search(variable.upper()))
+
+
+def child_environment(spec: ServiceSpec, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What a service child runs with: ours, less every secret it does not name, plus its own."""
+    environ = os.environ if environ is None else environ
+    kept = {k: v for k, v in environ.items() if not is_secret(k) or k in spec.pass_secrets}
+    # Python children block-buffer a piped stdout; unbuffered, their lines arrive as written.
+    return {"PYTHONUNBUFFERED": "1", **kept, **spec.env}
 
 
 # --- health --------------------------------------------------------------------------------
@@ -246,12 +279,8 @@ def _describe_pid(pid: int) -> str:
     return f"pid {pid} ({command})"
 
 
-def port_owner(port: int, host: str = "127.0.0.1") -> str | None:
-    """Who listens on ``port`` where a server on ``host`` would bind, e.g. "pid 1234 (python -m http.server 8001)".
-
-    None when the port is free. "an unknown process" when the port is taken but the
-    holder is not visible from here (another user or PID namespace).
-    """
+def port_holder(port: int, host: str = "127.0.0.1") -> tuple[bool, int | None]:
+    """(whether ``port`` is taken where a server on ``host`` would bind, the pid holding it if visible)."""
     inodes = _listener_inodes(port, host)
     if inodes is None:  # no /proc (macOS): fall back to trying the bind ourselves
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -259,12 +288,137 @@ def port_owner(port: int, host: str = "127.0.0.1") -> str | None:
             try:
                 probe.bind((host or "127.0.0.1", port))
             except OSError:
-                return "an unknown process"
-        return None
+                return True, None
+        return False, None
     if not inodes:
+        return False, None
+    return True, _pid_holding(inodes)
+
+
+def port_owner(port: int, host: str = "127.0.0.1") -> str | None:
+    """Who listens on ``port`` where a server on ``host`` would bind, e.g. "pid 1234 (python -m http.server 8001)".
+
+    None when the port is free. "an unknown process" when the port is taken but the
+    holder is not visible from here (another user or PID namespace).
+    """
+    taken, pid = port_holder(port, host)
+    if not taken:
         return None
-    pid = _pid_holding(inodes)
     return _describe_pid(pid) if pid is not None else "an unknown process"
+
+
+# --- children die with us ------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_prctl = None
+if sys.platform.startswith("linux"):
+    try:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is loaded after fork
+    except (OSError, AttributeError):
+        pass
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A pre-exec hook: SIGTERM this child when the thread that started it dies (kill -9 included).
+
+    The kernel watches the *thread* that forked, not the process: a Supervisor entered from a
+    worker thread would lose its children when that thread ends. Every stage enters it from the
+    main thread.
+    """
+    if _prctl is None:
+        return None
+
+    def hook() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the hook ran: nobody would signal us
+            os._exit(1)
+    return hook
+
+
+def run_dir() -> Path:
+    """Where the pid files of our services live: ``$DRZERO_RUN_DIR``, else a per-user temp folder."""
+    override = os.environ.get("DRZERO_RUN_DIR")
+    return Path(override) if override else Path(tempfile.gettempdir()) / f"drzero-{os.getuid()}"
+
+
+def pid_file(port: int) -> Path:
+    return run_dir() / f"service-{port}.json"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid,
+    it names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2:].split()[19])
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _record_pid(spec: ServiceSpec, pid: int) -> None:
+    from drzero.atomic import write_json_atomically
+
+    try:
+        run_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json_atomically({"name": spec.name, "pid": pid, "pgid": pid, "start_time": _start_time(pid),
+                               "port": spec.port, "command": spec.command_line}, pid_file(spec.port))
+    except OSError as error:  # the pid file is a second line of defence; the service runs without it
+        log.warning("could not record %s's pid in %s (%s)", spec.name, pid_file(spec.port), error)
+
+
+def _forget_pid(port: int, pid: int) -> None:
+    path = pid_file(port)
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def stale_server(port: int, holder: int | None) -> dict | None:
+    """The pid-file record of the earlier server of ours that holds ``port``, or None.
+
+    Ours means: ``holder`` (the pid listening on the port) is in the process group the pid file
+    recorded, and that group's leader, if it still runs, is the very process we started (same
+    start time). A group id cannot be reused while any member lives, so nothing else matches.
+    """
+    if holder is None:
+        return None
+    try:
+        record = json.loads(pid_file(port).read_text())
+        pgid = int(record["pgid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _pgid(holder) != pgid:
+        return None
+    leader_start = _start_time(pgid)
+    if leader_start is not None and leader_start != record.get("start_time"):
+        return None
+    return record
+
+
+def stop_group(pgid: int, timeout: float) -> bool:
+    """SIGTERM the group, then SIGKILL after ``timeout``; True once no member is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _live_group_members(pgid):
+                return True
+            time.sleep(0.1)
+    return not _live_group_members(pgid)
 
 
 # --- process groups ------------------------------------------------------------------------
@@ -304,14 +458,14 @@ class _Child:
     def __init__(self, spec: ServiceSpec, sink: Callable[[str], None]):
         self.spec = spec
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        # Python children block-buffer a piped stdout; unbuffered, their lines arrive as written.
-        env = {"PYTHONUNBUFFERED": "1", **os.environ, **spec.env}
         self.proc = subprocess.Popen(
-            spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
+            spec.command, cwd=spec.cwd, env=child_environment(spec), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: we can stop the whole tree, and ^C reaches only us
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         self.pgid = self.proc.pid
+        _record_pid(spec, self.proc.pid)
         self.started = time.monotonic()
         self._reader = threading.Thread(target=self._pump, args=(sink,), name=f"log-{spec.name}", daemon=True)
         self._reader.start()
@@ -367,6 +521,7 @@ class _Child:
 
     def reap(self, join_timeout: float = 5.0) -> None:
         self.proc.wait()
+        _forget_pid(self.spec.port, self.proc.pid)
         # A grandchild that left the group could hold the pipe open; don't hang on it.
         self._reader.join(timeout=join_timeout)
         if not self._reader.is_alive() and self.proc.stdout is not None:
@@ -445,9 +600,10 @@ class Supervisor:
         if self._entered:
             raise RuntimeError("a Supervisor can be entered only once; make a new one")
         self._entered = True
-        # All ports first: a clash must leave nothing half-started. What holds the port is
-        # not ours, so it is named, never stopped.
+        # All ports first: a clash must leave nothing half-started. A server an earlier run of
+        # ours left behind (its pid file says so) is stopped; anything else is named, never stopped.
         for spec in self.specs:
+            self._stop_stale(spec)
             owner = port_owner(spec.port, spec.host)
             if owner is not None:
                 raise ServiceError(f"port {spec.port} for {spec.name} is taken by {owner}; "
@@ -466,6 +622,16 @@ class Supervisor:
             self.stop()
             raise
         return self
+
+    def _stop_stale(self, spec: ServiceSpec) -> None:
+        taken, holder = port_holder(spec.port, spec.host)
+        record = stale_server(spec.port, holder) if taken else None
+        if record is None:
+            return
+        self._note(f"port {spec.port} is held by {_describe_pid(holder)}, the {record.get('name')} an earlier "
+                   f"run started (pid file {pid_file(spec.port)}); stopping it")
+        if stop_group(int(record["pgid"]), self.stop_timeout):
+            pid_file(spec.port).unlink(missing_ok=True)
 
     def _wait_until_healthy(self) -> None:
         # All children load in parallel; any of them dying fails the start at once rather

@@ -312,7 +312,7 @@ def test_compose_gpu_services():
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
         assert service["build"]["dockerfile"] == "docker/Dockerfile"
-        assert service["ipc"] == "host" and service["shm_size"]
+        assert "ipc" not in service and service["shm_size"]  # a private /dev/shm, not the host's IPC namespace
         assert service["environment"]["NCCL_NVLS_ENABLE"] == "0"
 
     retriever = services["retriever"]

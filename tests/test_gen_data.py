@@ -212,7 +212,7 @@ def test_manifest_counts_add_up(seeds, generated):
     assert {r["extra_info"]["split"] for r in val_rows} == {"val"}
     assert [r["extra_info"]["index"] for r in val_rows] == [0, 1, 2, 3]
     assert manifest["config"]["samples"] == 5 and manifest["solver"] is None
-    assert set(manifest["timings"]) == {"load_seconds", "rollout_seconds", "write_seconds", "total_seconds"}
+    assert set(manifest["timings"]) == {"load_seconds", "rollout_seconds", "total_seconds"}
     assert result.val_path.name == "solver_val.parquet" and result.manifest_path.name == "solver.manifest.json"
     summary = summary_lines(result)
     assert "7 of 10 seeds kept  (dropped_no_valid: 3)" in summary and "4 of 4 seeds kept" in summary

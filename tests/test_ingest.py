@@ -150,3 +150,107 @@ def test_every_batch_is_written_once(tmp_path, monkeypatch):
                                       embedder="minilm", batch_size=5))
     assert len(order) == len(set(order)) == -(-summary.passages // 5)
     assert summary.added == summary.collection_size == summary.passages
+
+
+# -- one writer per store; every stored passage findable in the index -----------------------------
+
+# Run in subprocesses only: a Chroma client in the test process would cache the store as it first saw it.
+RACE_SETUP = """
+import sys
+from drzero.corpus.embedder import TEST_EMBEDDER, spec_for
+from drzero.corpus.store import CorpusStore
+CorpusStore.create(sys.argv[1], spec_for(TEST_EMBEDDER), 384)
+"""
+UNINDEXED = """
+import json, sys
+from drzero.corpus.store import CorpusStore
+print(json.dumps(CorpusStore.open_existing(sys.argv[1]).unindexed_ids()))
+"""
+RACE_WRITER = """
+import hashlib, sys
+import numpy as np
+from drzero.corpus.store import CorpusStore
+db, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = CorpusStore.open_for_writing(db)  # a raw writer that takes no lock, as ingest did before it had one
+rng = np.random.default_rng(int(who))
+for start in range(0, n, 64):
+    texts = [f"Title {who}\\nPassage {i} written by racer {who} about lattice {i % 7}." for i in range(start, start + 64)]
+    ids = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
+    vectors = rng.normal(size=(64, 384)).astype("float32")
+    store.add(ids, texts, [{"title": f"Title {who}", "source": who, "chunk": i} for i in range(start, start + 64)],
+              vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+"""
+
+
+def test_a_second_ingest_on_the_same_store_exits_2_while_the_first_finishes(tmp_path):
+    import subprocess
+    import time
+
+    from conftest import drzero_command
+
+    db = tmp_path / "db"
+    corpus = _corpus(tmp_path, documents=60)
+    first = subprocess.Popen(drzero_command("ingest", str(corpus), "--db", str(db), "--embedder", "minilm"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "db.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = subprocess.run(drzero_command("ingest", str(corpus), "--db", str(db), "--embedder", "minilm"),
+                            capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first ingest should still hold the lock"
+    assert second.returncode == 2
+    message = second.stderr.strip()
+    assert message.count("\n") == 0 and f"another `drzero ingest` (pid {first.pid}) is writing to" in message
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    store = CorpusStore.open_existing(db)
+    assert "index check" in out and store.unindexed_ids() == []
+    assert store.count() == int(out.split("collection size")[1].split()[0])
+
+
+def test_creating_the_collection_is_get_or_create(tmp_path):
+    from drzero.corpus.embedder import spec_for
+
+    spec = spec_for(TEST_EMBEDDER)
+    CorpusStore.create(tmp_path / "db", spec, 384)
+    again = CorpusStore.create(tmp_path / "db", spec, 384)  # a second writer that lost the race
+    assert again.recorded_spec() == spec and again.recorded_dimension() == 384
+
+
+def test_verify_finds_passages_the_index_lost_and_repairs_them(tmp_path):
+    """Racing writers (what two ingests did before the lock) leave stored passages that the index
+    cannot find; `drzero ingest --verify` re-embeds them, after which search finds them again."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    from conftest import drzero_command
+
+    db = tmp_path / "db"
+    lost = []
+    for attempt in range(4):  # the race is real, so its damage varies; it shows within a few attempts
+        shutil.rmtree(db, ignore_errors=True)
+        subprocess.run([sys.executable, "-c", RACE_SETUP, str(db)], check=True, timeout=120)
+        racers = [subprocess.Popen([sys.executable, "-c", RACE_WRITER, str(db), str(who), "1024"])
+                  for who in range(1, 4)]
+        assert [racer.wait(timeout=300) for racer in racers] == [0, 0, 0]
+        lost = json.loads(subprocess.run([sys.executable, "-c", UNINDEXED, str(db)], capture_output=True, text=True,
+                                         check=True, timeout=300).stdout)
+        if lost:
+            break
+    if not lost:
+        pytest.skip("three racing writers left the index whole four times in a row")
+
+    done = subprocess.run(drzero_command("ingest", "--verify", "--db", str(db)), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(lost)} not in the vector index, {len(lost)} repaired" in done.stdout
+    store = CorpusStore.open_existing(db)
+    assert store.unindexed_ids() == [] and store.count() == 3 * 1024
+    # a repaired passage is found by search again, with its own (re-embedded) vector
+    contents = store.records(lost[:1])[1][0]
+    hit = store.query(Embedder.from_name(TEST_EMBEDDER).encode_passages([contents]), 1)[0][0]
+    assert hit.id == lost[0] and hit.score > 0.99

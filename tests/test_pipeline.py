@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from drzero import pipeline
+from drzero.atomic import commit_set, parquet_writer
 from drzero.pipeline import EvolveConfig, all_plans, evolve
 from drzero.train import stages
 
@@ -32,6 +33,9 @@ class GPUStandIn:
         if self.crash_at and plan.name.startswith(self.crash_at):
             self.crash_at = None
             raise RuntimeError(f"preempted during {plan.name}")
+        if plan.manifest is not None:  # a set of files: committed with its manifest, as the real stages do
+            commit_set({output: parquet_writer([{"written": 1}]) for output in plan.outputs}, plan.manifest, {})
+            return
         for output in plan.outputs:
             if output.suffix:
                 output.parent.mkdir(parents=True, exist_ok=True)
@@ -99,19 +103,107 @@ def test_a_stage_whose_outputs_vanished_runs_again(config, monkeypatch):
     assert runner.ran == ["gen-data (iteration 1)"]
 
 
-def test_existing_seed_data_counts_as_prepared(config, monkeypatch):
+def test_committed_seed_data_counts_as_prepared(config, monkeypatch):
     runner = GPUStandIn()
     monkeypatch.setattr(stages, "execute", runner)
-    for output in dict(all_plans(config))["prepare-data"].outputs:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("made by hand")
+    plan = dict(all_plans(config))["prepare-data"]
+    commit_set({output: parquet_writer([{"made by": "another run"}]) for output in plan.outputs}, plan.manifest, {})
     evolve(config)
     assert "prepare-data" not in runner.ran
 
 
-def test_state_is_written_atomically(config, monkeypatch, tmp_path):
+def test_seed_files_without_their_manifest_are_prepared_again(config, monkeypatch):
+    """Files that exist prove nothing: a run killed between renames leaves exactly that."""
+    runner = GPUStandIn()
+    monkeypatch.setattr(stages, "execute", runner)
+    for output in dict(all_plans(config))["prepare-data"].outputs:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("half of a set")
+    evolve(config)
+    assert runner.ran[0] == "prepare-data"
+
+
+def test_solver_data_whose_files_disagree_with_the_manifest_is_generated_again(config, monkeypatch):
+    runner = GPUStandIn()
+    monkeypatch.setattr(stages, "execute", runner)
+    evolve(config)
+    plan = dict(all_plans(config))["iter1/gen-data"]
+    plan.outputs[1].write_text("a validation file from another run")
+    runner.ran.clear()
+    evolve(config)
+    assert runner.ran[0] == "gen-data (iteration 1)"
+
+
+@pytest.mark.parametrize("key", ["iter1/challenger", "iter1/solver"])
+def test_a_verl_stage_whose_checkpoint_holds_its_last_step_is_done_not_resumed(config, monkeypatch, key, capsys):
+    """The crash fell between verl saving global_step_50 and state.json recording the stage:
+    resuming would make verl validate, train step 51 and save global_step_51."""
+    runner = GPUStandIn(crash_at=dict(all_plans(config))[key].name)
+    monkeypatch.setattr(stages, "execute", runner)
+    with pytest.raises(RuntimeError):
+        evolve(config)
+    checkpoint = dict(all_plans(config))[key].outputs[0]
+    (checkpoint / "global_step_50" / "actor").mkdir(parents=True)
+    (checkpoint / "latest_checkpointed_iteration.txt").write_text("50")
+    runner.ran.clear()
+    assert evolve(config) == 0
+    assert dict(all_plans(config))[key].name not in runner.ran
+    assert f"[skip] {key}: its checkpoint already holds step 50, the last" in capsys.readouterr().out
+    state = json.loads(Path(config.checkpoints, "state.json").read_text())["stages"]
+    assert state[key]["status"] == "done"
+
+
+def test_a_verl_stage_short_of_its_last_step_resumes(config, monkeypatch):
+    runner = GPUStandIn(crash_at="solver")
+    monkeypatch.setattr(stages, "execute", runner)
+    with pytest.raises(RuntimeError):
+        evolve(config)
+    checkpoint = dict(all_plans(config))["iter1/solver"].outputs[0]
+    (checkpoint / "global_step_40" / "actor").mkdir(parents=True)
+    (checkpoint / "latest_checkpointed_iteration.txt").write_text("40")
+    (checkpoint / "global_step_50").mkdir()  # a save verl never finished: no tracker names it
+    runner.ran.clear()
+    evolve(config)
+    assert runner.ran[0] == "solver (iteration 1)"
+
+
+@pytest.mark.parametrize("content", ["", "{\"stages\": {\"prepare-data\": {\"sta", "[]", "not json"])
+def test_an_empty_or_corrupt_state_file_is_set_aside_and_rebuilt_from_disk(config, monkeypatch, capsys, content):
+    runner = GPUStandIn(crash_at="gen-data")
+    monkeypatch.setattr(stages, "execute", runner)
+    with pytest.raises(RuntimeError):
+        evolve(config)
+    state_path = Path(config.checkpoints, "state.json")
+    state_path.write_text(content)  # a power loss, a full disk, a hand edit
+    runner.ran.clear()
+    assert evolve(config) == 0
+    out = capsys.readouterr().out
+    assert "evolve: warning:" in out and "could not be read" in out and "Traceback" not in out
+    assert [p.name.startswith("state.json.corrupt-") for p in Path(config.checkpoints).glob("state.json.*")] == [True]
+    # the seed set and the challenger's finished checkpoint prove themselves; the merge has no proof and reruns
+    assert "[rebuilt] prepare-data" in out and "[rebuilt] iter1/challenger" in out
+    assert runner.ran == ["merge challenger (iteration 1)", "gen-data (iteration 1)", "solver (iteration 1)",
+                          "merge solver (iteration 1)"]
+    assert all(v["status"] == "done" for v in json.loads(state_path.read_text())["stages"].values())
+
+
+def test_a_dry_run_leaves_a_corrupt_state_file_where_it_is(config, capsys):
+    state_path = Path(config.checkpoints, "state.json")
+    state_path.parent.mkdir(parents=True)
+    state_path.write_text("")
+    pipeline.RunState(state_path, warn=print, move_aside=False)
+    assert state_path.read_text() == "" and "a real run moves it aside" in capsys.readouterr().out
+
+
+def test_state_is_written_atomically_and_durably(config, monkeypatch, tmp_path):
+    import os
+    import stat
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
     state = pipeline.RunState(tmp_path / "s" / "state.json")
     state.mark("a", "running")
+    assert synced == [False, True]  # the file, then the directory that holds the rename
     state.mark("a", "done", [tmp_path])
     assert json.loads((tmp_path / "s" / "state.json").read_text())["stages"]["a"]["status"] == "done"
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["state.json"]

@@ -3,6 +3,7 @@ and small scripts that crash, hang, ignore SIGTERM or hold a port."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from drzero.services import (
     ServiceError,
     ServiceSpec,
     Supervisor,
+    is_secret,
     port_owner,
     retriever_service,
     sglang_service,
@@ -263,3 +265,124 @@ def test_builders_spell_the_commands_out():
         assert part in line, part
     assert retriever.url == "http://127.0.0.1:8000" and retriever.startup_timeout == 300
     assert ServiceSpec("x", ["x"], 9000, host="0.0.0.0").url == "http://127.0.0.1:9000"
+
+
+# --- services die with their parent; stale servers of ours are cleared; no secrets ---------------
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """Pid files in this test's own folder (the default is shared by every run of this user)."""
+    folder = tmp_path / "run"
+    monkeypatch.setenv("DRZERO_RUN_DIR", str(folder))
+    return folder
+
+
+def _stage_with(spec: ServiceSpec, tmp_path: Path) -> subprocess.Popen:
+    """A stage process that supervises ``spec`` and prints the child's pid once it is healthy."""
+    driver = tmp_path / "stage.py"
+    driver.write_text(textwrap.dedent(f"""
+        import time
+        from drzero.services import ServiceSpec, Supervisor
+        with Supervisor([ServiceSpec({spec.name!r}, {spec.command!r}, {spec.port})]) as services:
+            print("ready", services.pids[{spec.name!r}], flush=True)
+            time.sleep(120)
+    """))
+    return subprocess.Popen([sys.executable, str(driver)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def _kill_stage(stage: subprocess.Popen) -> int:
+    ready = stage.stdout.readline().split()
+    assert ready[:1] == ["ready"], ready
+    stage.kill()  # SIGKILL: no handler, no `finally`, no __exit__ runs in the stage
+    stage.wait(timeout=10)
+    return int(ready[1])
+
+
+def test_services_die_when_their_stage_is_killed_with_sigkill(tmp_path, run_dir):
+    spec = sglang_stand_in(tmp_path)
+    stage = _stage_with(spec, tmp_path)
+    try:
+        child = _kill_stage(stage)
+        assert _gone(child, timeout=10), "the service outlived its stage (orphaned, holding its port)"
+        deadline = time.monotonic() + 10
+        while port_owner(spec.port) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert port_owner(spec.port) is None
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+
+
+def test_a_stale_server_of_ours_is_stopped_on_start_and_a_foreign_one_refused(tmp_path, run_dir):
+    www = sglang_stand_in(tmp_path).command[-1]
+    port = free_port()
+    # A server that ignores SIGTERM (so the parent-death signal does not end it) survives a kill -9 of its stage.
+    deaf = ServiceSpec("sglang", _python(f"""
+        import os, signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.chdir({www!r})
+        from http.server import HTTPServer, SimpleHTTPRequestHandler
+        HTTPServer(("127.0.0.1", {port}), SimpleHTTPRequestHandler).serve_forever()
+    """), port)
+    stage = _stage_with(deaf, tmp_path)
+    stale = _kill_stage(stage)
+    try:
+        time.sleep(0.5)
+        assert not _gone(stale, timeout=0.1) and f"pid {stale}" in port_owner(port)
+        assert json.loads((run_dir / f"service-{port}.json").read_text())["pid"] == stale
+
+        lines: list[str] = []
+        with Supervisor([sglang_stand_in(tmp_path, port)], log=lines.append, stop_timeout=1) as services:
+            assert services.pids["sglang"] != stale
+            assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200
+        assert _gone(stale)
+        assert any(f"the sglang an earlier run started" in line and "stopping it" in line for line in lines)
+        assert not (run_dir / f"service-{port}.json").exists()  # removed once its server stopped
+    finally:
+        if not _gone(stale, timeout=0.1):
+            os.kill(stale, signal.SIGKILL)
+
+    # A pid file naming some other process group proves nothing: the holder is refused, not stopped.
+    holder = subprocess.Popen(sglang_stand_in(tmp_path, port).command, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while port_owner(port) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (run_dir / f"service-{port}.json").write_text(json.dumps({"name": "sglang", "pid": stale, "pgid": stale}))
+        with pytest.raises(ServiceError, match=f"port {port} for sglang is taken by pid {holder.pid}"):
+            with Supervisor([sglang_stand_in(tmp_path, port)], log=lambda line: None):
+                pass
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_children_get_no_secrets_unless_they_name_them(tmp_path, run_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-value")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret-value")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
+    monkeypatch.setenv("DRZERO_SOMETHING", "kept")
+    www = sglang_stand_in(tmp_path).command[-1]
+    dumps = {}
+    specs = []
+    for name, secrets in (("retriever", ()), ("sglang", ("HF_TOKEN",))):
+        port, dumps[name] = free_port(), tmp_path / f"{name}.env.json"
+        specs.append(ServiceSpec(name, _python(f"""
+            import json, os
+            json.dump(dict(os.environ), open({str(dumps[name])!r}, "w"))
+            os.chdir({www!r})
+            from http.server import HTTPServer, SimpleHTTPRequestHandler
+            HTTPServer(("127.0.0.1", {port}), SimpleHTTPRequestHandler).serve_forever()
+        """), port, pass_secrets=secrets, env={"EXTRA": "1"}))
+    with Supervisor(specs, log=lambda line: None):
+        pass
+    retriever, sglang = (json.loads(dumps[name].read_text()) for name in ("retriever", "sglang"))
+    assert not {"WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY"} & set(retriever)
+    assert retriever["DRZERO_SOMETHING"] == "kept" and retriever["EXTRA"] == "1" and "PATH" in retriever
+    assert sglang["HF_TOKEN"] == "hf-secret-value" and "WANDB_API_KEY" not in sglang
+    assert sglang_service("/m").pass_secrets == ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    assert retriever_service("/db").pass_secrets == ()
+    assert not is_secret("TOKENIZERS_PARALLELISM") and is_secret("MODAL_TOKEN_SECRET") and is_secret("GITHUB_TOKEN")

@@ -3,9 +3,16 @@
     drzero ingest papers/ notes.jsonl --db /corpus/chromadb
     drzero ingest --demo --db .drzero/demo-db           # the bundled demo research world
 
+    drzero ingest --verify --db /corpus/chromadb         # check (and repair) the vector index only
+
 Passage ids are content hashes: a re-run adds nothing twice, and a run that was interrupted,
 run again, embeds only what is missing. Passages are embedded and written in batches, the
 write of one batch overlapping the encoding of the next.
+
+One ingest writes a store at a time: each holds an exclusive lock beside it (``DB.lock``), and a
+second one exits 2 at once, naming the first. Every ingest that added passages (and
+``--verify``) ends by checking that each stored passage can be found in the vector index, and
+re-embeds any that cannot (what two writers at once left behind before the lock existed).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from drzero.corpus.chunking import Passage, split_document
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
 from drzero.corpus.readers import ReadReport, expand_sources, read_documents
-from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, StoreError
+from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, StoreError, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +68,13 @@ class IngestConfig:
     demo: bool = option(False, help="also ingest the bundled demo research world (no download needed)")
     demo_papers: int = option(400, help="size of the demo world, in papers")
     demo_seed: int = option(0, help="seed of the demo world generator")
+    verify: bool = option(False, help=(
+        "check that every stored passage is findable in the vector index and re-embed those that are not; "
+        "with no SOURCE and no --demo, only that (every ingest that adds passages checks this at its end)"))
 
     def __post_init__(self) -> None:
-        require(bool(self.sources) or self.demo, "sources", self.sources, "at least one SOURCE, or --demo")
+        require(bool(self.sources) or self.demo or self.verify, "sources", self.sources,
+                "at least one SOURCE, or --demo, or --verify")
         require(self.max_words >= 20, "max_words", self.max_words, "an integer >= 20")
         require(0 <= self.overlap_words < self.max_words // 2, "overlap_words", self.overlap_words,
                 f"an integer from 0 to {self.max_words // 2 - 1} (less than half of max_words)")
@@ -81,6 +92,9 @@ class IngestSummary:
     added: int = 0
     already_present: int = 0
     collection_size: int = 0
+    verified: int | None = None       # passages checked against the vector index (None: not checked)
+    unindexed: int = 0                # of them, not findable in the index
+    repaired: int = 0                 # re-embedded and findable again
 
     def render(self) -> str:
         lines = [
@@ -94,6 +108,9 @@ class IngestSummary:
             f"  already present     {self.already_present}",
             f"  collection size     {self.collection_size}",
         ]
+        if self.verified is not None:
+            lines.append(f"  index check         {self.verified} passages, {self.unindexed} not in the vector index, "
+                         f"{self.repaired} repaired")
         lines += [f"    skipped {where}: {why}" for where, why in self.skipped[:20]]
         if len(self.skipped) > 20:
             lines.append(f"    ... and {len(self.skipped) - 20} more skipped")
@@ -131,6 +148,41 @@ def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> s
 
 
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
+    with writer_lock(cfg.db):
+        summary = _ingest(cfg) if cfg.sources or cfg.demo else IngestSummary()
+        if cfg.verify or summary.added:
+            _verify_index(cfg, summary)
+    return summary
+
+
+def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
+    """Every stored passage findable in the vector index; the ones that are not are re-embedded."""
+    store = CorpusStore.open_existing(cfg.db, cfg.collection)
+    summary.verified = store.count()
+    missing = store.unindexed_ids()
+    summary.unindexed = len(missing)
+    if missing:
+        log.warning("%d passages of %s are stored but not in its vector index; re-embedding them", len(missing),
+                    cfg.db)
+        ids, contents, metadatas = store.records(missing)
+        spec = store.recorded_spec()
+        embedder = Embedder(spec, device=cfg.device)
+        store.check_embedder(spec, embedder.dimension)
+        # upserted again (Chroma 1.5 puts an id its index lost back in); deleting it first fails in the
+        # index writer ("Failed to apply logs to the hnsw segment writer")
+        passages = [Passage(id=i, title=c.partition("\n")[0], text=c.partition("\n")[2],
+                            source=m.get("source", ""), chunk=int(m.get("chunk", 0)))
+                    for i, c, m in zip(ids, contents, metadatas)]
+        _embed_and_write(store, embedder, passages, cfg.batch_size)
+        still = set(store.unindexed_ids())
+        summary.repaired = len([i for i in ids if i not in still])
+        if still:
+            raise StoreError(f"{len(still)} passages of collection {cfg.collection!r} in {cfg.db} are still not in "
+                             f"the vector index after re-embedding; rebuild the store with a fresh --db.")
+    summary.collection_size = store.count()
+
+
+def _ingest(cfg: IngestConfig) -> IngestSummary:
     summary = IngestSummary()
     store = CorpusStore.open_for_writing(cfg.db, cfg.collection)
     recorded = store.recorded_spec() if store is not None else None

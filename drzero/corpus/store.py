@@ -8,11 +8,13 @@ another model — a mismatch returns nonsense silently, it never crashes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -112,7 +114,9 @@ class CorpusStore:
         path.mkdir(parents=True, exist_ok=True)
         metadata = {**HNSW_SETTINGS, META_EMBEDDER: spec.name, META_DIMENSION: dimension,
                     META_QUERY_PREFIX: spec.query_prefix, META_PASSAGE_PREFIX: spec.passage_prefix}
-        return cls(_client(path).create_collection(name, embedding_function=None, metadata=metadata), path)
+        # get-or-create: a collection another writer made a moment ago is used, not a traceback;
+        # check_embedder then refuses it if it was made for another embedder.
+        return cls(_client(path).get_or_create_collection(name, embedding_function=None, metadata=metadata), path)
 
     @classmethod
     def peek_spec(cls, path: Path | str, name: str = DEFAULT_COLLECTION) -> EmbedderSpec | None:
@@ -182,6 +186,34 @@ class CorpusStore:
                              score=1.0 - float(dist)) for i, d, m, dist in zip(ids, docs, metas, dists)])
         return hits
 
+    def unindexed_ids(self, page: int = 1000) -> list[str]:
+        """Ids that are stored but that the vector index cannot find (they never come back in search).
+
+        Two writers at once can leave a batch recorded in the metadata store but not in the HNSW
+        index; fetching such an id's vector then fails, which is how they are found, a page at a
+        time and halving a failing page down to the single ids.
+        """
+        ids = self.all_ids()
+        missing: list[str] = []
+        for start in range(0, len(ids), page):
+            missing += self._unfindable(ids[start:start + page])
+        return missing
+
+    def _unfindable(self, ids: list[str]) -> list[str]:
+        try:
+            got = self.collection.get(ids=ids, include=["embeddings"])
+        except Exception:  # chromadb raises InternalError("Error finding id") for such an id
+            if len(ids) == 1:
+                return ids
+            half = len(ids) // 2
+            return self._unfindable(ids[:half]) + self._unfindable(ids[half:])
+        return sorted(set(ids) - set(got["ids"]))
+
+    def records(self, ids: list[str]) -> tuple[list[str], list[str], list[dict]]:
+        """(ids, contents, metadatas) of stored records, without their vectors."""
+        got = self.collection.get(ids=ids, include=["documents", "metadatas"])
+        return got["ids"], got["documents"], [m or {} for m in got["metadatas"]]
+
     def iter_embeddings(self, batch: int = 5000) -> Iterable[tuple[list[str], np.ndarray]]:
         """All ids and stored vectors, for exact-search comparisons."""
         total = self.count()
@@ -196,3 +228,37 @@ def spec_from_metadata(metadata: dict) -> EmbedderSpec | None:
         return None
     return EmbedderSpec(name=name, query_prefix=metadata.get(META_QUERY_PREFIX, ""),
                         passage_prefix=metadata.get(META_PASSAGE_PREFIX, ""))
+
+
+def lock_path(path: Path | str) -> Path:
+    """The writer's lock of a store: a file beside its directory (``/corpus/chromadb.lock``)."""
+    path = Path(path).resolve()
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path | str) -> Iterator[None]:
+    """Hold the store's one writer's lock for the ``with`` block, or raise StoreError at once.
+
+    ChromaDB's persistent client assumes one writer: two concurrent ingests both exit 0 and leave
+    passages in the metadata store that the vector index never finds. ``flock`` is released by
+    the kernel when the holder dies, so a killed ingest never leaves a stale lock.
+    """
+    where = lock_path(path)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(where, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StoreError(f"another `drzero ingest` ({holder}) is writing to {path} (lock {where}); wait for "
+                             f"it to finish, or ingest into another --db.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the descriptor releases the lock

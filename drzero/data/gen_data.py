@@ -17,8 +17,11 @@ single search (the answer leaks, or it is common knowledge) and questions no pro
 
 It writes the solver parquet (verl RLHFDataset format: solver prompt, EM ground truth,
 ``data_source`` kept so the reward routes by hop count), a validation parquet made the same way
-from the first ``--val-rows`` held-out seed rows, and a JSON manifest of counts and timings, each
-through a temporary file renamed at the end. When no question survives, it writes nothing.
+from the first ``--val-rows`` held-out seed rows, and a JSON manifest of counts and timings, written
+last as the commit marker (drzero.atomic.commit_set). When no question survives, it writes nothing.
+Finished seeds are kept in shards beside the output (``solver_iterK.shards/``) as they finish, so
+a run killed part way resumes with the seeds it had not finished; the shards go once the output
+is committed.
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from drzero import __version__
 from drzero.config import ConfigError, option, require
-from drzero.data.seed import (AGENT_NAME, _check_writable, _histogram, _write_parquet_atomically,
-                              _write_text_atomically)
+from drzero.atomic import check_writable, commit_set, parquet_writer, remove_temporaries, verify_set
+from drzero.data.journal import ShardJournal
+from drzero.data.seed import AGENT_NAME, _histogram
 from drzero.prompts import (MAX_QUESTION_WORDS, SOLVER_TEMPLATE_ID, cut_question, extract_source_document,
                             solver_messages)
 from drzero.rewards.proposer import REASONS, FormatScore, format_score, hops_of
@@ -103,6 +108,7 @@ class GenDataConfig:
     timeout: float = option(300.0, help="seconds one generate request may take before it is retried")
     retries: int = option(4, help="extra attempts of a generate request after a 5xx, timeout or connection error")
     limit: int | None = option(None, help="only the first N seeds of the partition and of validation (smoke runs)")
+    shard_seeds: int = option(64, help="finished seeds per shard kept on disk while it runs (at most what a kill loses)")
 
     def __post_init__(self) -> None:
         require(self.iteration >= 1, "iteration", self.iteration, "an integer >= 1 (iteration K reads partition K-1)")
@@ -128,6 +134,7 @@ class GenDataConfig:
         require(self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
         require(self.retries >= 0, "retries", self.retries, "an integer >= 0")
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "an integer >= 1, or unset for all seeds")
+        require(self.shard_seeds >= 1, "shard_seeds", self.shard_seeds, "an integer >= 1")
 
     @property
     def partition(self) -> int:
@@ -175,6 +182,7 @@ class SeedOutcome:
     probes: int = 0
     probe_errors: int = 0
     probes_correct: int = 0
+    calls: int = 0                          # generate requests made: proposer turns and probe turns
 
 
 # -- the text verl would have decoded ----------------------------------------------------------
@@ -255,6 +263,11 @@ def verification_verdict(probes: list[Trajectory], answer: str) -> str:
     return KEPT if correct else REJECTED_UNSOLVED
 
 
+def generate_calls(trajectories: list[Trajectory]) -> int:
+    """Generate requests the rollouts made: one per assistant turn, and the one that failed."""
+    return sum(len(t.assistant_turns) + (t.stop_reason == "error") for t in trajectories)
+
+
 def _seed_document(seed: dict) -> str:
     """The document the proposer saw; older seed parquets carry it only inside the prompt."""
     info = seed.get("extra_info") or {}
@@ -268,7 +281,7 @@ async def _process_seed(seed: dict, cfg: GenDataConfig, proposer: AgentRolloutCl
     hops = hops_of(seed["data_source"], seed.get("extra_info"))
     samples = await asyncio.gather(*(proposer.run(seed["prompt"]) for _ in range(cfg.samples)))
     document = _seed_document(seed)
-    outcome = SeedOutcome(seed=seed, verdict=DROPPED_NO_VALID)
+    outcome = SeedOutcome(seed=seed, verdict=DROPPED_NO_VALID, calls=generate_calls(samples))
     scores = []
     for trajectory in samples:
         outcome.stop_reasons[trajectory.stop_reason] += 1
@@ -292,6 +305,7 @@ async def _process_seed(seed: dict, cfg: GenDataConfig, proposer: AgentRolloutCl
         probes = await asyncio.gather(*(solver.run(solver_messages(outcome.question))
                                         for _ in range(cfg.verify_probes)))
         outcome.probes = len(probes)
+        outcome.calls += generate_calls(probes)
         outcome.probe_errors = sum(probe.stop_reason == "error" for probe in probes)
         outcome.probes_correct = sum(exact_match(probe.final_answer, [outcome.answer]) for probe in probes)
         outcome.verdict = verification_verdict(probes, outcome.answer)
@@ -315,21 +329,27 @@ def _client(cfg: GenDataConfig, base_url: str, model: str, temperature: float, t
     return AgentRolloutClient(generation, search_settings, tokenizer=tokenizer)
 
 
-async def _generate(cfg: GenDataConfig, splits: dict[str, list[dict]], tokenizer) -> dict[str, list[SeedOutcome]]:
-    """Every seed of every split at once, through one client per server (each bounds its own requests)."""
+async def _generate(cfg: GenDataConfig, splits: dict[str, list[dict]], tokenizer,
+                    on_done: Callable[[str, int, SeedOutcome], None] | None = None) -> dict[str, list[SeedOutcome]]:
+    """Every seed of every split at once, through one client per server (each bounds its own requests);
+    ``on_done(split, index, outcome)`` hears of each seed as it finishes."""
     proposer = _client(cfg, cfg.proposer_url, cfg.proposer_model, cfg.temperature, tokenizer)
     solver = _client(cfg, cfg.solver_url, cfg.solver_model, PROBE_TEMPERATURE, tokenizer,
                      SOLVER_PROMPT_LENGTH) if cfg.verify else None
     total = sum(len(seeds) for seeds in splits.values())
     try:
         with tqdm(total=total, desc="gen-data seeds", unit="seed", mininterval=1.0) as bar:
-            async def tracked(seed: dict) -> SeedOutcome:
+            async def tracked(split: str, index: int, seed: dict) -> SeedOutcome:
                 try:
-                    return await _process_seed(seed, cfg, proposer, solver)
+                    outcome = await _process_seed(seed, cfg, proposer, solver)
                 finally:
                     bar.update(1)
+                if on_done is not None:
+                    on_done(split, index, outcome)
+                return outcome
 
-            gathered = await asyncio.gather(*(tracked(seed) for seeds in splits.values() for seed in seeds))
+            gathered = await asyncio.gather(*(tracked(split, index, seed) for split, seeds in splits.items()
+                                              for index, seed in enumerate(seeds)))
     finally:
         await proposer.aclose()
         if solver is not None:
@@ -355,6 +375,16 @@ def _read_seed_manifest(cfg: GenDataConfig) -> dict:
         raise ConfigError(f"seeds={cfg.seeds!r}: its manifest {manifest_path.name} lists no partitions; run "
                           f"`drzero prepare-data` again to write a current one.")
     return manifest
+
+
+def check_seed_set(cfg: GenDataConfig) -> None:
+    """The seed parquet files are the ones their manifest committed (not a half-replaced set)."""
+    _, manifest_path = cfg.seed_paths()
+    problem = verify_set(manifest_path)
+    if problem is not None:
+        raise ConfigError(f"seeds={cfg.seeds!r}: the seed files and their manifest do not agree ({problem}); "
+                          f"a `drzero prepare-data` run was interrupted or the files were changed by hand. Run "
+                          f"`drzero prepare-data` again.")
 
 
 def _partition_range(cfg: GenDataConfig, seed_manifest: dict) -> tuple[int, int]:
@@ -427,6 +457,7 @@ def _split_counts(outcomes: list[SeedOutcome], samples: int, hop_levels: int) ->
         "probes": sum(o.probes for o in outcomes),
         "probe_errors": sum(o.probe_errors for o in outcomes),
         "probes_correct": sum(o.probes_correct for o in outcomes),
+        "generate_calls": sum(o.calls for o in outcomes),
     }
 
 
@@ -455,9 +486,11 @@ def _nothing_kept_message(cfg: GenDataConfig, split: str, counts: dict, outcomes
 def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
     started = time.perf_counter()
     train_path, val_path, manifest_path = cfg.output_paths()
-    _check_writable(train_path.parent)  # before any server time is spent
+    check_writable(train_path.parent)  # before any server time is spent
+    remove_temporaries(train_path.parent, [path.name for path in cfg.output_paths()])  # left by a killed run
     seed_val_path, _ = cfg.seed_paths()
     seed_manifest = _read_seed_manifest(cfg)
+    check_seed_set(cfg)
     start, end = _partition_range(cfg, seed_manifest)
     if cfg.limit is not None:
         end = min(end, start + cfg.limit)
@@ -472,7 +505,9 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
         tokenizer = load_tokenizer(cfg.tokenizer)
     loaded = time.perf_counter()
 
-    outcomes = asyncio.run(_generate(cfg, seed_rows, tokenizer))
+    journal = ShardJournal(shards_dir(train_path), journal_key(cfg, seed_manifest, start, end, len(val_seeds)),
+                           every=cfg.shard_seeds)
+    outcomes, resumed = resume_generate(cfg, seed_rows, tokenizer, journal)
     generated = time.perf_counter()
 
     all_hops = [hops_of(r["data_source"], r.get("extra_info")) for rows in seed_rows.values() for r in rows]
@@ -482,6 +517,7 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
     for split, split_outcomes in outcomes.items():
         log.info("gen-data %s: %s", split, {k: counts[split][k] for k in ("seeds", *VERDICTS)})
         if counts[split][KEPT] == 0:
+            journal.remove()  # nothing usable came out: a rerun (with the cause fixed) starts over
             raise NoQuestionsKept(_nothing_kept_message(cfg, split, counts[split], split_outcomes))
 
     rows = {split: [_solver_row(o, index, split, cfg.iteration)
@@ -501,16 +537,84 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
         "solver": {"url": cfg.solver_url, "model": cfg.solver_model} if cfg.verify else None,
         "train": counts["train"],
         "val": counts["val"],
+        "resumed_seeds": resumed,
         "config": asdict(cfg),
     }
-    _write_parquet_atomically(rows["train"], train_path)
-    _write_parquet_atomically(rows["val"], val_path)
     manifest["timings"] = {"load_seconds": round(loaded - started, 2),
                            "rollout_seconds": round(generated - loaded, 2),
-                           "write_seconds": round(time.perf_counter() - generated, 2),
                            "total_seconds": round(time.perf_counter() - started, 2)}
-    _write_text_atomically(json.dumps(manifest, indent=2), manifest_path)
+    # both parquet files, then the manifest as the commit marker (drzero.atomic.commit_set)
+    manifest = commit_set({train_path: parquet_writer(rows["train"]), val_path: parquet_writer(rows["val"])},
+                          manifest_path, manifest)
+    journal.remove()
     return GenDataResult(train_path, val_path, manifest_path, manifest)
+
+
+# -- resuming: finished seeds in shards beside the output -----------------------------------------
+
+
+def shards_dir(train_path: Path) -> Path:
+    return train_path.with_name(f"{_stem(train_path)}.shards")
+
+
+def journal_key(cfg: GenDataConfig, seed_manifest: dict, start: int, end: int, val_count: int) -> dict:
+    """What a finished seed's outcome depends on; shards written under another key are not reused."""
+    return {"seed_files": seed_manifest.get("files"), "iteration": cfg.iteration, "rows": [start, end],
+            "val_rows": val_count, **{name: getattr(cfg, name) for name in (
+                "samples", "max_question_words", "verify", "verify_probes", "proposer_model", "solver_model",
+                "api", "max_turns", "max_response_tokens", "temperature")}}
+
+
+def outcome_record(outcome: SeedOutcome) -> dict:
+    # not asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs
+    record = {f.name: getattr(outcome, f.name) for f in fields(outcome) if f.name != "seed"}
+    record.update(stop_reasons=dict(outcome.stop_reasons), invalid_reasons=dict(outcome.invalid_reasons),
+                  seed_id=outcome.seed["extra_info"]["seed_id"])
+    return record
+
+
+def outcome_from_record(record: dict, seed: dict) -> SeedOutcome:
+    outcome = SeedOutcome(seed=seed, **{k: v for k, v in record.items() if k != "seed_id"})
+    outcome.stop_reasons, outcome.invalid_reasons = Counter(outcome.stop_reasons), Counter(outcome.invalid_reasons)
+    return outcome
+
+
+def _transient(outcome: SeedOutcome, cfg: GenDataConfig) -> bool:
+    """Server failures, not verdicts on the seed: a resumed run asks again instead of keeping them."""
+    return outcome.rollout_errors == cfg.samples or outcome.verdict == REJECTED_PROBES_FAILED
+
+
+def resume_generate(cfg: GenDataConfig, seed_rows: dict[str, list[dict]], tokenizer,
+                    journal: ShardJournal) -> tuple[dict[str, list[SeedOutcome]], dict[str, int]]:
+    """Outcomes of every seed: those a killed run finished come from its shards, the rest are generated
+    (and recorded in shards as they finish). Returns (outcomes by split, seeds resumed by split)."""
+    done = journal.load()
+    outcomes: dict[str, list[SeedOutcome | None]] = {}
+    todo: dict[str, list[tuple[int, dict]]] = {}
+    for split, rows in seed_rows.items():
+        outcomes[split] = [None] * len(rows)
+        for position, seed in enumerate(rows):
+            record = done.get(f"{split}/{position}")
+            if record is not None and record.get("seed_id") == seed["extra_info"]["seed_id"]:
+                outcomes[split][position] = outcome_from_record(record, seed)
+            else:
+                todo.setdefault(split, []).append((position, seed))
+    resumed = {split: sum(o is not None for o in split_outcomes) for split, split_outcomes in outcomes.items()}
+    if any(resumed.values()):
+        log.info("gen-data resumes: %s seeds finished by an earlier run (from %s)", resumed, journal.directory)
+
+    def finished(split: str, index: int, outcome: SeedOutcome) -> None:
+        position = todo[split][index][0]
+        if not _transient(outcome, cfg):
+            journal.record(f"{split}/{position}", outcome_record(outcome))
+
+    generated = asyncio.run(_generate(cfg, {split: [seed for _, seed in pending] for split, pending in todo.items()},
+                                      tokenizer, finished)) if todo else {}
+    journal.flush()
+    for split, pending in todo.items():
+        for (position, _), outcome in zip(pending, generated[split]):
+            outcomes[split][position] = outcome
+    return outcomes, resumed
 
 
 def summary_lines(result: GenDataResult) -> str:
@@ -536,5 +640,8 @@ def summary_lines(result: GenDataResult) -> str:
     if m["solver"]:
         lines.append(f"  verification   {train['probes']} probes, {train['probes_correct']} correct, "
                      f"{train['probe_errors']} failed")
+    resumed = sum((m.get("resumed_seeds") or {}).values())
+    lines.append(f"  calls          {train['generate_calls'] + val['generate_calls']} generate requests"
+                 + (f" ({resumed} seeds resumed from an earlier run's shards)" if resumed else ""))
     lines.append(f"  took           {m['timings']['total_seconds']}s")
     return "\n".join(lines)

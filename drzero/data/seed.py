@@ -15,18 +15,16 @@ K reads partition K-1 of the region after that, ``--gen-rows`` seeds (Dr. Zero's
 partitions are a fifth of ~169.6k rows, ~33.9k seeds, for the solver's 50 x 256 = 12,800 prompts;
 ours default to 2.5 x 12,800 = 32,000, so that after filtering the solver still sees each
 question once). So gen-data never samples the proposer on seeds it trained on, and the manifest
-lists both regions. It writes the train parquet (verl RLHFDataset format, see DESIGN.md), a separate
-held-out validation parquet, and a JSON manifest, each through a temporary file renamed at
-the end. Every prompt, rendered through the chat template with the search tool's schema,
+lists both regions. It writes the train parquet (verl RLHFDataset format) and a separate
+held-out validation parquet under temporary names, renames them, and writes the JSON manifest
+last (each file's rows and SHA-256): the manifest is the commit marker that gen-data and evolve
+check, so a run killed half way is never taken for a finished one. Every prompt, rendered through the chat template with the search tool's schema,
 must fit --max-prompt-length: verl 0.7.1 neither truncates nor drops an overlong prompt.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from drzero import __version__
+from drzero.atomic import check_writable, commit_set, parquet_writer, remove_temporaries
 from drzero.config import ConfigError, option, require
 from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore
 from drzero.data.budget import PromptBudget, TokenBudgetError, chars_per_token_of_results
@@ -137,16 +136,6 @@ class PrepareDataResult:
     manifest: dict = field(default_factory=dict)
 
 
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".drzero-write-check-"):
-            pass
-    except OSError as error:
-        raise ConfigError(f"out: cannot write to directory {directory} ({error.strerror or error}); "
-                          f"pass --out in a writable place.") from error
-
-
 def document_order(count: int, needed: int, held_out: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """(train indices, val indices): val takes the first ``held_out`` of a shuffle; train cycles
     through the rest, reshuffled each pass, so every document is used once before any repeats."""
@@ -226,36 +215,6 @@ def seed_row(index: int, split: str, hops: int, document: SeedDocument, partitio
     }
 
 
-def _temporary_beside(path: Path) -> str:
-    """A temporary file in ``path``'s directory (so the rename is atomic) with the usual permissions."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    return temporary
-
-
-def _write_parquet_atomically(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist(rows)
-    temporary = _temporary_beside(path)
-    try:
-        pq.write_table(table, temporary, row_group_size=8192)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _write_text_atomically(text: str, path: Path) -> None:
-    temporary = _temporary_beside(path)
-    Path(temporary).write_text(text)
-    os.replace(temporary, path)
-
-
 def _histogram(hops: list[int], levels: int) -> dict[str, int]:
     counts = np.bincount(np.asarray(hops, dtype=int), minlength=levels + 1)
     return {str(h): int(counts[h]) for h in range(1, levels + 1)}
@@ -264,7 +223,8 @@ def _histogram(hops: list[int], levels: int) -> dict[str, int]:
 def run_prepare_data(cfg: PrepareDataConfig) -> PrepareDataResult:
     started = time.perf_counter()
     train_path, val_path, manifest_path = cfg.output_paths()
-    _check_writable(train_path.parent)
+    check_writable(train_path.parent)
+    remove_temporaries(train_path.parent, [path.name for path in cfg.output_paths()])  # left by a killed run
     store = CorpusStore.open_existing(cfg.db, cfg.collection)
     tokenizer = load_tokenizer(cfg.tokenizer)
     try:
@@ -334,15 +294,21 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareDataResult:
         "partitions": [{"partition": p, "rows": r} for p, r in enumerate(gen_regions)],
         "config": asdict(cfg),
     }
-    _write_parquet_atomically(train_rows, train_path)
-    _write_parquet_atomically(val_rows, val_path)
-    manifest["seconds"] = round(time.perf_counter() - started, 2)
-    _write_text_atomically(json.dumps(manifest, indent=2), manifest_path)
+    manifest = commit_prepared_data(train_rows, val_rows, cfg.output_paths(), manifest, started)
     return PrepareDataResult(train_path, val_path, manifest_path, manifest)
 
 
 def _width(region: dict) -> int:
     return region["rows"][1] - region["rows"][0]
+
+
+def commit_prepared_data(train_rows: list[dict], val_rows: list[dict], paths: tuple[Path, Path, Path],
+                         manifest: dict, started: float) -> dict:
+    """Both parquet files, then the manifest as the commit marker (see drzero.atomic.commit_set):
+    a run killed in between leaves no manifest, so neither gen-data nor evolve takes the files."""
+    train_path, val_path, manifest_path = paths
+    writers = {train_path: parquet_writer(train_rows), val_path: parquet_writer(val_rows)}
+    return commit_set(writers, manifest_path, {**manifest, "seconds": round(time.perf_counter() - started, 2)})
 
 
 def summary_lines(result: PrepareDataResult) -> str:

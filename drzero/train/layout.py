@@ -46,11 +46,18 @@ class Layout:
     def seeds_val(self) -> Path:
         return self.data_dir / f"{self.seed_stem}_val.parquet"
 
+    @property
+    def seeds_manifest(self) -> Path:
+        return self.data_dir / f"{self.seed_stem}.manifest.json"
+
     def solver_data(self, iteration: int) -> Path:
         return self.data_dir / f"solver_iter{iteration}.parquet"
 
     def solver_val(self, iteration: int) -> Path:
         return self.data_dir / f"solver_iter{iteration}_val.parquet"
+
+    def solver_manifest(self, iteration: int) -> Path:
+        return self.data_dir / f"solver_iter{iteration}.manifest.json"
 
     def checkpoint(self, stage: str, iteration: int) -> Path:
         return self.checkpoints / f"{stage}_iter{iteration}"
@@ -73,3 +80,20 @@ def latest_step(checkpoint_dir: Path) -> int | None:
     steps = [int(m.group(1)) for p in checkpoint_dir.glob("global_step_*")
              if (m := re.fullmatch(r"global_step_(\d+)", p.name))]
     return max(steps) if steps else None
+
+
+def checkpointed_step(checkpoint_dir: Path) -> int | None:
+    """The step of verl's last *complete* checkpoint in ``checkpoint_dir``, or None.
+
+    verl 0.7.1 writes ``latest_checkpointed_iteration.txt`` only after every part of
+    ``global_step_N`` is saved (``RayPPOTrainer._save_checkpoint``), so unlike a bare folder the
+    tracker proves the save finished.
+    """
+    tracker = checkpoint_dir / "latest_checkpointed_iteration.txt"
+    try:
+        text = tracker.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or not (checkpoint_dir / f"global_step_{text}").is_dir():
+        return None
+    return int(text)

@@ -188,6 +188,7 @@ class StagePlan:
     sglang_parser: str | None = None
     sglang_gpus: tuple[int, int] | None = None        # (dp, tp) of the reward server
     done_when_outputs_exist: bool = False             # prepare-data: skip when the data is already there
+    manifest: Path | None = None                      # commit marker of a set of outputs (drzero.atomic)
     run_label: str = ""                               # what ``run`` does, for dry runs
     memory: Placement | None = None                   # GPUs, model shape, SGLang beside the trainer: memory check
 

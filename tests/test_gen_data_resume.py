@@ -1,0 +1,113 @@
+"""`drzero gen-data` killed with SIGKILL part way resumes from its shards instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from drzero.atomic import verify_set
+from drzero.data.gen_data import GenDataConfig, run_gen_data, shards_dir, summary_lines
+from drzero.data.seed import PrepareDataConfig, run_prepare_data
+from drzero.prompts import extract_source_document
+from fake_sglang import FakeSGLang, Faults
+from test_gen_data import ScriptedProposer
+
+SEEDS = 40
+
+
+@pytest.fixture(scope="module")
+def seeds(demo_db, tiny_tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds") / "zero_ratio4321.parquet"
+    return run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(out), rows=SEEDS, val_rows=4, partitions=1,
+                                              tokenizer=str(tiny_tokenizer_dir)))
+
+
+def _settings(seeds, proposer_url, retriever, out) -> dict:
+    return {"iteration": 1, "seeds": str(seeds.train_path), "out": str(out), "proposer_url": proposer_url,
+            "retriever_url": f"{retriever.url}/retrieve", "retries": 1, "timeout": 10.0, "shard_seeds": 4,
+            "concurrency": 2}
+
+
+def test_a_killed_gen_data_resumes_with_the_seeds_it_had_not_finished(seeds, retriever, tmp_path):
+    out = tmp_path / "solver_iter1.parquet"
+    shards = shards_dir(out)
+    first = FakeSGLang(ScriptedProposer(), model="proposer", faults=Faults(latency_s=0.03))
+    with first.serve() as url:
+        settings = _settings(seeds, url, retriever, out)
+        run = textwrap.dedent(f"""
+            from drzero.data.gen_data import GenDataConfig, run_gen_data
+            run_gen_data(GenDataConfig(**{settings!r}))
+        """)
+        process = subprocess.Popen([sys.executable, "-c", run], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(shards.glob("shard-*.jsonl"))) < 3 and time.monotonic() < deadline:
+                assert process.poll() is None, process.communicate()[1][-3000:]
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            if process.poll() is None:
+                process.kill()
+        calls_before_kill = first.generate_calls
+    assert not out.exists() and verify_set(out.with_name("solver_iter1.manifest.json")) is not None
+
+    finished = [json.loads(line) for shard in sorted(shards.glob("shard-*.jsonl"))
+                for line in shard.read_text().splitlines()]
+    finished_items = {entry["item"] for entry in finished}
+    finished_train = {int(item.split("/")[1]) for item in finished_items if item.startswith("train/")}
+    assert len(finished) >= 12 and len(finished) < SEEDS + 4  # three shards of four, and work left to do
+
+    second_proposer = ScriptedProposer()
+    second = FakeSGLang(second_proposer, model="proposer")
+    with second.serve() as url:
+        result = run_gen_data(GenDataConfig(**{**_settings(seeds, url, retriever, out)}))
+    # nothing a shard holds is asked again; everything else is, exactly once
+    rows = {"train": pq.read_table(seeds.train_path).to_pylist(), "val": pq.read_table(seeds.val_path).to_pylist()}
+    documents = [extract_source_document(row["prompt"][0]["content"]) for row in rows["train"]]
+    assert not {documents[i] for i in finished_train} & second_proposer.documents_seen()
+    unfinished = [row for split, split_rows in rows.items() for i, row in enumerate(split_rows)
+                  if f"{split}/{i}" not in finished_items]
+    # the scripted proposer answers in one turn, except its best sample, which takes one turn per hop
+    assert second.generate_calls == sum(4 + row["extra_info"]["hops"] for row in unfinished)
+    resumed = result.manifest["resumed_seeds"]
+    assert resumed["train"] + resumed["val"] == len(finished)
+    assert result.manifest["train"]["seeds"] == SEEDS  # the outputs cover every seed, resumed or not
+    assert calls_before_kill > 0
+    assert not shards.exists()  # committed: the shards are gone
+    assert verify_set(result.manifest_path) is None
+    summary = summary_lines(result)
+    assert "generate requests" in summary and f"({len(finished)} seeds resumed" in summary
+
+
+def test_shards_from_other_settings_are_discarded(seeds, retriever, tmp_path):
+    out = tmp_path / "solver_iter1.parquet"
+    shards = shards_dir(out)
+    shards.mkdir()
+    (shards / "key.json").write_text(json.dumps({"samples": 99}))
+    (shards / "shard-000000.jsonl").write_text(json.dumps({"item": "train/0", "record": {"verdict": "kept"}}) + "\n")
+    proposer = ScriptedProposer()
+    with FakeSGLang(proposer, model="proposer").serve() as url:
+        result = run_gen_data(GenDataConfig(**_settings(seeds, url, retriever, out), limit=3))
+    assert result.manifest["resumed_seeds"] == {"train": 0, "val": 0}
+    assert len(proposer.documents_seen()) == 3 + 3  # three seeds and three validation seeds, all sampled
+    assert not shards.exists()
+
+
+def test_server_failures_are_not_kept_for_the_resumed_run(seeds, retriever, tmp_path):
+    """A seed whose every sample failed on the server is a server problem, not a verdict: not journaled."""
+    from drzero.data.gen_data import NoQuestionsKept
+
+    out = tmp_path / "solver_iter1.parquet"
+    with FakeSGLang(ScriptedProposer(), model="proposer", faults=Faults(fail_first=10_000)).serve() as url:
+        with pytest.raises(NoQuestionsKept):
+            run_gen_data(GenDataConfig(**_settings(seeds, url, retriever, out), limit=2))
+    assert not [line for shard in shards_dir(out).glob("shard-*.jsonl") for line in shard.read_text().splitlines()]
