@@ -117,7 +117,7 @@ def test_prepare_data_killed_between_renames_is_never_taken_for_done(demo_db, ti
 
     # gen-data refuses the seeds, and evolve does not count prepare-data as done
     with pytest.raises(ConfigError, match="seed files and their manifest do not agree.*prepare-data"):
-        check_seed_set(GenDataConfig(iteration=1, seeds=str(out)))
+        check_seed_set(GenDataConfig(iteration=1, seeds=str(out), tokenizer=str(tiny_tokenizer_dir)))
     evolve = EvolveConfig(db=str(demo_db), data_dir=str(out.parent), checkpoints=str(tmp_path / "ckpt"),
                           model=str(tiny_tokenizer_dir), logger="console")
     assert not RunState(tmp_path / "ckpt" / "state.json").is_done("prepare-data", plan_prepare_data(evolve))

@@ -25,14 +25,15 @@ SEEDS = 40
 @pytest.fixture(scope="module")
 def seeds(demo_db, tiny_tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("seeds") / "zero_ratio4321.parquet"
-    return run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(out), rows=SEEDS, val_rows=4, partitions=1,
-                                              tokenizer=str(tiny_tokenizer_dir)))
+    # one iteration: 4 proposer rows, then the SEEDS rows gen-data samples
+    return run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(out), challenger_rows=4, gen_rows=SEEDS,
+                                              val_rows=4, partitions=1, tokenizer=str(tiny_tokenizer_dir)))
 
 
 def _settings(seeds, proposer_url, retriever, out) -> dict:
     return {"iteration": 1, "seeds": str(seeds.train_path), "out": str(out), "proposer_url": proposer_url,
             "retriever_url": f"{retriever.url}/retrieve", "retries": 1, "timeout": 10.0, "shard_seeds": 4,
-            "concurrency": 2}
+            "concurrency": 2, "api": "chat"}  # the scripted proposer speaks chat; resuming is the same for both APIs
 
 
 def test_a_killed_gen_data_resumes_with_the_seeds_it_had_not_finished(seeds, retriever, tmp_path):
@@ -71,7 +72,10 @@ def test_a_killed_gen_data_resumes_with_the_seeds_it_had_not_finished(seeds, ret
     with second.serve() as url:
         result = run_gen_data(GenDataConfig(**{**_settings(seeds, url, retriever, out)}))
     # nothing a shard holds is asked again; everything else is, exactly once
-    rows = {"train": pq.read_table(seeds.train_path).to_pylist(), "val": pq.read_table(seeds.val_path).to_pylist()}
+    start, end = result.manifest["seed_partition"]["rows"]  # the gen-data region, after the proposer's rows
+    assert end - start == SEEDS
+    rows = {"train": pq.read_table(seeds.train_path).slice(start, end - start).to_pylist(),
+            "val": pq.read_table(seeds.val_path).to_pylist()}
     documents = [extract_source_document(row["prompt"][0]["content"]) for row in rows["train"]]
     assert not {documents[i] for i in finished_train} & second_proposer.documents_seen()
     unfinished = [row for split, split_rows in rows.items() for i, row in enumerate(split_rows)
