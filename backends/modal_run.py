@@ -1,0 +1,167 @@
+"""Operating a launched run on Modal: its launch record, its logs read by the doctor, stop, resume, per-stage status.
+
+    python -m backends.modal logs [APP_ID] [--errors] [--since 2h] [--follow]
+    python -m backends.modal stop [APP_ID]
+    python -m backends.modal resume [APP_ID]
+
+Every GPU launch writes `launches/<time>-<action>.json` on the checkpoints volume: the app and call
+ids and the exact Function call (which Function, its `drzero` arguments, GPUs, preflight). "The
+latest run" is the newest record; `resume` makes the same call again, and the command continues
+from state.json and verl's last checkpoint. Logs and stop go through Modal's own CLI
+(`modal app logs`, `modal app stop`). backends/modal.py passes its volume in, so this module
+never imports that one (run as `python -m backends.modal`, it is `__main__`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Sequence
+
+import modal
+
+from drzero import log_doctor
+
+LAUNCHES_DIR = "launches"   # on the checkpoints volume
+ITERATION_STAGES = ("challenger", "merge-challenger", "gen-data", "solver", "merge-solver", "evaluate")  # evolve's
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- launch records --------------------------------------------------------------------------------
+
+
+def launch_record(launch: dict, app_id: str, call_id: str, started: str | None = None) -> dict:
+    return {"app_id": app_id, "call_id": call_id, "started": started or now_iso(), "launch": launch}
+
+
+def save_launch(volume, record: dict) -> str:
+    """Write the record onto the checkpoints volume; return its path there."""
+    path = f"/{LAUNCHES_DIR}/{record['started'].replace(':', '')}-{record['launch']['action']}.json"
+    with volume.batch_upload(force=True) as batch:
+        batch.put_file(io.BytesIO(json.dumps(record, indent=2).encode()), path)
+    return path
+
+
+def launches(volume) -> list[dict]:
+    """Every launch record on the volume, oldest first."""
+    try:
+        entries = volume.listdir(LAUNCHES_DIR)
+    except modal.exception.NotFoundError:
+        return []
+    records = []
+    for entry in sorted(entries, key=lambda e: e.path):
+        if entry.path.endswith(".json"):
+            try:
+                records.append(json.loads(b"".join(volume.read_file(entry.path))))
+            except (modal.exception.NotFoundError, ValueError):
+                continue
+    return sorted(records, key=lambda r: r.get("started", ""))
+
+
+def find_launch(volume, app_id: str | None = None) -> dict | None:
+    """The newest launch record (of ``app_id`` when given)."""
+    matching = [r for r in launches(volume) if app_id is None or r.get("app_id") == app_id]
+    return matching[-1] if matching else None
+
+
+# -- what a resume skips and runs ------------------------------------------------------------------
+
+
+def _option(argv: Sequence[str], name: str, default: str | None = None) -> str | None:
+    argv = list(argv[:argv.index("--")] if "--" in argv else argv)
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        default = value  # the last one wins, as with argparse
+    return default
+
+
+def stage_keys(action: str, argv: Sequence[str]) -> list[str]:
+    """The state.json keys a launch runs, in order (drzero.pipeline's names)."""
+    k = _option(argv, "--iteration", "1")
+    if action == "train":
+        iterations = int(_option(argv, "--iterations", "3"))
+        names = [n for n in ITERATION_STAGES if n != "evaluate" or _option(argv, "--eval-data")]
+        return ["prepare-data"] + [f"iter{i}/{n}" for i in range(1, iterations + 1) for n in names]
+    if action == "merge":
+        return [f"iter{k}/merge-{_option(argv, '--stage', 'solver')}"]
+    if action in ("challenger", "gen-data", "solver", "evaluate"):
+        return [f"iter{k}/{action}"]
+    return []
+
+
+def resume_lines(record: dict, state_text: str | None) -> list[str]:
+    """What a resume of ``record`` will skip (done in state.json) and run, one line per stage."""
+    stages = (json.loads(state_text).get("stages", {}) if state_text else {})
+    launch = record["launch"]
+    lines = []
+    for key in stage_keys(launch["action"], launch["argv"]):
+        status = stages.get(key, {}).get("status")
+        if status == "done":
+            lines.append(f"  skip    {key}  (done {stages[key].get('updated', '')})".rstrip())
+        elif status == "running":
+            lines.append(f"  resume  {key}  (was running; verl continues from its last checkpoint)")
+        else:
+            lines.append(f"  run     {key}")
+    return lines or [f"  run     {launch['action']} (no state.json stages: it runs from its start)"]
+
+
+# -- logs and stop, through Modal's CLI ------------------------------------------------------------
+
+
+def modal_cli(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "modal", *args]
+
+
+def log_lines(command: Sequence[str]) -> Iterable[str]:
+    """The lines `modal app logs` prints, as they come."""
+    process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               errors="replace")
+    try:
+        yield from process.stdout
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait()
+
+
+SINCE = re.compile(r"^(\d+[smhd]|\d{4}-\d{2}-\d{2}([T ][\d:.]+Z?)?)$")  # what `modal app logs --since` takes
+
+
+def logs_command(app_id: str, since: str | None, follow: bool) -> list[str]:
+    if since is not None and not SINCE.match(since):
+        raise ValueError(f"--since {since!r} is not valid: expected a number and a unit (30m, 2h, 1d) or an ISO date")
+    return modal_cli(["app", "logs", app_id, *(["--since", since] if since else []), *(["-f"] if follow else [])])
+
+
+def show_logs(app_id: str, *, errors: bool, since: str | None, follow: bool,
+              read: Callable[[Sequence[str]], Iterable[str]] | None = None, out=print) -> int:
+    """The app's log with the service prefixes kept and a `>>> fix` line after each known failure;
+    with ``errors`` only the failures, each with a few lines of context."""
+    lines = (read or log_lines)(logs_command(app_id, since, follow))
+    if errors:
+        out(log_doctor.excerpts(list(lines)))
+        return 0
+    for line in log_doctor.annotate(lines):
+        out(line)
+    return 0
+
+
+def stop(app_id: str, run: Callable[[Sequence[str]], int] = lambda cmd: subprocess.call(list(cmd)), out=print) -> int:
+    out(f"stopping app {app_id}: each drzero command gets SIGTERM, stops its services and verl, and the volumes "
+        f"are committed on the way out")
+    code = run(modal_cli(["app", "stop", app_id, "--yes"]))
+    if code == 0:
+        out("stopped; continue it with: python -m backends.modal resume")
+    return code
