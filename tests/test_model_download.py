@@ -143,3 +143,36 @@ def test_local_state_tells_missing_present_incomplete_and_verified(tmp_path, hub
     md.write_marker(tmp_path / "partial", manifest, complete=False)
     assert md.local_state(tmp_path / "partial") == "incomplete"
     assert json.loads((tmp_path / "partial" / md.MARKER).read_text())["size"] == manifest.size
+
+
+def test_list_models_shows_each_models_state_and_stages_do_not_load_a_download_under_way(tmp_path, hub, monkeypatch):
+    from drzero.train.registry import render_registry, resolve_model
+
+    manifest, _ = hub
+    monkeypatch.setenv("DRZERO_MODELS_DIR", str(tmp_path / "models"))
+    for name in ("Qwen3-8B", "Qwen3-14B"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+    md.write_marker(tmp_path / "models" / "Qwen3-8B", manifest, complete=True)
+    md.write_marker(tmp_path / "models" / "Qwen3-14B", manifest, complete=False)
+    table = {line.split()[0]: line for line in render_registry().splitlines()[1:-1]}
+    assert "Qwen3-8B (verified)" in table["qwen3-8b"] and "Qwen3-14B (incomplete)" in table["qwen3-14b"]
+    assert "Qwen3-32B (missing)" in table["qwen3-32b"]
+    assert resolve_model("qwen3-8b").local and not resolve_model("qwen3-14b").local
+
+
+def test_the_manifest_reads_the_hubs_model_info(monkeypatch):
+    """huggingface_hub's own ModelInfo, built from an API answer shaped as the hub sends it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import ModelInfo
+
+    answer = {"id": "Qwen/Fake-1B", "sha": REVISION, "siblings": [
+        {"rfilename": ".gitattributes", "size": 1519, "blobId": "a" * 40},
+        {"rfilename": "config.json", "size": 41, "blobId": "b" * 40},
+        {"rfilename": "model.safetensors", "size": 1000, "blobId": "c" * 40,
+         "lfs": {"sha256": "d" * 64, "size": 1000, "pointerSize": 134}}]}
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, revision=None, files_metadata=False: ModelInfo(**answer))
+    manifest = md.hub_manifest("Qwen/Fake-1B")
+    assert manifest.revision == REVISION and manifest.size == 1041
+    assert manifest.files == (md.HubFile("config.json", 41, git_sha1="b" * 40),
+                              md.HubFile("model.safetensors", 1000, sha256="d" * 64))
