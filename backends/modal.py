@@ -628,17 +628,16 @@ def gpu_hours_of(run: dict) -> float:
     return run.get("gpus", 0) * seconds / HOURS
 
 
-def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: float) -> str:
+def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: float,
+                  steps: dict[str, int] | None = None) -> str:
     lines = []
+    stages = json.loads(state_text).get("stages", {}) if state_text is not None else {}
     if state_text is None:
         lines.append("state.json: none yet on dr-zero-checkpoints (no stage has run)")
     else:
-        stages = json.loads(state_text).get("stages", {})
         lines.append(f"stages (dr-zero-checkpoints/state.json): {sum(s.get('status') == 'done' for s in stages.values())}"
                      f" of {len(stages)} recorded are done")
-        width = max([len(key) for key in stages] + [5])
-        lines += [f"  {key:<{width}}  {entry.get('status', '?'):<8} {entry.get('updated', '')}"
-                  for key, entry in stages.items()]
+        lines += modal_run.stage_lines(stages, runs, steps or {})
     total = 0.0
     lines.append(f"GPU time (dr-zero-checkpoints/{RUNS_DIR}/, one record per container):")
     for run in sorted(runs, key=lambda r: r["started"]):
@@ -653,6 +652,7 @@ def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: 
                      f"  {hours:7.1f} GPU-h  ${hours * price_per_gpu_hour:9,.2f}  {state}")
     lines.append(f"cost so far: {total:.1f} GPU-hours ~ ${total * price_per_gpu_hour:,.2f} at "
                  f"${price_per_gpu_hour:.2f}/GPU-hour (GPU time only; Modal's billing page is the bill)")
+    lines.append(f"next: {modal_run.next_action(stages, runs)}")
     return "\n".join(lines)
 
 
@@ -673,7 +673,18 @@ def show_status(request: Request) -> int:
         entries = []
     runs = [json.loads(text) for entry in entries if entry.path.endswith(".json")
             if (text := read_volume_text(checkpoints_volume, entry.path)) is not None]
-    print(render_status(read_volume_text(checkpoints_volume, "state.json"), runs, request.price_per_gpu_hour))
+    state_text = read_volume_text(checkpoints_volume, "state.json")
+    steps = {}
+    for key in (json.loads(state_text).get("stages", {}) if state_text else {}):
+        where = modal_run.step_file(key)
+        text = read_volume_text(checkpoints_volume, where) if where else None
+        if text and text.strip().isdigit():
+            steps[key] = int(text)
+    print(render_status(state_text, runs, request.price_per_gpu_hour, steps))
+    from drzero.train.registry import REGISTRY
+
+    print("models on dr-zero-corpus (`python -m backends.modal download-model KEY` fetches one):")
+    print("\n".join(modal_run.model_lines(corpus_volume, REGISTRY)))
     return 0
 
 

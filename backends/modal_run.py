@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import PurePosixPath
 from typing import Callable, Iterable, Sequence
 
 import modal
@@ -165,3 +166,82 @@ def stop(app_id: str, run: Callable[[Sequence[str]], int] = lambda cmd: subproce
     if code == 0:
         out("stopped; continue it with: python -m backends.modal resume")
     return code
+
+
+# -- status: per stage, the verl step, the next action, the models on the volume -------------------
+
+
+def _parse(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def step_file(key: str) -> str | None:
+    """Where verl records the last step of a training stage's checkpoints (iter2/solver -> solver_iter2/...)."""
+    iteration, _, stage = key.partition("/")
+    if stage not in ("challenger", "solver") or not iteration.startswith("iter"):
+        return None
+    return f"{stage}_{iteration}/latest_checkpointed_iteration.txt"
+
+
+def stage_status(entry: dict, runs: list[dict]) -> str:
+    """done, running, failed (exit N) or stopped: state.json says `running` until the stage ends, so for a stage
+    no container is running any more, the last container's exit code tells a crash from a stop."""
+    status = entry.get("status", "?")
+    if status != "running":
+        return status
+    if any(run.get("ended") is None for run in runs):
+        return "running"
+    last = max(runs, key=lambda r: r["started"], default={})
+    code = last.get("exit_code")
+    return f"failed (exit {code})" if code not in (None, 0, 143) else "stopped"
+
+
+def stage_lines(stages: dict, runs: list[dict], steps: dict[str, int], now: datetime | None = None) -> list[str]:
+    now = now or datetime.now(timezone.utc)
+    width = max([len(key) for key in stages] + [5])
+    lines = []
+    for key, entry in stages.items():
+        status = stage_status(entry, runs)
+        detail = [f"verl step {steps[key]}"] if key in steps else []
+        if status == "running" and entry.get("updated"):
+            detail.append(f"{(now - _parse(entry['updated'])).total_seconds() / 3600:.1f} h so far")
+        lines.append(f"  {key:<{width}}  {status:<16} {entry.get('updated', ''):<20}  {', '.join(detail)}".rstrip())
+    return lines
+
+
+def next_action(stages: dict, runs: list[dict]) -> str:
+    run = "python -m backends.modal"
+    statuses = {key: stage_status(entry, runs) for key, entry in stages.items()}
+    if not stages:
+        return f"{run} train   (after upload-corpus and download-model; `{run} smoke` first checks the stack)"
+    if "running" in statuses.values():
+        return f"{run} logs --follow   (known failures are flagged with their fix)"
+    if any(s.startswith("failed") for s in statuses.values()):
+        return f"{run} logs --errors   then fix what it names and `{run} resume`"
+    if "stopped" in statuses.values():
+        return f"{run} resume   (continues from state.json and the last verl checkpoint)"
+    solvers = sorted(int(key[4:].split("/")[0]) for key, s in statuses.items()
+                     if key.endswith("/merge-solver") and s == "done")
+    if solvers:
+        return f"{run} download-checkpoints --iteration {solvers[-1]}   (the merged solver and state.json)"
+    return f"{run} resume   (the recorded stages are done; it runs what is left)"
+
+
+def model_lines(volume, registry: dict) -> list[str]:
+    """Which registry models are on the corpus volume under /models, and in what state."""
+    try:
+        present = {PurePosixPath(e.path).name for e in volume.listdir("models")}
+    except modal.exception.NotFoundError:
+        present = set()
+    lines = []
+    for entry in registry.values():
+        if entry.local_dir not in present:
+            state = "missing"
+        else:
+            try:
+                marker = json.loads(b"".join(volume.read_file(f"models/{entry.local_dir}/.drzero-download.json")))
+                state = "verified" if marker.get("complete") else "incomplete: run download-model again"
+            except (modal.exception.NotFoundError, ValueError):
+                state = "present"
+        lines.append(f"  {entry.key:<22} /corpus/models/{entry.local_dir:<22} {state}")
+    return lines

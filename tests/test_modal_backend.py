@@ -333,8 +333,12 @@ class FakeVolume:
     def listdir(self, path, recursive=False):
         from modal.volume import FileEntryType
 
-        found = [SimpleNamespace(path=name, type=FileEntryType.FILE) for name in self.files
-                 if name.startswith(path.strip("/") + "/")]
+        prefix = path.strip("/") + "/"
+        found = [SimpleNamespace(path=name, type=FileEntryType.FILE) for name in self.files if name.startswith(prefix)]
+        if not recursive:  # Modal lists the direct children only, directories as one entry each
+            children = {prefix + e.path[len(prefix):].split("/")[0]: "/" in e.path[len(prefix):] for e in found}
+            found = [SimpleNamespace(path=name, type=FileEntryType.DIRECTORY if is_dir else FileEntryType.FILE)
+                     for name, is_dir in children.items()]
         if not found:
             raise modal.exception.NotFoundError(f"{path} not found")
         return found
@@ -353,6 +357,7 @@ class FakeVolume:
 def test_status_reads_state_json_and_adds_up_the_recorded_gpu_time(monkeypatch, capsys):
     files = {"state.json": json.dumps(STATE).encode(), **{k: json.dumps(v).encode() for k, v in RUNS.items()}}
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume(files))
+    monkeypatch.setattr(mb, "corpus_volume", FakeVolume({}))
     assert mb.cli(["status", "--price-per-gpu-hour", "4"]) == 0
     out = capsys.readouterr().out
     assert "2 of 3 recorded are done" in out
@@ -364,9 +369,35 @@ def test_status_reads_state_json_and_adds_up_the_recorded_gpu_time(monkeypatch, 
 
 def test_status_before_any_run(monkeypatch, capsys):
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume({}))
+    monkeypatch.setattr(mb, "corpus_volume", FakeVolume({}))
     assert mb.cli(["status"]) == 0
     out = capsys.readouterr().out
     assert "no stage has run" in out and "cost so far: 0.0 GPU-hours" in out
+    assert "next: python -m backends.modal train" in out and "qwen3-32b" in out and "missing" in out
+
+
+def test_status_tells_a_failed_stage_its_verl_step_the_next_action_and_the_models_on_the_volume(monkeypatch, capsys):
+    state = {"stages": {**STATE["stages"], "iter1/merge-challenger": {"status": "done", "updated": "2026-11-26T14:05:00Z"},
+                        "iter1/gen-data": {"status": "done", "updated": "2026-11-26T15:00:00Z"},
+                        "iter1/solver": {"status": "running", "updated": "2026-11-26T15:01:00Z"}}}
+    crashed = {**RUNS["runs/2026-11-26T123100Z-evolve-ta-2.json"], "ended": "2026-11-26T16:00:00Z", "exit_code": 1}
+    files = {"state.json": json.dumps(state).encode(), "runs/a.json": json.dumps(crashed).encode(),
+             "solver_iter1/latest_checkpointed_iteration.txt": b"30\n",
+             "challenger_iter1/latest_checkpointed_iteration.txt": b"50"}
+    models = {"models/Qwen3-8B/config.json": b"{}",
+              "models/Qwen3-8B/.drzero-download.json": json.dumps({"complete": True}).encode(),
+              "models/Qwen3-14B/.drzero-download.json": json.dumps({"complete": False}).encode(),
+              "models/Qwen2.5-3B-Instruct/config.json": b"{}"}
+    monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume(files))
+    monkeypatch.setattr(mb, "corpus_volume", FakeVolume(models))
+    assert mb.cli(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "iter1/challenger        done" in out and "verl step 50" in out
+    assert "iter1/solver            failed (exit 1)" in out and "verl step 30" in out
+    assert "next: python -m backends.modal logs --errors   then fix what it names and `python -m backends.modal resume`" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if "/corpus/models/" in line}
+    assert lines["qwen3-8b"].endswith("verified") and lines["qwen3-14b"].endswith("incomplete: run download-model again")
+    assert lines["qwen2.5-3b-instruct"].endswith("present") and lines["qwen3-32b"].endswith("missing")
 
 
 def test_upload_corpus_tells_a_chroma_store_from_documents(monkeypatch, tmp_path, capsys):
