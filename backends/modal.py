@@ -2,7 +2,10 @@
 
     python -m backends.modal smoke                       # the whole stack on one H100, in minutes
     python -m backends.modal train                       # the whole loop on 8×H100, detached (about a day)
-    python -m backends.modal status                      # stages done, GPU-hours and dollars so far
+    python -m backends.modal status                      # each stage, its verl step, cost so far, what to do next
+    python -m backends.modal download-model qwen3-32b    # weights fetched on Modal into the corpus volume, verified
+    python -m backends.modal logs --errors               # the latest run's known failures, each with its fix
+    python -m backends.modal stop / resume               # stop the latest run; start it again as it was launched
 
 This file only prepares the place (the image, two volumes, GPUs, secrets) and then runs the
 same `drzero` command that a laptop or `docker compose` runs. Each action has one Modal Function
@@ -13,7 +16,7 @@ imports Modal.
 Run this file in module mode only (`python -m backends.modal ...` or `modal run -m backends.modal ...`).
 Run as a plain file, `backends/` would be on `sys.path` and `import modal` would import this file.
 
-    python -m backends.modal ACTION [--iteration K] [--model NAME] [--gpu H100:8] [--detach/--no-detach]
+    python -m backends.modal ACTION [MODEL|APP_ID] [--iteration K] [--model NAME] [--gpu H100:8] [--detach/--no-detach]
                                     [--stage-args "..."] [-- hydra overrides]
     modal run [--detach] -m backends.modal --action ACTION [--iteration K] ...   # the seed guide's form
 """
@@ -857,6 +860,11 @@ def run_request(request: Request, *, app_running: bool = False) -> int:
 
 def operate(request: Request, *, app_running: bool = False) -> int:
     """logs, stop, resume of a launched run (default: the latest launch recorded on dr-zero-checkpoints)."""
+    try:
+        modal_run.check_since(request.since)
+    except ValueError as error:
+        print(f"{request.action}: {error}", file=sys.stderr)
+        return 2
     record = modal_run.find_launch(checkpoints_volume, request.app_id)
     app_id = request.app_id or (record or {}).get("app_id")
     if request.action == "resume" and record is None or app_id is None:
@@ -867,11 +875,7 @@ def operate(request: Request, *, app_running: bool = False) -> int:
               file=sys.stderr)
         return 2
     if request.action == "logs":
-        try:
-            return modal_run.show_logs(app_id, errors=request.errors, since=request.since, follow=request.follow)
-        except ValueError as error:
-            print(f"logs: {error}", file=sys.stderr)
-            return 2
+        return modal_run.show_logs(app_id, errors=request.errors, since=request.since, follow=request.follow)
     if request.action == "stop":
         return modal_run.stop(app_id)
     plan = Launch(**{**record["launch"], "detach": True,

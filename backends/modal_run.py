@@ -140,9 +140,13 @@ def log_lines(command: Sequence[str]) -> Iterable[str]:
 SINCE = re.compile(r"^(\d+[smhd]|\d{4}-\d{2}-\d{2}([T ][\d:.]+Z?)?)$")  # what `modal app logs --since` takes
 
 
-def logs_command(app_id: str, since: str | None, follow: bool) -> list[str]:
+def check_since(since: str | None) -> None:
     if since is not None and not SINCE.match(since):
         raise ValueError(f"--since {since!r} is not valid: expected a number and a unit (30m, 2h, 1d) or an ISO date")
+
+
+def logs_command(app_id: str, since: str | None, follow: bool) -> list[str]:
+    check_since(since)
     return modal_cli(["app", "logs", app_id, *(["--since", since] if since else []), *(["-f"] if follow else [])])
 
 
