@@ -35,14 +35,14 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import modal
 
 from backends import modal_run
+from backends.modal_run import now_iso, parse_time
 
 MINUTES = 60
 HOURS = 60 * MINUTES
@@ -164,10 +164,6 @@ def resources(gpu: str) -> dict:
 # volumes every few minutes from a background thread (child processes have no Modal client) and
 # once more on the way out, and records its GPU time. A SIGTERM or SIGINT (preemption, `modal app
 # stop`) is passed on to the command, which stops its services and verl before the last commit.
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def visible_gpus() -> list[str]:
@@ -621,13 +617,9 @@ def estimate(launch: Launch, request: Request) -> Estimate | None:
     return Estimate(gpu_type, gpus, hours, request.price_per_gpu_hour, attempts, per_attempt)
 
 
-def _parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
-
 def gpu_hours_of(run: dict) -> float:
     end = run.get("ended") or run.get("last_seen") or run["started"]
-    seconds = max((_parse_time(end) - _parse_time(run["started"])).total_seconds(), 0.0)
+    seconds = max((parse_time(end) - parse_time(run["started"])).total_seconds(), 0.0)
     return run.get("gpus", 0) * seconds / HOURS
 
 
@@ -789,8 +781,6 @@ def _started(launch: Launch, call, detached: bool) -> None:
 
 def record_launch(launch: Launch, call) -> None:
     """The launch, for `logs`, `stop` and `resume` (backends.modal_run); a failure to record stops nothing."""
-    from dataclasses import asdict
-
     record = modal_run.launch_record(asdict(launch), _app_id(), call.object_id)
     try:
         modal_run.save_launch(checkpoints_volume, record)

@@ -28,7 +28,6 @@ import modal
 from drzero import log_doctor
 
 LAUNCHES_DIR = "launches"   # on the checkpoints volume
-ITERATION_STAGES = ("challenger", "merge-challenger", "gen-data", "solver", "merge-solver", "evaluate")  # evolve's
 
 
 def now_iso() -> str:
@@ -90,6 +89,8 @@ def _option(argv: Sequence[str], name: str, default: str | None = None) -> str |
 
 def stage_keys(action: str, argv: Sequence[str]) -> list[str]:
     """The state.json keys a launch runs, in order (drzero.pipeline's names)."""
+    from drzero.pipeline import ITERATION_STAGES  # evolve's stages and their order
+
     k = _option(argv, "--iteration", "1")
     if action == "train":
         iterations = int(_option(argv, "--iterations", "3"))
@@ -175,7 +176,7 @@ def stop(app_id: str, run: Callable[[Sequence[str]], int] = lambda cmd: subproce
 # -- status: per stage, the verl step, the next action, the models on the volume -------------------
 
 
-def _parse(text: str) -> datetime:
+def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
@@ -208,7 +209,7 @@ def stage_lines(stages: dict, runs: list[dict], steps: dict[str, int], now: date
         status = stage_status(entry, runs)
         detail = [f"verl step {steps[key]}"] if key in steps else []
         if status == "running" and entry.get("updated"):
-            detail.append(f"{(now - _parse(entry['updated'])).total_seconds() / 3600:.1f} h so far")
+            detail.append(f"{(now - parse_time(entry['updated'])).total_seconds() / 3600:.1f} h so far")
         lines.append(f"  {key:<{width}}  {status:<16} {entry.get('updated', ''):<20}  {', '.join(detail)}".rstrip())
     return lines
 
