@@ -624,7 +624,7 @@ def gpu_hours_of(run: dict) -> float:
 
 
 def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: float,
-                  steps: dict[str, int] | None = None) -> str:
+                  steps: dict[str, int] | None = None, metrics: dict[str, str] | None = None) -> str:
     lines = []
     stages = json.loads(state_text).get("stages", {}) if state_text is not None else {}
     if state_text is None:
@@ -632,7 +632,7 @@ def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: 
     else:
         lines.append(f"stages (dr-zero-checkpoints/state.json): {sum(s.get('status') == 'done' for s in stages.values())}"
                      f" of {len(stages)} recorded are done")
-        lines += modal_run.stage_lines(stages, runs, steps or {})
+        lines += modal_run.stage_lines(stages, runs, steps or {}, metrics)
     total = 0.0
     lines.append(f"GPU time (dr-zero-checkpoints/{RUNS_DIR}/, one record per container):")
     for run in sorted(runs, key=lambda r: r["started"]):
@@ -669,13 +669,17 @@ def show_status(request: Request) -> int:
     runs = [json.loads(text) for entry in entries if entry.path.endswith(".json")
             if (text := read_volume_text(checkpoints_volume, entry.path)) is not None]
     state_text = read_volume_text(checkpoints_volume, "state.json")
-    steps = {}
+    steps, metrics = {}, {}
     for key in (json.loads(state_text).get("stages", {}) if state_text else {}):
         where = modal_run.step_file(key)
         text = read_volume_text(checkpoints_volume, where) if where else None
         if text and text.strip().isdigit():
             steps[key] = int(text)
-    print(render_status(state_text, runs, request.price_per_gpu_hour, steps))
+        where = modal_run.summary_file(key)
+        text = read_volume_text(checkpoints_volume, where) if where else None
+        if text:
+            metrics[key] = modal_run.summary_text(json.loads(text))
+    print(render_status(state_text, runs, request.price_per_gpu_hour, steps, metrics))
     from drzero.train.registry import REGISTRY
 
     print("models on dr-zero-corpus (`python -m backends.modal download-model KEY` fetches one):")

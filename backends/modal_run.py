@@ -188,6 +188,17 @@ def step_file(key: str) -> str | None:
     return f"{stage}_{iteration}/latest_checkpointed_iteration.txt"
 
 
+def summary_file(key: str) -> str | None:
+    """Where `drzero evolve --eval-data` writes an iteration's evaluation (iter2/evaluate -> eval/iter2/...)."""
+    iteration, _, stage = key.partition("/")
+    return f"eval/{iteration}/summary.json" if stage == "evaluate" else None
+
+
+def summary_text(summary: dict) -> str:
+    overall = summary.get("overall", {})
+    return ", ".join(f"{name} {overall[key]:.3f}" for key, name in (("em", "EM"), ("f1", "F1")) if key in overall)
+
+
 def stage_status(entry: dict, runs: list[dict]) -> str:
     """done, running, failed (exit N) or stopped: state.json says `running` until the stage ends, so for a stage
     no container is running any more, the last container's exit code tells a crash from a stop."""
@@ -201,13 +212,15 @@ def stage_status(entry: dict, runs: list[dict]) -> str:
     return f"failed (exit {code})" if code not in (None, 0, 143) else "stopped"
 
 
-def stage_lines(stages: dict, runs: list[dict], steps: dict[str, int], now: datetime | None = None) -> list[str]:
+def stage_lines(stages: dict, runs: list[dict], steps: dict[str, int], metrics: dict[str, str] | None = None,
+                now: datetime | None = None) -> list[str]:
     now = now or datetime.now(timezone.utc)
     width = max([len(key) for key in stages] + [5])
     lines = []
     for key, entry in stages.items():
         status = stage_status(entry, runs)
         detail = [f"verl step {steps[key]}"] if key in steps else []
+        detail += [metrics[key]] if metrics and metrics.get(key) else []
         if status == "running" and entry.get("updated"):
             detail.append(f"{(now - parse_time(entry['updated'])).total_seconds() / 3600:.1f} h so far")
         lines.append(f"  {key:<{width}}  {status:<16} {entry.get('updated', ''):<20}  {', '.join(detail)}".rstrip())

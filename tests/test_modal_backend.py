@@ -379,11 +379,13 @@ def test_status_before_any_run(monkeypatch, capsys):
 def test_status_tells_a_failed_stage_its_verl_step_the_next_action_and_the_models_on_the_volume(monkeypatch, capsys):
     state = {"stages": {**STATE["stages"], "iter1/merge-challenger": {"status": "done", "updated": "2026-11-26T14:05:00Z"},
                         "iter1/gen-data": {"status": "done", "updated": "2026-11-26T15:00:00Z"},
-                        "iter1/solver": {"status": "running", "updated": "2026-11-26T15:01:00Z"}}}
+                        "iter1/solver": {"status": "running", "updated": "2026-11-26T15:01:00Z"},
+                        "iter1/evaluate": {"status": "done", "updated": "2026-11-26T19:00:00Z"}}}
     crashed = {**RUNS["runs/2026-11-26T123100Z-evolve-ta-2.json"], "ended": "2026-11-26T16:00:00Z", "exit_code": 1}
     files = {"state.json": json.dumps(state).encode(), "runs/a.json": json.dumps(crashed).encode(),
              "solver_iter1/latest_checkpointed_iteration.txt": b"30\n",
-             "challenger_iter1/latest_checkpointed_iteration.txt": b"50"}
+             "challenger_iter1/latest_checkpointed_iteration.txt": b"50",
+             "eval/iter1/summary.json": json.dumps({"overall": {"questions": 500, "em": 0.4123, "f1": 0.5}}).encode()}
     models = {"models/Qwen3-8B/config.json": b"{}",
               "models/Qwen3-8B/.drzero-download.json": json.dumps({"complete": True}).encode(),
               "models/Qwen3-14B/.drzero-download.json": json.dumps({"complete": False}).encode(),
@@ -394,6 +396,7 @@ def test_status_tells_a_failed_stage_its_verl_step_the_next_action_and_the_model
     out = capsys.readouterr().out
     assert "iter1/challenger        done" in out and "verl step 50" in out
     assert "iter1/solver            failed (exit 1)" in out and "verl step 30" in out
+    assert "iter1/evaluate          done" in out and "EM 0.412, F1 0.500" in out
     assert "next: python -m backends.modal logs --errors   then fix what it names and `python -m backends.modal resume`" in out
     lines = {line.split()[0]: line for line in out.splitlines() if "/corpus/models/" in line}
     assert lines["qwen3-8b"].endswith("verified") and lines["qwen3-14b"].endswith("incomplete: run download-model again")
