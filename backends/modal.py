@@ -2,7 +2,10 @@
 
     python -m backends.modal smoke                       # the whole stack on one H100, in minutes
     python -m backends.modal train                       # the whole loop on 8×H100, detached (about a day)
-    python -m backends.modal status                      # stages done, GPU-hours and dollars so far
+    python -m backends.modal status                      # each stage, its verl step, cost so far, what to do next
+    python -m backends.modal download-model qwen3-32b    # weights fetched on Modal into the corpus volume, verified
+    python -m backends.modal logs --errors               # the latest run's known failures, each with its fix
+    python -m backends.modal stop / resume               # stop the latest run; start it again as it was launched
 
 This file only prepares the place (the image, two volumes, GPUs, secrets) and then runs the
 same `drzero` command that a laptop or `docker compose` runs. Each action has one Modal Function
@@ -13,7 +16,7 @@ imports Modal.
 Run this file in module mode only (`python -m backends.modal ...` or `modal run -m backends.modal ...`).
 Run as a plain file, `backends/` would be on `sys.path` and `import modal` would import this file.
 
-    python -m backends.modal ACTION [--iteration K] [--model NAME] [--gpu H100:8] [--detach/--no-detach]
+    python -m backends.modal ACTION [MODEL|APP_ID] [--iteration K] [--model NAME] [--gpu H100:8] [--detach/--no-detach]
                                     [--stage-args "..."] [-- hydra overrides]
     modal run [--detach] -m backends.modal --action ACTION [--iteration K] ...   # the seed guide's form
 """
@@ -32,12 +35,14 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import modal
+
+from backends import modal_run
+from backends.modal_run import now_iso, parse_time
 
 MINUTES = 60
 HOURS = 60 * MINUTES
@@ -117,7 +122,8 @@ app = modal.App("dr-zero")
 #
 # A Function's GPU is fixed where it is defined, so the stages are defined on `$DRZERO_MODAL_GPU`
 # (default `H100:8`), and `--gpu` overrides it per launch with `Function.with_options(gpu=...)`,
-# CPU and memory scaled to match. The stage commands get `--gpus N` and SGLang's dp x tp to fit.
+# CPU and memory scaled to match. The stage commands get `--gpus N` and `--gpu KIND` (which picks the model's
+# recipe), and off a full node of 8 SGLang's dp x tp to fit.
 # `H100` may be served on an H200; write `H100!:8` to get exactly H100s.
 #
 # The price is only for the estimates printed here (Modal lists an H100 near $4 per hour, so 8×H100
@@ -158,10 +164,6 @@ def resources(gpu: str) -> dict:
 # volumes every few minutes from a background thread (child processes have no Modal client) and
 # once more on the way out, and records its GPU time. A SIGTERM or SIGINT (preemption, `modal app
 # stop`) is passed on to the command, which stops its services and verl before the last commit.
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def visible_gpus() -> list[str]:
@@ -362,16 +364,18 @@ def list_models(*argv: str) -> dict:
     return run_drzero("list-models", argv)
 
 
-@app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=4.0, memory=16 * 1024, timeout=4 * HOURS)
+# A download runs where the bandwidth is, on a CPU container: drzero.model_download fetches the
+# files in batches with Hugging Face's accelerators, commits the volume after each batch, and
+# verifies every file against the hub's hashes. A preempted or timed-out attempt is retried and
+# continues from what the last commit kept; a model already verified on the volume is skipped.
+@app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=8.0, memory=16 * 1024, timeout=6 * HOURS, retries=RETRIES)
 def download_model(hub_name: str, local_dir: str) -> dict:
     """Weights from the Hugging Face hub into /corpus/models/<local_dir>, so no GPU ever waits on a download."""
-    from huggingface_hub import snapshot_download
+    from drzero.model_download import download_from_hub
 
-    target = f"{MODELS_DIR}/{local_dir}"
-    print(f"[modal] downloading {hub_name} to {target}", flush=True)
-    snapshot_download(hub_name, local_dir=target)
-    corpus_volume.commit()
-    return {"command": "download-model", "exit_code": 0, "path": target}
+    result = download_from_hub(hub_name, Path(MODELS_DIR) / local_dir, commit=corpus_volume.commit,
+                               log=lambda line: print(f"[download-model] {line}", flush=True))
+    return {"command": "download-model", "exit_code": 0, **result}
 
 
 # ## Preflight: refuse before a GPU starts
@@ -399,7 +403,8 @@ def preflight(command: list, required: list) -> dict:
 # function, so the tests check every action's mapping without a Modal account.
 
 ACTIONS = ("smoke", "ingest", "prepare-data", "challenger", "gen-data", "solver", "merge", "evaluate", "train",
-           "list-models", "status", "upload-model", "upload-corpus", "download-checkpoints")
+           "list-models", "status", "download-model", "upload-model", "upload-corpus", "download-checkpoints",
+           "logs", "stop", "resume")
 GPU_STAGES = ("challenger", "gen-data", "solver", "merge", "evaluate", "train")
 SIZED_BY_GPUS = ("challenger", "gen-data", "solver", "train")      # take --gpus
 WITH_SGLANG = ("challenger", "gen-data", "train")                  # start SGLang servers: dp x tp = GPUs
@@ -425,6 +430,10 @@ class Request:
     detach: bool | None = None              # default: detached for the GPU stages
     hours: float | None = None
     price_per_gpu_hour: float = PRICE_PER_GPU_HOUR
+    app_id: str | None = None               # logs, stop, resume: default the latest launch
+    errors: bool = False                    # logs: only the known failures
+    since: str | None = None                # logs: e.g. 2h
+    follow: bool = False                    # logs: keep streaming
 
 
 @dataclass
@@ -452,13 +461,35 @@ def hub_name(model: str) -> str:
     return entry.hub_name if entry else model
 
 
-def gpu_args(action: str, gpus: int) -> list[str]:
-    """`--gpus` and the SGLang servers' dp x tp for one node of ``gpus`` GPUs (8 gives drzero's 4 x 2)."""
+def model_directory(model: str) -> str:
+    """A `drzero list-models` key or hub name -> its directory under /corpus/models, where the stages look."""
+    from drzero.train.registry import REGISTRY
+
+    entry = REGISTRY.get(model.lower())
+    return entry.local_dir if entry else PurePosixPath(model).name
+
+
+def gpu_kind(spec: str) -> str | None:
+    """The `drzero --gpu` kind of a Modal GPU spec ("H100!:8" -> "H100"), or None when drzero has no recipes for it.
+
+    The stage picks the model's recipe by it ($DRZERO_GPU otherwise defaults to H100, and an H200 run would
+    get the H100 recipe). An `H100` that Modal serves as an H200 keeps the H100 recipe: it fits there too."""
+    from drzero.train.shapes import GPU_MEMORY_GIB
+
+    kind = parse_gpu(spec)[0].rstrip("!")
+    return kind if kind in GPU_MEMORY_GIB else None
+
+
+def gpu_args(action: str, gpus: int, kind: str | None = None) -> list[str]:
+    """`--gpus`, `--gpu KIND` and, off a full node, the SGLang servers' dp x tp for one node of ``gpus`` GPUs.
+
+    On 8 GPUs the stage's own default applies (the model's recipe for the reward server, else 4 x 2): passing
+    dp x tp here would override the recipe."""
     if action not in SIZED_BY_GPUS:
         return []
     tp = 2 if gpus % 2 == 0 else 1
-    args = ["--gpus", str(gpus)] + (["--rollout-tp", "1"] if tp == 1 else [])
-    if action in WITH_SGLANG:
+    args = ["--gpus", str(gpus)] + (["--gpu", kind] if kind else []) + (["--rollout-tp", "1"] if tp == 1 else [])
+    if action in WITH_SGLANG and gpus != 8:
         args += ["--sglang-dp", str(gpus // tp), "--sglang-tp", str(tp)]
     return args
 
@@ -507,14 +538,18 @@ def plan_launch(request: Request) -> Launch:
         tokenizer = ["--tokenizer", hub_name(request.model)] if request.model else []
         return Launch(action, "prepare_data", tokenizer + extra, detach=detach,
                       required=required_paths(action, k))
-    if action == "upload-model":  # without --path: download on Modal, straight into the volume
-        name = hub_name(request.model or "")
-        return Launch(action, "download_model", [name, PurePosixPath(name).name], detach=detach)
+    if action in ("download-model", "upload-model"):  # upload-model without --path: the same download on Modal
+        if not request.model or request.model.count("/") > 1 or request.model.startswith((".", "/")):
+            raise ValueError(f"model {request.model!r} is not a `drzero list-models` key or a hub name like "
+                             f"Qwen/Qwen3-8B; to upload weights from this machine use `upload-model --model NAME "
+                             f"--path DIR`")
+        return Launch(action, "download_model", [hub_name(request.model), model_directory(request.model)],
+                      detach=detach)
     if action in ("challenger", "solver"):
-        argv = ["--iteration", str(k), *model, *gpu_args(action, gpus), *extra]
+        argv = ["--iteration", str(k), *model, *gpu_args(action, gpus, gpu_kind(gpu)), *extra]
         return Launch(action, action, argv, gpu, detach, ["preflight", action, *argv], required_paths(action, k))
     if action == "gen-data":
-        argv = ["--iteration", str(k), *model, *gpu_args(action, gpus), *extra]
+        argv = ["--iteration", str(k), *model, *gpu_args(action, gpus, gpu_kind(gpu)), *extra]
         return Launch(action, "gen_data", argv, gpu, detach, ["gen-data", "--dry-run", *argv],
                       required_paths(action, k))
     if action == "merge":
@@ -527,7 +562,7 @@ def plan_launch(request: Request) -> Launch:
         argv = ["--model", target, "--data", data, *extra]
         return Launch(action, "evaluate", argv, gpu, detach, None, required_paths(action, k, model=target, data=data))
     if action == "train":
-        argv = [*model, *gpu_args(action, gpus), *extra]
+        argv = [*model, *gpu_args(action, gpus, gpu_kind(gpu)), *extra]
         return Launch(action, "train", argv, gpu, detach, ["evolve", "--dry-run", *argv], required_paths(action, k))
     raise ValueError(f"{action} is not an action that calls a Function; expected one of {', '.join(ACTIONS)}")
 
@@ -582,27 +617,22 @@ def estimate(launch: Launch, request: Request) -> Estimate | None:
     return Estimate(gpu_type, gpus, hours, request.price_per_gpu_hour, attempts, per_attempt)
 
 
-def _parse_time(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
-
 def gpu_hours_of(run: dict) -> float:
     end = run.get("ended") or run.get("last_seen") or run["started"]
-    seconds = max((_parse_time(end) - _parse_time(run["started"])).total_seconds(), 0.0)
+    seconds = max((parse_time(end) - parse_time(run["started"])).total_seconds(), 0.0)
     return run.get("gpus", 0) * seconds / HOURS
 
 
-def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: float) -> str:
+def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: float,
+                  steps: dict[str, int] | None = None, metrics: dict[str, str] | None = None) -> str:
     lines = []
+    stages = json.loads(state_text).get("stages", {}) if state_text is not None else {}
     if state_text is None:
         lines.append("state.json: none yet on dr-zero-checkpoints (no stage has run)")
     else:
-        stages = json.loads(state_text).get("stages", {})
         lines.append(f"stages (dr-zero-checkpoints/state.json): {sum(s.get('status') == 'done' for s in stages.values())}"
                      f" of {len(stages)} recorded are done")
-        width = max([len(key) for key in stages] + [5])
-        lines += [f"  {key:<{width}}  {entry.get('status', '?'):<8} {entry.get('updated', '')}"
-                  for key, entry in stages.items()]
+        lines += modal_run.stage_lines(stages, runs, steps or {}, metrics)
     total = 0.0
     lines.append(f"GPU time (dr-zero-checkpoints/{RUNS_DIR}/, one record per container):")
     for run in sorted(runs, key=lambda r: r["started"]):
@@ -617,6 +647,7 @@ def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: 
                      f"  {hours:7.1f} GPU-h  ${hours * price_per_gpu_hour:9,.2f}  {state}")
     lines.append(f"cost so far: {total:.1f} GPU-hours ~ ${total * price_per_gpu_hour:,.2f} at "
                  f"${price_per_gpu_hour:.2f}/GPU-hour (GPU time only; Modal's billing page is the bill)")
+    lines.append(f"next: {modal_run.next_action(stages, runs)}")
     return "\n".join(lines)
 
 
@@ -637,7 +668,22 @@ def show_status(request: Request) -> int:
         entries = []
     runs = [json.loads(text) for entry in entries if entry.path.endswith(".json")
             if (text := read_volume_text(checkpoints_volume, entry.path)) is not None]
-    print(render_status(read_volume_text(checkpoints_volume, "state.json"), runs, request.price_per_gpu_hour))
+    state_text = read_volume_text(checkpoints_volume, "state.json")
+    steps, metrics = {}, {}
+    for key in (json.loads(state_text).get("stages", {}) if state_text else {}):
+        where = modal_run.step_file(key)
+        text = read_volume_text(checkpoints_volume, where) if where else None
+        if text and text.strip().isdigit():
+            steps[key] = int(text)
+        where = modal_run.summary_file(key)
+        text = read_volume_text(checkpoints_volume, where) if where else None
+        if text:
+            metrics[key] = modal_run.summary_text(json.loads(text))
+    print(render_status(state_text, runs, request.price_per_gpu_hour, steps, metrics))
+    from drzero.train.registry import REGISTRY
+
+    print("models on dr-zero-corpus (`python -m backends.modal download-model KEY` fetches one):")
+    print("\n".join(modal_run.model_lines(corpus_volume, REGISTRY)))
     return 0
 
 
@@ -700,7 +746,8 @@ def download_checkpoints(request: Request) -> int:
 
 
 # What each Function runs, for the launch summary (ingest and prepare-data add --db and --out themselves).
-WHAT_RUNS = {"train": "drzero evolve", "upload-model": "download into /corpus/models:", "ingest": "drzero ingest "
+WHAT_RUNS = {"train": "drzero evolve", "upload-model": "download into /corpus/models:",
+             "download-model": "download (resumable, verified) into /corpus/models:", "ingest": "drzero ingest "
         "[/corpus/sources] --db <local copy>", "prepare-data": f"drzero prepare-data --db <local copy> --out {SEEDS}"}
 
 
@@ -728,12 +775,22 @@ def _app_id() -> str:
 def _started(launch: Launch, call, detached: bool) -> None:
     app_id = _app_id()
     print(f"started {launch.action}: app {app_id}, call {call.object_id}")
-    print(f"  logs:    modal app logs {app_id} -f")
-    print(f"  stop:    modal app stop {app_id}")
+    print(f"  logs:    python -m backends.modal logs {app_id} --follow   (--errors: only the known failures)")
+    print(f"  stop:    python -m backends.modal stop {app_id}   (then `resume`)")
     print("  status:  python -m backends.modal status")
     if detached:
         print("it keeps running after this command exits; a crash or preemption is retried and resumes from the "
               "checkpoint volume")
+
+
+def record_launch(launch: Launch, call) -> None:
+    """The launch, for `logs`, `stop` and `resume` (backends.modal_run); a failure to record stops nothing."""
+    record = modal_run.launch_record(asdict(launch), _app_id(), call.object_id)
+    try:
+        modal_run.save_launch(checkpoints_volume, record)
+    except Exception as error:
+        print(f"[modal] could not record the launch on dr-zero-checkpoints ({error}); `resume` will not know it",
+              file=sys.stderr)
 
 
 def _call(launch: Launch, wait: bool) -> int:
@@ -749,6 +806,8 @@ def _call(launch: Launch, wait: bool) -> int:
         function = function.with_options(gpu=launch.gpu, **resources(launch.gpu))
     call = function.spawn(*launch.argv)
     _started(launch, call, detached=not wait)
+    if launch.action in GPU_STAGES:
+        record_launch(launch, call)
     if not wait:
         return 0
     try:
@@ -773,6 +832,8 @@ def run_request(request: Request, *, app_running: bool = False) -> int:
         return 2
     if request.action == "status":
         return show_status(request)
+    if request.action in ("logs", "stop", "resume"):
+        return operate(request, app_running=app_running)
     if request.action == "upload-corpus":
         return upload_corpus(request)
     if request.action == "download-checkpoints":
@@ -788,6 +849,33 @@ def run_request(request: Request, *, app_running: bool = False) -> int:
     except ValueError as error:
         print(f"{request.action}: {error}", file=sys.stderr)
         return 2
+    return launch(plan, request, app_running=app_running)
+
+
+def operate(request: Request, *, app_running: bool = False) -> int:
+    """logs, stop, resume of a launched run (default: the latest launch recorded on dr-zero-checkpoints)."""
+    try:
+        modal_run.check_since(request.since)
+    except ValueError as error:
+        print(f"{request.action}: {error}", file=sys.stderr)
+        return 2
+    record = modal_run.find_launch(checkpoints_volume, request.app_id)
+    app_id = request.app_id or (record or {}).get("app_id")
+    if request.action == "resume" and record is None or app_id is None:
+        which = f"of app {request.app_id} " if request.app_id else ""
+        print(f"{request.action}: no launch {which}is recorded on dr-zero-checkpoints/{modal_run.LAUNCHES_DIR}/ "
+              f"(runs launched by this version record one); give the app id from `modal app list`"
+              + ("" if request.action == "resume" else f" as `python -m backends.modal {request.action} APP_ID`"),
+              file=sys.stderr)
+        return 2
+    if request.action == "logs":
+        return modal_run.show_logs(app_id, errors=request.errors, since=request.since, follow=request.follow)
+    if request.action == "stop":
+        return modal_run.stop(app_id)
+    plan = Launch(**{**record["launch"], "detach": True,
+                     "required": [tuple(pair) for pair in record["launch"]["required"]]})
+    print(f"resuming {plan.action} launched {record['started']} (app {record['app_id']}) with the same arguments:")
+    print("\n".join(modal_run.resume_lines(record, read_volume_text(checkpoints_volume, "state.json"))))
     return launch(plan, request, app_running=app_running)
 
 
@@ -815,6 +903,9 @@ def parse_request(argv: Sequence[str]) -> Request:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Hydra overrides after `--` go to verl (challenger, solver, train).")
     parser.add_argument("action", choices=ACTIONS)
+    parser.add_argument("subject", nargs="?", metavar="MODEL|APP_ID",
+                        help="download-model: the model (a `drzero list-models` key or hub name); logs, stop, "
+                             "resume: the app id (default: the latest launch)")
     parser.add_argument("--iteration", type=int, default=1, help="iteration K of the loop (default: 1)")
     parser.add_argument("--model", help="base model: a `drzero list-models` key, a hub name or a volume path; "
                                         "evaluate: the model to evaluate (default: /checkpoints/solver_iterK_hf)")
@@ -832,12 +923,20 @@ def parse_request(argv: Sequence[str]) -> Request:
     parser.add_argument("--detach", action=argparse.BooleanOptionalAction, default=None,
                         help="return once started and keep running (default for the GPU stages)")
     parser.add_argument("--hours", type=float, help="expected hours, for the cost estimate")
+    parser.add_argument("--errors", action="store_true", help="logs: only the known failures, with context and fix")
+    parser.add_argument("--since", help="logs: from this long ago (30m, 2h, 1d) or an ISO date")
+    parser.add_argument("--follow", "-f", action="store_true", help="logs: keep streaming until the app stops")
     parser.add_argument("--price-per-gpu-hour", type=float, default=PRICE_PER_GPU_HOUR,
                         help=f"for estimates and status (default: {PRICE_PER_GPU_HOUR:.2f}, from "
                              f"$DRZERO_MODAL_PRICE_PER_GPU_HOUR)")
     args = parser.parse_args(argv)
+    if args.subject and args.action not in ("download-model", "logs", "stop", "resume"):
+        parser.error(f"{args.action} takes no positional argument (got {args.subject!r}); options start with --")
+    if args.action == "download-model":  # `download-model MODEL`
+        args.model, args.subject = args.model or args.subject, None
     return Request(args.action, args.iteration, args.model, args.gpu, args.stage, args.data, args.path,
-                   shlex.split(args.stage_args), overrides, args.detach, args.hours, args.price_per_gpu_hour)
+                   shlex.split(args.stage_args), overrides, args.detach, args.hours, args.price_per_gpu_hour,
+                   args.subject, args.errors, args.since, args.follow)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOLUME_NAMES = {"/corpus": "dr-zero-corpus", "/checkpoints": "dr-zero-checkpoints"}
 GPU_STAGES = ["challenger", "gen_data", "solver", "merge", "evaluate", "train"]
 CPU_FUNCTIONS = ["ingest", "prepare_data", "list_models", "download_model", "preflight"]
+RETRIED_CPU_FUNCTIONS = ["download_model"]  # resumable: a preempted download continues
 
 
 # -- the Functions' specs ------------------------------------------------------------------------
@@ -50,7 +51,8 @@ def test_smoke_gets_one_h100_for_30_minutes_and_no_retries():
 @pytest.mark.parametrize("name", CPU_FUNCTIONS)
 def test_cpu_functions_have_no_gpu_and_the_same_volumes(name):
     info = getattr(mb, name).info()
-    assert info.gpus == [] and info.timeout <= 12 * 60 * 60 and not info.max_retries
+    assert info.gpus == [] and info.timeout <= 12 * 60 * 60
+    assert info.max_retries == (5 if name in RETRIED_CPU_FUNCTIONS else None) or not info.max_retries
     assert {path: mount.name for path, mount in info.volumes.items()} == VOLUME_NAMES
 
 
@@ -62,9 +64,29 @@ def test_gpu_type_and_count_are_chosen_per_launch_with_with_options():
     for bad in ("H100:eight", "H100:0", "H100:16", ""):
         with pytest.raises(ValueError, match="TYPE:COUNT"):
             mb.parse_gpu(bad)
-    assert mb.gpu_args("train", 8) == ["--gpus", "8", "--sglang-dp", "4", "--sglang-tp", "2"]
+    assert mb.gpu_args("train", 8) == ["--gpus", "8"]  # the stage's recipe shapes its SGLang servers
+    assert mb.gpu_args("train", 8, "H200") == ["--gpus", "8", "--gpu", "H200"]
+    assert mb.gpu_args("challenger", 4) == ["--gpus", "4", "--sglang-dp", "2", "--sglang-tp", "2"]
     assert mb.gpu_args("solver", 1) == ["--gpus", "1", "--rollout-tp", "1"]
+    assert [mb.gpu_kind(spec) for spec in ("H100!:8", "h200:8", "A100-80GB:8", "T4:1")] == ["H100", "H200",
+                                                                                            "A100-80GB", None]
     assert mb.gpu_args("merge", 8) == []
+
+
+@pytest.mark.parametrize("gpu, reward_server", [("H200:8", (2, 4, 0.25)), ("H100:8", (2, 4, 0.3)),
+                                                 ("H100:4", (2, 2, 0.5))])
+def test_the_challenger_on_modal_gets_the_models_recipe_for_the_gpu_it_runs_on(gpu, reward_server):
+    """What the Function runs, parsed by drzero itself: on a full node the registry's recipe for that GPU shapes
+    the reward server (qwen3-32b: dp 2 x tp 4); off it the launch sizes dp x tp to the GPUs."""
+    from drzero.config import add_config_arguments, config_from_args
+    from drzero.train.stages import ChallengerConfig
+    import argparse
+
+    plan = mb.plan_launch(mb.Request("challenger", model="qwen3-32b", gpu=gpu))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ChallengerConfig)
+    cfg = config_from_args(ChallengerConfig, parser.parse_args(plan.argv))
+    assert cfg.reward_server() == reward_server and cfg.gpu == mb.gpu_kind(gpu)
 
 
 def test_the_image_is_docker_Dockerfile_with_the_code_added_last():
@@ -156,6 +178,7 @@ def modal_calls(monkeypatch):
 
     monkeypatch.setattr(mb.app, "run", run)
     monkeypatch.setattr(mb, "_app_id", lambda: "ap-test")
+    monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume({}))  # where launches are recorded
     return log
 
 
@@ -164,7 +187,7 @@ def _calls(log, kind):
 
 
 H100 = {"gpu": "H100:8", "cpu": 64.0, "memory": 8 * 64 * 1024}
-SGLANG_8 = ["--gpus", "8", "--sglang-dp", "4", "--sglang-tp", "2"]
+SGLANG_8 = ["--gpus", "8", "--gpu", "H100"]
 
 CASES = [
     # (command line, Function, its arguments, with_options, preflight `drzero` argv or None, detached)
@@ -178,10 +201,10 @@ CASES = [
      "challenger", ("--iteration", "2", "--model", "qwen3-32b", *SGLANG_8, "--", "trainer.total_training_steps=5"),
      H100, ["preflight", "challenger"], True),
     (["gen-data", "--gpu", "H200:4"], "gen_data",
-     ("--iteration", "1", "--gpus", "4", "--sglang-dp", "2", "--sglang-tp", "2"),
+     ("--iteration", "1", "--gpus", "4", "--gpu", "H200", "--sglang-dp", "2", "--sglang-tp", "2"),
      {"gpu": "H200:4", "cpu": 32.0, "memory": 4 * 64 * 1024}, ["gen-data", "--dry-run"], True),
     (["solver", "--iteration", "3", "--gpu", "H100:1", "--no-detach"], "solver",
-     ("--iteration", "3", "--gpus", "1", "--rollout-tp", "1"), {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024},
+     ("--iteration", "3", "--gpus", "1", "--gpu", "H100", "--rollout-tp", "1"), {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024},
      ["preflight", "solver"], False),
     (["merge", "--stage", "challenger", "--iteration", "2"], "merge", ("--stage", "challenger", "--iteration", "2"),
      H100, ["merge", "--dry-run"], True),
@@ -192,6 +215,9 @@ CASES = [
      ["evolve", "--dry-run"], True),
     (["list-models"], "list_models", (), None, None, False),
     (["upload-model", "--model", "qwen3-32b"], "download_model", ("Qwen/Qwen3-32B", "Qwen3-32B"), None, None, False),
+    (["download-model", "qwen3-32b"], "download_model", ("Qwen/Qwen3-32B", "Qwen3-32B"), None, None, False),
+    (["download-model", "someorg/Tiny-Model"], "download_model", ("someorg/Tiny-Model", "Tiny-Model"), None, None,
+     False),
 ]
 
 
@@ -217,7 +243,8 @@ def test_every_action_calls_its_function_with_the_right_arguments(modal_calls, c
     assert _calls(log, "get") == ([] if detached else [("get", function)])
     out = capsys.readouterr().out
     if detached:
-        assert "modal app logs ap-test -f" in out and "modal app stop ap-test" in out and "app ap-test" in out
+        assert "backends.modal logs ap-test --follow" in out and "backends.modal stop ap-test" in out
+        assert "app ap-test" in out
 
 
 def test_a_failed_preflight_starts_no_gpu(modal_calls, capsys):
@@ -244,7 +271,8 @@ def test_the_seed_guides_modal_run_form_uses_the_running_app(modal_calls):
     mb.main(action="solver", iteration=2, model="qwen3-8b", gpu="H200:8", overrides="trainer.save_freq=5")
     assert _calls(modal_calls, "app.run") == []          # `modal run` started the app already
     (_, _, args), = _calls(modal_calls, "spawn")
-    assert args == ("--iteration", "2", "--model", "qwen3-8b", *SGLANG_8[:2], "--", "trainer.save_freq=5")
+    assert args == ("--iteration", "2", "--model", "qwen3-8b", "--gpus", "8", "--gpu", "H200", "--",
+                    "trainer.save_freq=5")
     assert _calls(modal_calls, "with_options")[0][2]["gpu"] == "H200:8"
     assert _calls(modal_calls, "get") == [("get", "solver")]   # waits: `modal run --detach` keeps it alive
 
@@ -305,22 +333,31 @@ class FakeVolume:
     def listdir(self, path, recursive=False):
         from modal.volume import FileEntryType
 
-        found = [SimpleNamespace(path=name, type=FileEntryType.FILE) for name in self.files
-                 if name.startswith(path.strip("/") + "/")]
+        prefix = path.strip("/") + "/"
+        found = [SimpleNamespace(path=name, type=FileEntryType.FILE) for name in self.files if name.startswith(prefix)]
+        if not recursive:  # Modal lists the direct children only, directories as one entry each
+            children = {prefix + e.path[len(prefix):].split("/")[0]: "/" in e.path[len(prefix):] for e in found}
+            found = [SimpleNamespace(path=name, type=FileEntryType.DIRECTORY if is_dir else FileEntryType.FILE)
+                     for name, is_dir in children.items()]
         if not found:
             raise modal.exception.NotFoundError(f"{path} not found")
         return found
 
     @contextlib.contextmanager
     def batch_upload(self, force=False):
-        batch = SimpleNamespace(put_directory=lambda local, remote: self.uploads.append(("dir", local, remote)),
-                                put_file=lambda local, remote: self.uploads.append(("file", local, remote)))
-        yield batch
+        def put_file(local, remote):
+            self.uploads.append(("file", local, remote))
+            if hasattr(local, "read"):  # a file object: its bytes land on the volume
+                self.files[remote.lstrip("/")] = local.read()
+
+        yield SimpleNamespace(put_directory=lambda local, remote: self.uploads.append(("dir", local, remote)),
+                              put_file=put_file)
 
 
 def test_status_reads_state_json_and_adds_up_the_recorded_gpu_time(monkeypatch, capsys):
     files = {"state.json": json.dumps(STATE).encode(), **{k: json.dumps(v).encode() for k, v in RUNS.items()}}
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume(files))
+    monkeypatch.setattr(mb, "corpus_volume", FakeVolume({}))
     assert mb.cli(["status", "--price-per-gpu-hour", "4"]) == 0
     out = capsys.readouterr().out
     assert "2 of 3 recorded are done" in out
@@ -332,9 +369,38 @@ def test_status_reads_state_json_and_adds_up_the_recorded_gpu_time(monkeypatch, 
 
 def test_status_before_any_run(monkeypatch, capsys):
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume({}))
+    monkeypatch.setattr(mb, "corpus_volume", FakeVolume({}))
     assert mb.cli(["status"]) == 0
     out = capsys.readouterr().out
     assert "no stage has run" in out and "cost so far: 0.0 GPU-hours" in out
+    assert "next: python -m backends.modal train" in out and "qwen3-32b" in out and "missing" in out
+
+
+def test_status_tells_a_failed_stage_its_verl_step_the_next_action_and_the_models_on_the_volume(monkeypatch, capsys):
+    state = {"stages": {**STATE["stages"], "iter1/merge-challenger": {"status": "done", "updated": "2026-11-26T14:05:00Z"},
+                        "iter1/gen-data": {"status": "done", "updated": "2026-11-26T15:00:00Z"},
+                        "iter1/solver": {"status": "running", "updated": "2026-11-26T15:01:00Z"},
+                        "iter1/evaluate": {"status": "done", "updated": "2026-11-26T19:00:00Z"}}}
+    crashed = {**RUNS["runs/2026-11-26T123100Z-evolve-ta-2.json"], "ended": "2026-11-26T16:00:00Z", "exit_code": 1}
+    files = {"state.json": json.dumps(state).encode(), "runs/a.json": json.dumps(crashed).encode(),
+             "solver_iter1/latest_checkpointed_iteration.txt": b"30\n",
+             "challenger_iter1/latest_checkpointed_iteration.txt": b"50",
+             "eval/iter1/summary.json": json.dumps({"overall": {"questions": 500, "em": 0.4123, "f1": 0.5}}).encode()}
+    models = {"models/Qwen3-8B/config.json": b"{}",
+              "models/Qwen3-8B/.drzero-download.json": json.dumps({"complete": True}).encode(),
+              "models/Qwen3-14B/.drzero-download.json": json.dumps({"complete": False}).encode(),
+              "models/Qwen2.5-3B-Instruct/config.json": b"{}"}
+    monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume(files))
+    monkeypatch.setattr(mb, "corpus_volume", FakeVolume(models))
+    assert mb.cli(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "iter1/challenger        done" in out and "verl step 50" in out
+    assert "iter1/solver            failed (exit 1)" in out and "verl step 30" in out
+    assert "iter1/evaluate          done" in out and "EM 0.412, F1 0.500" in out
+    assert "next: python -m backends.modal logs --errors   then fix what it names and `python -m backends.modal resume`" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if "/corpus/models/" in line}
+    assert lines["qwen3-8b"].endswith("verified") and lines["qwen3-14b"].endswith("incomplete: run download-model again")
+    assert lines["qwen2.5-3b-instruct"].endswith("present") and lines["qwen3-32b"].endswith("missing")
 
 
 def test_upload_corpus_tells_a_chroma_store_from_documents(monkeypatch, tmp_path, capsys):
@@ -358,3 +424,113 @@ def test_download_checkpoints_fetches_the_merged_model_and_state(monkeypatch, tm
     got = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert got == ["solver_iter2_hf/config.json", "solver_iter2_hf/model.safetensors", "state.json"]
     assert mb.cli(["download-checkpoints", "--iteration", "3", "--path", str(tmp_path)]) == 1
+
+
+# -- download-model --------------------------------------------------------------------------------
+
+
+def test_download_model_is_a_retried_cpu_function_with_the_hub_token_and_the_corpus_volume():
+    info = mb.download_model.info()
+    assert info.gpus == [] and info.max_retries == 5 and info.timeout == 6 * 60 * 60 and info.cpu == 8.0
+    assert info.secrets == ["modal.Secret.from_name('huggingface-secret')"]
+    assert info.volumes["/corpus"].name == "dr-zero-corpus"
+
+
+def test_download_model_downloads_into_the_models_directory_and_commits_the_corpus_volume(monkeypatch):
+    from drzero import model_download
+
+    seen = {}
+
+    def download_from_hub(repo_id, target, *, commit, log):
+        seen.update(repo_id=repo_id, target=str(target), commit=commit)
+        log("done")
+        return {"path": str(target), "size": 3, "fetched": 3, "skipped": False}
+
+    volume = SimpleNamespace(commit=lambda: None)
+    monkeypatch.setattr(model_download, "download_from_hub", download_from_hub)
+    monkeypatch.setattr(mb, "corpus_volume", volume)
+    result = mb.download_model.local("Qwen/Qwen3-8B", "Qwen3-8B")
+    assert seen == {"repo_id": "Qwen/Qwen3-8B", "target": "/corpus/models/Qwen3-8B", "commit": volume.commit}
+    assert result["exit_code"] == 0 and result["size"] == 3
+
+
+@pytest.mark.parametrize("model", ["", "./weights", "/abs/dir", "a/b/c"])
+def test_download_model_refuses_what_is_not_a_key_or_hub_name(modal_calls, capsys, model):
+    assert mb.cli(["download-model", *([model] if model else [])]) == 2
+    assert "not a `drzero list-models` key or a hub name" in capsys.readouterr().err and modal_calls == []
+
+
+# -- logs, stop, resume ----------------------------------------------------------------------------
+
+
+def _launched(modal_calls, argv):
+    assert mb.cli(argv) == 0
+    volume = mb.checkpoints_volume
+    (path,) = [name for name in volume.files if name.startswith("launches/")]
+    return volume, json.loads(volume.files[path])
+
+
+def test_a_gpu_launch_is_recorded_on_the_checkpoints_volume(modal_calls):
+    volume, record = _launched(modal_calls, ["train", "--model", "qwen3-8b", "--gpu", "H200:8",
+                                             "--stage-args=--iterations 2"])
+    assert record["app_id"] == "ap-test" and record["call_id"] == "fc-test"
+    assert record["launch"]["function"] == "train" and record["launch"]["gpu"] == "H200:8"
+    assert record["launch"]["argv"] == ["--model", "qwen3-8b", "--gpus", "8", "--gpu", "H200", "--iterations", "2"]
+    assert mb.cli(["list-models"]) == 0 and len([n for n in volume.files if n.startswith("launches/")]) == 1
+
+
+def test_resume_makes_the_recorded_call_again_and_says_what_it_skips(modal_calls, capsys):
+    volume, record = _launched(modal_calls, ["train", "--model", "qwen3-8b", "--gpu", "H200:8",
+                                             "--stage-args=--iterations 2", "--", "trainer.save_freq=10"])
+    volume.files["state.json"] = json.dumps({"stages": {
+        "prepare-data": {"status": "done", "updated": "2026-11-30T10:00:00Z"},
+        "iter1/challenger": {"status": "done", "updated": "2026-11-30T14:00:00Z"},
+        "iter1/merge-challenger": {"status": "running"}}}).encode()
+    first = list(modal_calls)
+    modal_calls.clear()
+    capsys.readouterr()
+    assert mb.cli(["resume"]) == 0
+    assert _calls(modal_calls, "spawn") == _calls(first, "spawn")          # the same Function, the same arguments
+    assert _calls(modal_calls, "with_options") == _calls(first, "with_options")   # on the same GPUs
+    assert _calls(modal_calls, "remote")[0][2] == _calls(first, "remote")[0][2]   # and the same preflight
+    out = capsys.readouterr().out
+    assert "resuming train launched" in out and "(app ap-test)" in out
+    assert "  skip    iter1/challenger  (done 2026-11-30T14:00:00Z)" in out
+    assert "  resume  iter1/merge-challenger" in out and "  run     iter2/merge-solver" in out
+    assert "iter1/evaluate" not in out  # evolve evaluates only with --eval-data
+
+
+def test_logs_read_the_latest_launch_with_the_fixes_and_errors_only(modal_calls, monkeypatch, capsys):
+    _launched(modal_calls, ["solver", "--iteration", "2"])
+    commands = []
+
+    def fake_log_lines(command):
+        commands.append(command)
+        return iter(["[solver] step:3 - critic/score/mean:0.4\n",
+                     "[solver] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"])
+
+    monkeypatch.setattr(mb.modal_run, "log_lines", fake_log_lines)
+    capsys.readouterr()
+    assert mb.cli(["logs", "--since", "2h"]) == 0
+    assert commands[-1][-5:] == ["app", "logs", "ap-test", "--since", "2h"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[solver] step:3 - critic/score/mean:0.4" and out[2].startswith(">>> CUDA out of memory: run `drzero memory")
+    assert mb.cli(["logs", "ap-other", "--errors", "-f"]) == 0
+    assert commands[-1][-3:] == ["logs", "ap-other", "-f"]
+    assert capsys.readouterr().out.startswith("== CUDA out of memory (line 2)")
+    assert mb.cli(["logs", "--since", "yesterday"]) == 2
+
+
+def test_stop_stops_the_latest_app_through_modals_cli(modal_calls, monkeypatch, capsys):
+    _launched(modal_calls, ["challenger"])
+    calls = []
+    monkeypatch.setattr(mb.modal_run.subprocess, "call", lambda command: calls.append(command) or 0)
+    assert mb.cli(["stop"]) == 0
+    assert calls == [[sys.executable, "-m", "modal", "app", "stop", "ap-test", "--yes"]]
+    assert "python -m backends.modal resume" in capsys.readouterr().out
+
+
+def test_without_a_recorded_launch_logs_and_resume_ask_for_the_app_id(modal_calls, capsys):
+    assert mb.cli(["resume"]) == 2 and mb.cli(["logs"]) == 2
+    assert "give the app id from `modal app list`" in capsys.readouterr().err
+    assert _calls(modal_calls, "spawn") == []

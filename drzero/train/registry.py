@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.config import option
+from drzero.model_download import local_state
 from drzero.train.shapes import GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
 
 OFFLOAD = ("actor_rollout_ref.actor.fsdp_config.param_offload=True",
@@ -124,8 +125,8 @@ def resolve_model(name: str) -> ResolvedModel:
     candidates = []
     if models_dir():
         candidates += [models_dir() / (entry.local_dir if entry else Path(hub).name), models_dir() / hub]
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
+    for candidate in candidates:  # a download still under way has its config.json first: not yet a model
+        if (candidate / "config.json").is_file() and local_state(candidate) != "incomplete":
             return ResolvedModel(name, str(candidate.resolve()), True,
                                  entry.tool_call_parser if entry else "qwen25", entry)
     return ResolvedModel(name, hub, False, entry.tool_call_parser if entry else "qwen25", entry)
@@ -150,10 +151,10 @@ def render_registry() -> str:
     rows = [("key", "hub name", "local weights", "parser", "tp", "note")]
     for entry in REGISTRY.values():
         local = root / entry.local_dir if root else None
-        where = f"{local} ({'present' if (local / 'config.json').is_file() else 'missing'})" if local else \
-            "set DRZERO_MODELS_DIR"
+        where = f"{local} ({local_state(local)})" if local else "set DRZERO_MODELS_DIR"
         rows.append((entry.key + (" *" if entry.key == DEFAULT_MODEL else ""), entry.hub_name, where,
                      entry.tool_call_parser, str(entry.suggested_tp), entry.note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines + ["* default for every stage (--model)"])
+    return "\n".join(lines + ["* default for every stage (--model); local weights: verified (downloaded and checked), "
+                              "present, incomplete (run the download again to continue) or missing"])
