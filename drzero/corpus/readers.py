@@ -117,10 +117,9 @@ def record_to_document(record: object, source: str, fields: RecordFields = Recor
         title, text = first.strip().strip('"'), rest
         if not text.strip():
             raise _unreadable(record, "field 'contents' holds a title line but no text", "--text-field", text_names)
-    missing = [k for k in fields.prepend_fields if k not in record]
-    if missing:
-        raise _unreadable(record, f"no field {missing[0]!r} to prepend", "--prepend-fields", tuple(missing))
-    lines = [f"{k.replace('_', ' ').capitalize()}: {flatten_value(record[k])}" for k in fields.prepend_fields]
+    # A field a record lacks (or holds empty) is left out of its lines, not an error: records vary.
+    lines = [f"{k.replace('_', ' ').capitalize()}: {value}" for k in fields.prepend_fields
+             if (value := flatten_value(record.get(k))) not in (None, "")]
     if lines:
         text = "\n".join(lines) + "\n\n" + text.strip()
     used = {text_key, title_key, "source"}
