@@ -11,6 +11,7 @@ import pytest
 from conftest import drzero_command, start_retriever, stop
 from drzero.corpus.adopt import AdoptConfig, run_adopt
 from drzero.corpus.embedder import TEST_EMBEDDER
+from drzero.corpus.ingest import IngestConfig, run_ingest
 from drzero.corpus.store import CorpusStore, StoreError
 
 ABSTRACTS = [
@@ -44,7 +45,7 @@ def _minilm_with_passage_prefix(minilm):
 
 def test_an_adopted_store_is_served_as_stored(tmp_path, minilm):
     db = _foreign_store(tmp_path / "chromadb", _minilm_with_passage_prefix(minilm))
-    with pytest.raises(StoreError, match="records no embedder"):
+    with pytest.raises(StoreError, match="records no embedder .* `drzero adopt --db .* --collection papers"):
         CorpusStore.open_existing(db, "papers")
     result = subprocess.run(drzero_command("adopt", "--db", str(db), "--collection", "papers", "--embedder", "minilm"),
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -100,3 +101,12 @@ def test_adopt_names_the_collections_there(tmp_path, minilm):
     db = _foreign_store(tmp_path / "chromadb", _minilm_with_passage_prefix(minilm))
     with pytest.raises(StoreError, match="collection 'docs' not found .*papers"):
         run_adopt(AdoptConfig(db=str(db), collection="docs", embedder="minilm"))
+
+
+def test_ingest_into_a_foreign_collection_points_at_adopt(tmp_path, minilm):
+    db = _foreign_store(tmp_path / "chromadb", _minilm_with_passage_prefix(minilm))
+    (tmp_path / "more.txt").write_text("One more document about obfuscation.")
+    with pytest.raises(StoreError, match="records no embedder; .*drzero adopt"):
+        run_ingest(IngestConfig(sources=[str(tmp_path / "more.txt")], db=str(db), collection="papers",
+                                embedder="minilm"))
+    assert CorpusStore.open_for_writing(db, "papers").count() == len(ABSTRACTS)
