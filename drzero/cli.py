@@ -2,6 +2,7 @@
 
     drzero ingest SOURCE... --db DIR        build or extend the corpus collection
     drzero ingest --demo --db DIR           the bundled demo research world
+    drzero adopt --db DIR --collection C --embedder M   use a collection another system built
     drzero serve-retriever --db DIR         the Search-R1-compatible retrieval service
     drzero search "query" --db DIR          query the collection from the shell (no server)
     drzero prepare-data --db DIR            the proposer's seed parquet for verl
@@ -31,6 +32,13 @@ def _ingest(args: argparse.Namespace) -> int:
 
     summary = run_ingest(config_from_args(IngestConfig, args))
     print(summary.render())
+    return 0
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    from drzero.corpus.adopt import AdoptConfig, run_adopt
+
+    print(run_adopt(config_from_args(AdoptConfig, args)).render())
     return 0
 
 
@@ -177,6 +185,7 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int]]]:
+    from drzero.corpus.adopt import AdoptConfig
     from drzero.corpus.ingest import IngestConfig
     from drzero.retrieval.search_cli import SearchConfig
     from drzero.data.seed import PrepareDataConfig
@@ -193,6 +202,8 @@ def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int
 
     return {
         "ingest": ("read, split, embed and store documents in the ChromaDB corpus", IngestConfig, _ingest),
+        "adopt": ("record the embedder of a collection another system built, after checking its vectors",
+                  AdoptConfig, _adopt),
         "serve-retriever": ("serve the corpus over HTTP (Search-R1 /retrieve contract)", RetrieverConfig,
                             _serve_retriever),
         "search": ("query the corpus from the shell, without a server", SearchConfig, _search),

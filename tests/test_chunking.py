@@ -57,3 +57,18 @@ def test_passages_carry_title_and_stable_content_hash_ids():
     assert first[0].id == passage_id(first[0].contents)
     assert [p.chunk for p in first] == list(range(len(first)))
     assert first[1].metadata == {"title": "iO survey", "source": "a.txt", "chunk": 1}
+
+
+def test_text_without_spaces_or_sentence_ends_is_cut_at_max_chars():
+    chunks = split_text("x" * 1_000_010, max_words=200)
+    assert max(len(c) for c in chunks) == 200 * 12 and sum(len(c) for c in chunks) == 1_000_010
+    one_line = " ".join(["word"] * 5000)   # spaces but no sentence ends: words and chars both bound it
+    assert all(len(c.split()) <= 200 and len(c) <= 2400 for c in split_text(one_line))
+
+
+def test_record_metadata_travels_with_each_passage():
+    doc = Document(title="T", text=_sentences(30), source="p.json#0", metadata={"authors": "A; B", "year": 2021})
+    passages = split_document(doc)
+    assert len(passages) > 1
+    assert all(p.metadata == {"authors": "A; B", "year": 2021, "title": "T", "source": "p.json#0",
+                              "chunk": p.chunk} for p in passages)

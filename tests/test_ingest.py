@@ -254,3 +254,32 @@ def test_verify_finds_passages_the_index_lost_and_repairs_them(tmp_path):
     contents = store.records(lost[:1])[1][0]
     hit = store.query(Embedder.from_name(TEST_EMBEDDER).encode_passages([contents]), 1)[0][0]
     assert hit.id == lost[0] and hit.score > 0.99
+
+
+def test_papers_shaped_json_ingests_with_no_flags(tmp_path):
+    papers = [{"title": f"Paper {i}", "title_citation": f"P{i}", "topic": "iO",
+               "authors": [{"value": f"Author {i}"}, {"value": "Coauthor"}],
+               "abstract": f"Paper {i} builds obfuscation from assumption {i}. It also studies lattices."}
+              for i in range(5)]
+    papers.append({"title": "Long", "abstract": "indistinguishability " * 150, "authors": []})  # ~5 tokens a word
+    path = tmp_path / "papers.json"
+    path.write_text(json.dumps({"papers": papers}))
+    db = tmp_path / "db"
+    summary = run_ingest(IngestConfig(sources=[str(path)], db=str(db), embedder="minilm"))
+    assert summary.records_read == 6 and summary.skipped == []
+    assert summary.wrappers == {str(path): "papers"}
+    assert summary.window_tokens == 256 and summary.over_window >= 1
+    rendered = summary.render()
+    assert "from its key 'papers'" in rendered and "longer than 256 tokens" in rendered
+    got = CorpusStore.open_existing(db).collection.get(where={"title": "Paper 3"}, include=["metadatas"])
+    assert got["metadatas"][0]["authors"] == "Author 3; Coauthor" and got["metadatas"][0]["title_citation"] == "P3"
+
+
+def test_prepend_fields_make_authors_searchable(tmp_path):
+    path = tmp_path / "papers.json"
+    path.write_text(json.dumps({"papers": [{"title": "On iO", "abstract": "Obfuscation.",
+                                            "authors": [{"value": "Ada Lovelace"}]}]}))
+    db = tmp_path / "db"
+    run_ingest(IngestConfig(sources=[str(path)], db=str(db), embedder="minilm", prepend_fields=["authors"]))
+    [document] = CorpusStore.open_existing(db).collection.get()["documents"]
+    assert document == "On iO\nAuthors: Ada Lovelace Obfuscation."   # passages join sentences with spaces

@@ -1,6 +1,8 @@
 import json
+import os
 
-from drzero.corpus.readers import ReadReport, expand_sources, read_documents
+from drzero.corpus import readers
+from drzero.corpus.readers import ReadReport, RecordFields, expand_sources, read_documents
 
 
 def _minimal_pdf(text: str) -> bytes:
@@ -66,3 +68,116 @@ def test_bad_files_and_records_are_skipped_with_a_reason(tmp_path):
     assert "'text'" in reasons[f"{tmp_path / 'mixed.jsonl'}:1"]
     assert f"{tmp_path / 'mixed.jsonl'}:2" in reasons
     assert "no such file" in reasons[str(tmp_path / "missing.txt")]
+
+
+def _papers_file(tmp_path):
+    """A corpus in the shape of a previous system's export: a "papers" wrapper, abstracts, authors as objects."""
+    papers = [
+        {"title": "Obfuscation from well-founded assumptions", "title_citation": "JLS21",
+         "authors": [{"value": "A. Jain"}, {"value": "H. Lin"}, {"value": "A. Sahai"}],
+         "abstract": "We construct indistinguishability obfuscation from four well-founded assumptions.",
+         "topic": "iO constructions", "year": 2021},
+        {"title": "Candidate multilinear maps", "title_citation": "GGH13",
+         "authors": [{"value": "S. Garg"}, {"value": "C. Gentry"}],
+         "abstract": "We describe plausible lattice-based constructions with properties like multilinear maps.",
+         "topic": "multilinear maps", "year": 2013},
+    ]
+    path = tmp_path / "papers.json"
+    path.write_text(json.dumps({"papers": papers, "exported": "2026-11-30"}))
+    return path
+
+
+def test_papers_shaped_json_reads_with_no_flags(tmp_path):
+    documents, report = _read([_papers_file(tmp_path)])
+    assert report.skipped == [] and report.records_read == 2 and report.files_read == 1
+    assert report.wrappers == {str(tmp_path / "papers.json"): "papers"}
+    first = documents[0]
+    assert first.title == "Obfuscation from well-founded assumptions"
+    assert first.text.startswith("We construct indistinguishability obfuscation")
+    assert first.metadata == {"title_citation": "JLS21", "authors": "A. Jain; H. Lin; A. Sahai",
+                              "topic": "iO constructions", "year": 2021}
+
+
+def test_fields_are_chosen_by_flag(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text(json.dumps({"headline": "Witness encryption", "summary": "WE from iO.", "team": ["X", "Y"],
+                                "title": "ignored", "topic": "WE"}) + "\n")
+    report = ReadReport()
+    fields = RecordFields(text_field="summary", title_field="headline", metadata_fields=("team",),
+                          prepend_fields=("team", "topic"))
+    [document] = read_documents([path], report, fields)
+    assert document.title == "Witness encryption"
+    assert document.text == "Team: X; Y\nTopic: WE\n\nWE from iO."
+    assert document.metadata == {"team": "X; Y"}
+
+
+def test_an_unreadable_record_names_its_keys_and_the_flag(tmp_path):
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps([{"headline": "H", "summary": "S"}]))
+    documents, report = _read([path])
+    assert documents == []
+    [(where, why)] = report.skipped
+    assert where == f"{path}#0"
+    assert "headline, summary" in why and "--text-field" in why
+
+
+def test_two_lists_of_records_are_named_not_guessed(tmp_path):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps({"papers": [{"text": "a"}], "talks": [{"text": "b"}]}))
+    documents, report = _read([path])
+    assert documents == [] and report.files_read == 0 and report.records_read == 0
+    assert "papers, talks" in dict(report.skipped)[str(path)]
+
+
+def test_a_bad_byte_costs_its_line_only(tmp_path):
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps({"title": f"T{i}", "text": f"Record {i}."}).encode() for i in range(1000)]
+    lines[500] = b'{"title": "bad", "text": "caf\xe9"}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    documents, report = _read([path])
+    assert len(documents) == 999 and report.records_read == 999 and report.files_read == 1
+    [(where, why)] = report.skipped
+    assert where == f"{path}:501" and "UTF-8" in why
+
+
+def test_a_file_that_fails_midway_counts_nothing(tmp_path):
+    path = tmp_path / "half.json"
+    path.write_text('[{"text": "one"}, {"text": "two"}')   # truncated JSON: the whole file is unreadable
+    documents, report = _read([path])
+    assert documents == [] and report.records_read == 0 and report.files_read == 0
+
+
+def test_nul_bytes_are_no_text(tmp_path):
+    (tmp_path / "zeros.txt").write_bytes(b"\x00" * 100_000)
+    documents, report = _read([tmp_path])
+    assert documents == [] and "empty" in dict(report.skipped)[str(tmp_path / "zeros.txt")]
+
+
+def test_a_deep_tree_and_a_symlink_loop_are_walked(tmp_path):
+    deep = tmp_path / "root"
+    deep.mkdir()
+    current = deep
+    for _ in range(1100):   # deeper than Python's recursion limit (mkdir(parents=True) itself recurses)
+        current = current / "d"
+        os.mkdir(current)
+    (current / "bottom.txt").write_text("At the bottom.")
+    (deep / "top.txt").write_text("At the top.")
+    os.symlink(deep, deep / "loop")
+    try:
+        documents, report = _read([deep])
+    finally:
+        # removed bottom-up here: pytest's own tmp cleanup (shutil.rmtree) recurses and would fail on it
+        (current / "bottom.txt").unlink()
+        while current != deep:
+            os.rmdir(current)
+            current = current.parent
+    assert sorted(d.text for d in documents) == ["At the bottom.", "At the top."]
+    assert "not followed" in dict(report.skipped)[str(deep / "loop")]
+
+
+def test_a_huge_file_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "HUGE_FILE_BYTES", 1000)
+    path = tmp_path / "big.txt"
+    path.write_text("word " * 1000)
+    documents, report = _read([path])
+    assert len(documents) == 1 and report.huge_files == [(str(path), 5000)]

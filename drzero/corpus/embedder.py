@@ -96,6 +96,17 @@ class Embedder:
     def from_name(cls, name: str, device: str = "cpu", **kwargs) -> "Embedder":
         return cls(spec_for(name), device=device, **kwargs)
 
+    @property
+    def max_tokens(self) -> int | None:
+        """The model's window (``max_seq_length``): tokens past it are cut before embedding."""
+        value = getattr(self.model, "max_seq_length", None)
+        return int(value) if value else None
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as the model's tokenizer counts them, special tokens included."""
+        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
     def _encode(self, texts: list[str], prefix: str) -> np.ndarray:
         with self._lock:
             vectors = self.model.encode(

@@ -30,7 +30,7 @@ from drzero.config import ConfigError, option, require
 from drzero.corpus.chunking import Passage, split_document
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
-from drzero.corpus.readers import ReadReport, expand_sources, read_documents
+from drzero.corpus.readers import ReadReport, RecordFields, expand_sources, read_documents
 from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, StoreError, writer_lock
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,15 @@ class IngestConfig:
         f"sentence-transformers model name or local directory; aliases: minilm, e5-large-v2. Default: the "
         f"collection's own embedder when it exists, else {TEST_EMBEDDER} for --demo and {PRODUCTION_EMBEDDER} "
         f"otherwise"))
+    text_field: str | None = option(None, metavar="KEY", help=(
+        "JSON records: the field holding the text (default: the first of text, contents, abstract, body, content)"))
+    title_field: str | None = option(None, metavar="KEY", help=(
+        "JSON records: the field holding the title (default: title, else name)"))
+    metadata_fields: list[str] = option([], metavar="KEY", help=(
+        "JSON records: the fields kept as passage metadata (default: every other field; lists are joined)"))
+    prepend_fields: list[str] = option([], metavar="KEY", help=(
+        "JSON records: fields written as 'Key: value' lines before the text, so they are embedded and "
+        "searchable (e.g. authors topic)"))
     query_prefix: str | None = option(None, help="override the model's query prefix (e5: 'query: ')")
     passage_prefix: str | None = option(None, help="override the model's passage prefix (e5: 'passage: ')")
     device: str = option("cpu", choices=["cpu", "cuda"], help="device to run the embedder on")
@@ -92,6 +101,9 @@ class IngestSummary:
     added: int = 0
     already_present: int = 0
     collection_size: int = 0
+    wrappers: dict[str, str] = field(default_factory=dict)  # JSON file -> key that held its records
+    over_window: int = 0              # passages longer than the embedder's window (truncated when embedded)
+    window_tokens: int | None = None  # that window (max_seq_length), when the embedder was loaded
     verified: int | None = None       # passages checked against the vector index (None: not checked)
     unindexed: int = 0                # of them, not findable in the index
     repaired: int = 0                 # re-embedded and findable again
@@ -108,6 +120,10 @@ class IngestSummary:
             f"  already present     {self.already_present}",
             f"  collection size     {self.collection_size}",
         ]
+        lines += [f"  records of {path} read from its key {key!r}" for path, key in sorted(self.wrappers.items())]
+        if self.window_tokens is not None:
+            lines.append(f"  over embedder window {self.over_window} passages longer than {self.window_tokens} "
+                         f"tokens (only their start is embedded; lower --max-words to avoid this)")
         if self.verified is not None:
             lines.append(f"  index check         {self.verified} passages, {self.unindexed} not in the vector index, "
                          f"{self.repaired} repaired")
@@ -121,10 +137,19 @@ def collect_passages(cfg: IngestConfig, summary: IngestSummary, extra: list = ()
     """Every passage of every source (and of the ``extra`` documents), duplicates (same content hash) dropped."""
     report = ReadReport()
     files = expand_sources(cfg.sources, report)
-    documents = list(read_documents(tqdm(files, desc="reading", unit="file", disable=len(files) < 20), report))
+    fields = RecordFields(text_field=cfg.text_field, title_field=cfg.title_field,
+                          metadata_fields=tuple(cfg.metadata_fields) or None, prepend_fields=tuple(cfg.prepend_fields))
+    documents = list(read_documents(tqdm(files, desc="reading", unit="file", disable=len(files) < 20), report,
+                                    fields))
     documents += list(extra)
     summary.files_read, summary.records_read = report.files_read, report.records_read
-    summary.skipped = report.skipped
+    summary.skipped, summary.wrappers = report.skipped, report.wrappers
+    for path, size in report.huge_files:
+        words = size / 6   # ~6 bytes a word of English, space included
+        estimate = int(words / max(1, cfg.max_words - cfg.overlap_words))
+        log.warning("%s is %.0f MB: about %d passages to embed; at %d passages/s (%s on %s) that is about %s",
+                    path, size / 1e6, estimate, passages_per_second(cfg), cfg.embedder or "the default embedder",
+                    cfg.device, _duration(estimate / passages_per_second(cfg)))
     passages: list[Passage] = []
     seen: set[str] = set()
     for document in documents:
@@ -136,6 +161,35 @@ def collect_passages(cfg: IngestConfig, summary: IngestSummary, extra: list = ()
             passages.append(passage)
     summary.passages = len(passages)
     return passages
+
+
+def passages_per_second(cfg: IngestConfig) -> int:
+    """A rough embedding rate for the size warning: CPU vs GPU, small vs large model."""
+    # Orders of magnitude, not measurements of this machine: MiniLM-L6 (22M parameters) encodes a few
+    # hundred 200-word passages a second on a few CPU cores; e5-large (335M) is ~15x slower; a GPU ~50x faster.
+    small = (cfg.embedder or "").lower() in ("minilm", "all-minilm-l6-v2", TEST_EMBEDDER.lower()) or cfg.demo
+    rate = 200 if small else 15
+    return rate * 50 if cfg.device == "cuda" else rate
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def count_over_window(embedder: Embedder, passages: list[Passage]) -> int:
+    """How many passages (with the passage prefix) have more tokens than the embedder reads."""
+    window = embedder.max_tokens
+    if window is None:
+        return 0
+    over = 0
+    for start in range(0, len(passages), 1024):
+        texts = [embedder.spec.passage_prefix + p.contents for p in passages[start:start + 1024]]
+        over += sum(n > window for n in embedder.token_counts(texts))
+    return over
 
 
 def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> str:
@@ -171,7 +225,8 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
         # upserted again (Chroma 1.5 puts an id its index lost back in); deleting it first fails in the
         # index writer ("Failed to apply logs to the hnsw segment writer")
         passages = [Passage(id=i, title=c.partition("\n")[0], text=c.partition("\n")[2],
-                            source=m.get("source", ""), chunk=int(m.get("chunk", 0)))
+                            source=m.get("source", ""), chunk=int(m.get("chunk", 0)),
+                            extra=tuple((k, v) for k, v in m.items() if k not in ("title", "source", "chunk")))
                     for i, c, m in zip(ids, contents, metadatas)]
         _embed_and_write(store, embedder, passages, cfg.batch_size)
         still = set(store.unindexed_ids())
@@ -212,6 +267,12 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
         if store is None:
             store = CorpusStore.create(cfg.db, spec, embedder.dimension, cfg.collection)
         store.check_embedder(spec, embedder.dimension)
+        summary.window_tokens = embedder.max_tokens
+        summary.over_window = count_over_window(embedder, todo)
+        if summary.over_window:
+            log.warning("%d of %d passages are longer than %s's %s-token window and are truncated when embedded; "
+                        "lower --max-words to keep them whole", summary.over_window, len(todo), spec.name,
+                        summary.window_tokens)
         summary.added = _embed_and_write(store, embedder, todo, cfg.batch_size)
     summary.collection_size = store.count()
     if world is not None:

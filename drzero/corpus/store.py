@@ -92,7 +92,9 @@ class CorpusStore:
             raise StoreError(f"collection {name!r} in {path} is empty; run `drzero ingest SOURCE... --db {path}` first.")
         if store.recorded_spec() is None:
             raise StoreError(f"collection {name!r} in {path} records no embedder in its metadata, so it was not "
-                             f"built by `drzero ingest`; rebuild it with `drzero ingest`.")
+                             f"built by `drzero ingest`; if another system built it, run `drzero adopt --db {path} "
+                             f"--collection {name} --embedder MODEL` with the model that made its vectors, or "
+                             f"rebuild it with `drzero ingest`.")
         return store
 
     @classmethod
@@ -137,8 +139,9 @@ class CorpusStore:
         """Refuse an embedder other than the one that built the collection."""
         recorded = self.recorded_spec()
         if recorded is None:
-            raise StoreError(f"collection {self.collection.name!r} in {self.path} records no embedder; "
-                             "rebuild it with `drzero ingest`.")
+            raise StoreError(f"collection {self.collection.name!r} in {self.path} records no embedder; if another "
+                             f"system built it, run `drzero adopt --db {self.path} --collection "
+                             f"{self.collection.name} --embedder MODEL` first, or ingest into a new --collection.")
         if canonical_name(spec.name) != recorded.name:
             raise StoreError(
                 f"collection {self.collection.name!r} in {self.path} was built with embedder {recorded.name!r} "
