@@ -946,6 +946,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print(f"Modal refused the request ({str(error).splitlines()[0]}); log in with `modal token new`",
               file=sys.stderr)
         return 1
+    except modal.exception.ConnectionError as error:
+        print(f"{error} Check this machine's network, then run the same command again.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

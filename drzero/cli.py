@@ -4,11 +4,12 @@
     drzero ingest --demo --db DIR           the bundled demo research world
     drzero adopt --db DIR --collection C --embedder M   use a collection another system built
     drzero serve-retriever --db DIR         the Search-R1-compatible retrieval service
-    drzero search "query" --db DIR          query the collection from the shell (no server)
+    drzero search "query"                   ask the retriever at --url (or the store with --db) from the shell
     drzero prepare-data --db DIR            the proposer's seed parquet for verl
     drzero tiny-model --out DIR             a tiny offline tokenizer + model for CPU dry runs
     drzero evolve --iterations 3            the whole loop; each stage alone: challenger, gen-data,
-                                            solver, merge; `drzero preflight STAGE` checks one
+                                            solver, merge
+    drzero preflight STAGE                  check a challenger or solver run before any GPU starts
     drzero list-models                      the model registry
     drzero memory --model M --gpu H100      will it fit? per-GPU memory of every stage
     drzero make-eval-set --demo-db DIR      a QA set with known answers from the demo world
@@ -72,26 +73,39 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+PREFLIGHT_STAGES = ("challenger", "solver")
+
+
 def _run_stage(plan, cfg) -> int:
     """Dry run / preflight / real run of one planned stage; verl stages are preflighted first."""
     from drzero.pipeline import finished_step
-    from drzero.train.preflight import report, run_checks
-    from drzero.train.stages import execute, resolved_config
+    from drzero.train.preflight import machine_check, report, run_checks
+    from drzero.train.stages import check_inputs, execute, resolved_config
 
     verl = plan.verl_overrides is not None
     step = finished_step(plan)
     if step is not None and not (cfg.dry_run or getattr(cfg, "preflight_only", False)):
         print(f"{plan.name}: its checkpoint already holds step {step}, the last; nothing to run")
         return 0  # resuming would make verl validate and train one step past the end
+    real_run = not (cfg.dry_run or getattr(cfg, "preflight_only", False))
     if verl:
         checks = run_checks(plan, allow_download=cfg.allow_download)
+        if real_run:  # does this machine have what the stage needs (CUDA, SGLang)? asked before anything starts
+            checks.append(machine_check([plan]))
         print(report(plan, checks))
         if any(not c.ok for c in checks):
             print("fix the problems above; nothing was started", file=sys.stderr)
             return 1
     if getattr(cfg, "preflight_only", False):
         return 0
+    if real_run and not verl:
+        machine = machine_check([plan])  # gen-data, merge: no verl preflight, but SGLang may be needed
+        if not machine.ok:
+            print(f"{plan.name}: refused before anything started\n{machine.line()}", file=sys.stderr)
+            return 1
     if cfg.dry_run:
+        if not verl:
+            check_inputs(plan)  # gen-data, merge: a dry run of a stage whose input is missing would not run
         print(plan.describe())
         if verl:
             print("resolved verl config (drzero.train.entry --cfg job):")
@@ -206,7 +220,8 @@ def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int
                   AdoptConfig, _adopt),
         "serve-retriever": ("serve the corpus over HTTP (Search-R1 /retrieve contract)", RetrieverConfig,
                             _serve_retriever),
-        "search": ("query the corpus from the shell, without a server", SearchConfig, _search),
+        "search": ("ask the retriever at --url (default http://127.0.0.1:8000) from the shell; --db reads the store "
+                   "directly", SearchConfig, _search),
         "prepare-data": ("write the proposer's seed parquet (train, validation, manifest)", PrepareDataConfig,
                          _prepare_data),
         "tiny-model": ("build a tiny offline ChatML tokenizer and model for CPU dry runs", TinyModelConfig,
@@ -230,6 +245,45 @@ def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int
     }
 
 
+# Commands whose config lives in a module shared with other commands: their own `--help` description.
+_OWN_DESCRIPTIONS = {
+    "challenger": """`drzero challenger`: train the proposer with HRPO for one iteration (verl).
+
+    drzero challenger --iteration 1 -- trainer.total_training_steps=50
+    drzero challenger --iteration 1 --dry-run       # the plan and verl's resolved config, nothing started
+    drzero preflight challenger --iteration 1       # the checks alone""",
+    "solver": """`drzero solver`: train the solver with GRPO for one iteration (verl) on the questions gen-data wrote.
+
+    drzero solver --iteration 1
+    drzero solver --iteration 1 --dry-run           # the plan and verl's resolved config, nothing started
+    drzero preflight solver --iteration 1           # the checks alone""",
+    "merge": """`drzero merge`: merge a stage's FSDP checkpoint into a Hugging Face model directory.
+
+    drzero merge --stage challenger --iteration 1
+    drzero merge --stage solver --iteration 1 --dry-run""",
+    "gen-data": """`drzero gen-data`: sample questions from the merged proposer into the solver's training data.
+
+    drzero gen-data --iteration 1
+    drzero gen-data --iteration 1 --dry-run""",
+}
+
+PREFLIGHT_DESCRIPTION = """`drzero preflight`: check a challenger or solver run before any GPU starts.
+
+    drzero preflight challenger --iteration 1 [stage options] [-- hydra overrides]
+    drzero preflight solver --iteration 1
+
+Checks the data, the model, the services and the machine (CUDA, SGLang) the stage needs, and names
+what to fix. It is `drzero STAGE --preflight`: it takes the stage's options (`drzero challenger --help`)."""
+
+
+def command_description(name: str, config_cls: type) -> str:
+    """The `--help` text of one command: its module's docstring when the module is that command's own."""
+    if name in _OWN_DESCRIPTIONS:
+        return _OWN_DESCRIPTIONS[name]
+    doc = (sys.modules[config_cls.__module__].__doc__ or "").strip()
+    return doc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drzero", description="Train Dr. Zero-style self-evolving search agents on your own corpus.",
@@ -237,11 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"drzero {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (summary, config_cls, handler) in _commands().items():
-        module_doc = sys.modules[config_cls.__module__].__doc__ or ""
-        command = sub.add_parser(name, help=summary, description=module_doc.strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        # no abbreviations: `evolve --iteration 2` must not pass as `--iterations 2`
+        command = sub.add_parser(name, help=summary, description=command_description(name, config_cls),
+                                 allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(command, config_cls)
         command.set_defaults(handler=handler, config_cls=config_cls)
+    # `drzero preflight STAGE ...` is rewritten to `STAGE --preflight ...` in main(); this entry lists it and
+    # answers `drzero preflight --help`.
+    preflight = sub.add_parser("preflight", help="check a challenger or solver run before any GPU starts",
+                               description=PREFLIGHT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    preflight.add_argument("stage", choices=PREFLIGHT_STAGES, help="the stage to check")
     return parser
 
 
@@ -252,11 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     # Hydra overrides after `--` go to verl unchanged; `drzero preflight STAGE ...` is `STAGE --preflight ...`.
     hydra_overrides = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    if argv[:1] == ["preflight"]:
-        if len(argv) < 2 or argv[1] not in ("challenger", "solver"):
-            print("usage: drzero preflight {challenger,solver} [stage options] [-- hydra overrides]", file=sys.stderr)
-            return 2
+    if argv[:1] == ["preflight"] and len(argv) > 1 and argv[1] in PREFLIGHT_STAGES:
         argv = [argv[1], "--preflight", *argv[2:]]
+    # anything else after `preflight` (nothing, --help, an unknown stage) is answered by its own parser entry
     parser = build_parser()
     args = parser.parse_args(argv)
     if hydra_overrides:

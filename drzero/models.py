@@ -3,7 +3,7 @@
 Order: the name as a local directory; ``$DRZERO_MODELS_DIR/<name>`` and
 ``$DRZERO_MODELS_DIR/<basename>`` (the ``/corpus/models`` volume on Modal and in compose);
 then the caller's own fallbacks (the Hugging Face cache, a hub download unless
-``HF_HUB_OFFLINE=1``). When nothing has the files, ``ModelNotFound`` says where to put them.
+``HF_HUB_OFFLINE=1`` or the hub does not answer within seconds). When nothing has the files, ``ModelNotFound`` says where to put them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,34 @@ def hub_allowed() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0")
 
 
+def in_hf_cache(name: str) -> bool:
+    """Whether the Hugging Face cache holds anything for ``name`` (bare names as sentence-transformers/NAME too)."""
+    from huggingface_hub import constants
+
+    repos = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
+    return any((Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}").is_dir() for repo in repos)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub cannot be reached (one HEAD request, proxies honoured), or None when it answers.
+
+    Asked before a download because huggingface_hub retries an unreachable hub for about a minute
+    (dozens of warnings) before giving up; this answers in seconds.
+    """
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status
+    except (OSError, ValueError) as error:  # URLError, timeouts, refused connections, a malformed HF_ENDPOINT
+        reason = getattr(error, "reason", error)
+        return f"the model hub at {endpoint} could not be reached ({reason})"
+    return None
+
+
 def where_to_put(name: str, what: str = "weights", flag: str = "--model") -> str:
     models_dir = os.environ.get("DRZERO_MODELS_DIR", "<models dir>")
     return (
@@ -61,6 +89,11 @@ def load_model_files(name: str, load: Callable[..., Loaded], *, what: str = "wei
     if local is not None:
         log.info("loading %s for %s from %s", what, name, local)
         return load(str(local))
+    if not in_hf_cache(name):
+        # nothing cached: without a hub there is nothing to load, so say so before importing any model code
+        unreachable = "HF_HUB_OFFLINE is set" if not hub_allowed() else hub_unreachable()
+        if unreachable:
+            raise ModelNotFound(f"{where_to_put(name, what, flag)} ({unreachable})")
     try:
         loaded = load(name, local_files_only=True)
         log.info("loading %s for %s from the Hugging Face cache", what, name)
@@ -68,6 +101,9 @@ def load_model_files(name: str, load: Callable[..., Loaded], *, what: str = "wei
     except Exception as cache_miss:  # transformers/sentence-transformers raise OSError/ValueError variants
         if not hub_allowed():
             raise ModelNotFound(where_to_put(name, what, flag)) from cache_miss
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise ModelNotFound(f"{where_to_put(name, what, flag)} ({unreachable})")
     try:
         log.info("%s for %s not cached; downloading from the hub", what, name)
         return load(name)
@@ -77,10 +113,12 @@ def load_model_files(name: str, load: Callable[..., Loaded], *, what: str = "wei
 
 def load_tokenizer(name: str):
     """A Hugging Face tokenizer (with its chat template) by name or directory."""
-    from transformers import AutoTokenizer
+    def load(path: str, **kwargs):
+        from transformers import AutoTokenizer
 
-    return load_model_files(name, lambda path, **kw: AutoTokenizer.from_pretrained(path, **kw),
-                            what="tokenizer", flag="--tokenizer")
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+
+    return load_model_files(name, load, what="tokenizer", flag="--tokenizer")
 
 
 # Dr. Zero's base model; its tokenizer sets the seed prompts' token budgets.

@@ -54,6 +54,7 @@ class GenDataStageConfig(StageConfig):
 @dataclass(kw_only=True)
 class EvolveConfig(StageConfig):
     takes_hydra_overrides: ClassVar[bool] = True  # passed to every verl stage
+    iteration: int = 1  # not an option: evolve runs iterations 1..--iterations (a stray --iteration is refused)
     iterations: int = option(3, help="iterations of the loop (Dr. Zero: 3)")
     seed_rows: int | None = option(None, help=(
         "rows of the seed parquet prepare-data writes when it is missing (default: prepare-data's, fresh seeds "
@@ -74,6 +75,8 @@ class EvolveConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.iterations >= 1, "iterations", self.iterations, "an integer >= 1")
+        if self.eval_data:  # the plan and state.json name absolute paths, whatever directory resumes the run
+            self.eval_data = str(Path(self.eval_data).resolve())
 
 
 # -- state.json ------------------------------------------------------------------------------------
@@ -360,7 +363,12 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
     if state.rebuilt:
         state.rebuild(plans, print_fn)
     if not cfg.skip_preflight:
-        problems = check_remaining(cfg, state, plans, print_fn, verbose=False, resolve=False)
+        from drzero.train.preflight import machine_check
+
+        machine = machine_check([plan for key, plan in plans if not state.is_done(key, plan)])
+        if not machine.ok:
+            print_fn(machine.line())
+        problems = (not machine.ok) + check_remaining(cfg, state, plans, print_fn, verbose=False, resolve=False)
         if problems:
             print_fn(f"evolve: preflight found {problems} problem(s) in the stages still to run; nothing was "
                      f"started. Fix them (or look with --dry-run) and run the same command again.")

@@ -69,11 +69,14 @@ def _bundled_minilm_path() -> Path | None:
 
 def load_sentence_transformer(name: str, device: str = "cpu"):
     """Load ``name`` from local files (incl. the bundled MiniLM), else the HF cache, else the hub."""
-    from sentence_transformers import SentenceTransformer
+    def load(path: str, **kwargs):  # imported only when there is something to load: a miss fails in seconds
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(path, device=device, **kwargs)
 
     bundled = _bundled_minilm_path() if name == TEST_EMBEDDER else None
-    return load_model_files(name, lambda path, **kw: SentenceTransformer(path, device=device, **kw),
-                            what="embedder weights", flag="--embedder", extra=[bundled] if bundled else [])
+    return load_model_files(name, load, what="embedder weights", flag="--embedder",
+                            extra=[bundled] if bundled else [])
 
 
 class Embedder:

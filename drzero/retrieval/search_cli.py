@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import textwrap
 import time
@@ -40,11 +41,18 @@ def wait_until_healthy(url: str, seconds: float) -> None:
     """Poll ``url``/health until it answers 200; raise ConfigError naming the URL after ``seconds``."""
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per poll
     deadline = time.monotonic() + seconds
     while True:
         try:
-            if httpx.get(f"{url.rstrip('/')}/health", timeout=5, trust_env=False).status_code == 200:
+            status = httpx.get(f"{url.rstrip('/')}/health", timeout=5, trust_env=False).status_code
+            if status == 200:
                 return
+            if status != 503:  # 503: our retriever, still warming up; anything else is another program
+                raise ConfigError(
+                    f"{url} answers GET /health with {status}: that is not a drzero retriever, so another process "
+                    f"holds the port ({httpx.URL(url).port}); stop it, or serve the retriever on another --port "
+                    f"and pass its --url.")
         except httpx.HTTPError:
             pass
         if time.monotonic() >= deadline:

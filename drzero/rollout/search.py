@@ -100,9 +100,22 @@ def fitted_text(results: list[list[dict]], max_chars: int | None) -> str:
 # searches in flight, httpx's connection pool costs more client CPU than the retriever takes to
 # answer (benchmarks/reward_probes.py).
 _SESSIONS: dict[tuple[int, SearchSettings], "aiohttp.ClientSession"] = {}  # noqa: F821
+_KEEPERS: dict[tuple[int, SearchSettings], object] = {}
 
 
-def _session(settings: SearchSettings):
+async def _keeper(key, session):
+    """Closes ``session`` when its loop shuts down: asyncio.run (and verl's loops) finalize every live
+    async generator before closing, so a loop that never calls close_sessions leaves no open connector."""
+    try:
+        yield
+    finally:
+        if _SESSIONS.get(key) is session:
+            del _SESSIONS[key]
+        _KEEPERS.pop(key, None)
+        await session.close()
+
+
+async def _session(settings: SearchSettings):
     import aiohttp
 
     key = (id(asyncio.get_running_loop()), settings)
@@ -112,6 +125,9 @@ def _session(settings: SearchSettings):
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.max_connections),
                                         timeout=aiohttp.ClientTimeout(total=settings.timeout), trust_env=False)
         _SESSIONS[key] = session
+        keeper = _keeper(key, session)
+        await keeper.__anext__()  # now the loop tracks it, and finalizes it at shutdown
+        _KEEPERS[key] = keeper
     return session
 
 
@@ -119,7 +135,11 @@ async def close_sessions() -> None:
     """Close this event loop's pooled sessions (a short-lived loop calls it before it ends)."""
     loop_id = id(asyncio.get_running_loop())
     for key in [key for key in _SESSIONS if key[0] == loop_id]:
-        await _SESSIONS.pop(key).close()
+        keeper = _KEEPERS.pop(key, None)
+        session = _SESSIONS.pop(key)
+        await session.close()
+        if keeper is not None:
+            await keeper.aclose()
 
 
 async def search(queries: list[str], settings: SearchSettings) -> SearchOutcome:
@@ -127,7 +147,7 @@ async def search(queries: list[str], settings: SearchSettings) -> SearchOutcome:
     started = time.perf_counter()
     payload = {"queries": queries, "topk": settings.topk, "return_scores": True}
     try:
-        status, body = await post_with_retries(_session(settings), settings.url, payload, retries=settings.retries,
+        status, body = await post_with_retries(await _session(settings), settings.url, payload, retries=settings.retries,
                                                backoff=settings.backoff, timeout=settings.timeout, what="retriever")
     except RetriesExhausted as failure:
         status, body, error = None, "", str(failure)

@@ -1,4 +1,4 @@
-"""Where every stage reads and writes: one place for the volume layout of DESIGN.md.
+"""Where every stage reads and writes: one place for the volume layout (docs/design.md).
 
     /corpus/chromadb/                 the corpus collection            (--db, $DRZERO_DB)
     /corpus/data/                     seed parquet, solver data        (--data-dir, $DRZERO_DATA_DIR)

@@ -86,6 +86,42 @@ def _cuda_available() -> bool:
         return False
 
 
+def _sglang_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sglang") is not None
+
+
+GPU_MACHINE_HINT = ("run it in the GPU image (docker/Dockerfile), on Modal (`python -m backends.modal`) or with "
+                    "`docker compose --profile gpu`; a dry run (--dry-run) works here")
+
+
+def machine_check(plans: list[StagePlan]) -> Check:
+    """Can this machine run these stages for real? Asked before anything starts, not minutes into a run.
+
+    verl training and every SGLang server need CUDA; SGLang must be installed unless the stage uses
+    ``--engine hf`` and no SGLang server (``--sglang-url`` points at one elsewhere).
+    """
+    needs_cuda, needs_sglang = [], []
+    for plan in plans:
+        starts_sglang = any("sglang.launch_server" in spec.command for spec in plan.services)
+        verl_sglang = (plan.verl_overrides is not None
+                       and "actor_rollout_ref.rollout.name=hf" not in plan.verl_overrides)
+        if plan.verl_overrides is not None or starts_sglang:
+            needs_cuda.append(plan.name)
+        if starts_sglang or verl_sglang:
+            needs_sglang.append(plan.name)
+    missing = []
+    if needs_cuda and not _cuda_available():
+        missing.append(f"a CUDA GPU (for {', '.join(needs_cuda)}; torch sees none here)")
+    if needs_sglang and not _sglang_installed():
+        missing.append(f"SGLang (for {', '.join(needs_sglang)}; not installed here, or pass --engine hf to train "
+                       f"with transformers)")
+    if missing:
+        return Check("machine", False, f"this machine lacks {' and '.join(missing)}: {GPU_MACHINE_HINT}")
+    return Check("machine", True, "CUDA and SGLang as needed" if needs_cuda or needs_sglang else "nothing GPU-only")
+
+
 def _check_parquet(path_value, planned: set[Path], key: str) -> Check:
     from omegaconf import ListConfig
 

@@ -381,16 +381,21 @@ def resolved_config(plan: StagePlan) -> str:
     return result.stdout
 
 
+def check_inputs(plan: StagePlan) -> None:
+    """Refuse a plan whose inputs no stage has produced yet (a dry run of one stage checks this too)."""
+    missing = [p for p in plan.inputs if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{plan.name} needs {', '.join(map(str, missing))}, which no stage has produced; "
+                                f"run the stage that writes it first (drzero evolve runs them in order).")
+
+
 def execute(plan: StagePlan) -> None:
     """Start the services, run the stage, stop the services; fail unless every output exists."""
     import os
 
     from drzero.services import Supervisor
 
-    missing = [p for p in plan.inputs if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{plan.name} needs {', '.join(map(str, missing))}, which no stage has produced; "
-                                f"run the stage that writes it first (drzero evolve runs them in order).")
+    check_inputs(plan)
     with Supervisor(plan.services) as supervisor:
         if plan.command:
             log.info("running %s: %s", plan.name, shlex.join(plan.command))
