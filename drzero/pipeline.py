@@ -143,7 +143,7 @@ class RunState:
 # -- plans -------------------------------------------------------------------------------------------
 
 def _shared(cfg: StageConfig, iteration: int) -> dict:
-    names = ("model", "db", "data_dir", "checkpoints", "gpus", "nnodes", "steps", "train_batch_size", "rollout_tp",
+    names = ("model", "db", "collection", "data_dir", "checkpoints", "gpus", "nnodes", "steps", "train_batch_size", "rollout_tp",
              "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides", "thinking")
     return {**{n: getattr(cfg, n) for n in names}, "iteration": iteration}
 
@@ -163,7 +163,7 @@ def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
     thinking = thinking_setting(cfg)
 
     def prepare():  # configured when it runs: planning must not fail on a model that a later step provides
-        run_prepare_data(PrepareDataConfig(db=cfg.db, out=str(layout.seeds), rows=cfg.seed_rows,
+        run_prepare_data(PrepareDataConfig(db=cfg.db, collection=cfg.collection, out=str(layout.seeds), rows=cfg.seed_rows,
                                            tokenizer=cfg.tokenizer or resolve_model(cfg.model).path,
                                            thinking=bool(thinking)))
 

@@ -240,6 +240,21 @@ def _most_hops_in(train: Path) -> int:
         return 4
 
 
+def corpus_check(store: Path, collection: str, planned: set[Path] = frozenset()) -> Check:
+    """The store and collection the stage's retriever will serve: present, not empty, recording its embedder."""
+    if store in planned:
+        return Check("corpus", True, f"{store} is written earlier in this run")
+    from drzero.corpus.store import CorpusStore, StoreError
+
+    try:
+        opened = CorpusStore.open_existing(store, collection)
+    except StoreError as error:
+        return Check("corpus", False, str(error))
+    spec = opened.recorded_spec()
+    return Check("corpus", True, f"{store} collection {collection!r}: {opened.count()} passages, embedder "
+                                 f"{spec.name}")
+
+
 def _model_path(config, allow_download: bool) -> Check:
     path = str(config.actor_rollout_ref.model.path)
     if Path(path).is_dir():
@@ -333,6 +348,8 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
     checks.append(response_budget(config))
     checks.append(_model_path(config, allow_download) if Path(str(config.actor_rollout_ref.model.path)) not in planned
                   else Check("model path", True, "written by `drzero merge` earlier in this run"))
+    if plan.corpus is not None:
+        checks.append(corpus_check(*plan.corpus, planned))
     checks.append(_micro_batches(config))
     checks += _batches(config)
 

@@ -84,6 +84,7 @@ class StageConfig:
     thinking: bool = option(False, help=(
         "turn Qwen3 thinking on (off by default; Qwen2.5 has none): verl and every probe pass "
         "enable_thinking=true and the response budget rises to 5,632 tokens"))
+    collection: str = option("corpus", help="the corpus collection inside --db (`drzero ingest/adopt --collection`)")
     allow_download: bool = option(False, help="let verl and SGLang download a model that is not on disk")
     dry_run: bool = option(False, help="print the plan, the resolved config and the preflight; start nothing")
     preflight_only: bool = option(False, flag="--preflight", help="run the preflight checks only")
@@ -191,6 +192,7 @@ class StagePlan:
     manifest: Path | None = None                      # commit marker of a set of outputs (drzero.atomic)
     run_label: str = ""                               # what ``run`` does, for dry runs
     memory: Placement | None = None                   # GPUs, model shape, SGLang beside the trainer: memory check
+    corpus: tuple[Path, str] | None = None            # (store, collection) its retriever serves: preflight opens it
 
     def describe(self) -> str:
         lines = [f"stage {self.name}"]
@@ -217,8 +219,13 @@ def retriever_for(cfg: StageConfig) -> tuple[list, str]:
         return [], cfg.retriever_url
     from drzero.services import retriever_service
 
-    spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT)
+    spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT, collection=cfg.collection)
     return [spec], f"{spec.url}/retrieve"
+
+
+def corpus_of(cfg: StageConfig) -> tuple[Path, str] | None:
+    """(store, collection) the stage's own retriever will serve; None when it uses one at --retriever-url."""
+    return None if cfg.retriever_url else (cfg.layout.db, cfg.collection)
 
 
 def template_has_thinking(model_path: str) -> bool:
@@ -336,7 +343,8 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
                      # SGLang's own checks only where this stage starts SGLang
                      sglang_parser=base.tool_call_parser if starts_sglang else None,
                      sglang_gpus=(dp, tp) if starts_sglang else None,
-                     memory=cfg.placement(("reward server", dp, tp, mem) if starts_sglang else None))
+                     memory=cfg.placement(("reward server", dp, tp, mem) if starts_sglang else None),
+                     corpus=corpus_of(cfg))
 
 
 def plan_solver(cfg: SolverConfig) -> StagePlan:
@@ -358,7 +366,7 @@ def plan_solver(cfg: SolverConfig) -> StagePlan:
     return StagePlan(name=f"solver (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
                      env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
                      outputs=[layout.checkpoint("solver", cfg.iteration)], verl_overrides=overrides + cfg.overrides,
-                     memory=cfg.placement())
+                     memory=cfg.placement(), corpus=corpus_of(cfg))
 
 
 def plan_merge(cfg: MergeConfig) -> StagePlan:
