@@ -59,6 +59,13 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def _stop_ids(tokenizer_dir) -> set[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None}
+
+
 def test_chat_completion_has_sglangs_shape_and_honours_max_tokens(hf_server):
     status, reply = post(hf_server + "/v1/chat/completions", {
         "model": "solver", "messages": [{"role": "user", "content": "Who founded Kreidol College?"}],
@@ -66,20 +73,31 @@ def test_chat_completion_has_sglangs_shape_and_honours_max_tokens(hf_server):
     assert status == 200
     choice = reply["choices"][0]
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
-    assert choice["finish_reason"] in ("stop", "length")
-    assert 1 <= reply["usage"]["completion_tokens"] <= 5
+    # "length" means the limit was spent exactly; "stop" means a stop token came first
+    tokens = reply["usage"]["completion_tokens"]
+    assert (choice["finish_reason"], tokens) in [("length", 5)] + [("stop", n) for n in range(1, 6)]
+    again = post(hf_server + "/v1/chat/completions", {
+        "model": "solver", "messages": [{"role": "user", "content": "Who founded Kreidol College?"}],
+        "max_tokens": 5, "temperature": 0})[1]
+    assert again["choices"][0]["message"]["content"] == choice["message"]["content"]  # temperature 0 is greedy
     status, reply = post(hf_server + "/v1/completions", {"model": "solver", "prompt": "Kreidol", "max_tokens": 3})
-    assert status == 200 and reply["usage"]["completion_tokens"] <= 3
+    tokens = reply["usage"]["completion_tokens"]
+    assert status == 200 and (reply["choices"][0]["finish_reason"], tokens) in \
+        [("length", 3)] + [("stop", n) for n in range(1, 4)]
     status, reply = post(hf_server + "/v1/chat/completions", {"model": "solver", "messages": []})
     assert status == 400 and "messages" in reply["message"]
 
 
-def test_generate_takes_token_ids_and_answers_in_sglangs_native_shape(hf_server):
+def test_generate_takes_token_ids_and_answers_in_sglangs_native_shape(hf_server, tiny_tokenizer_dir):
     status, reply = post(hf_server + "/generate", {"input_ids": [5, 6, 7],
                                                    "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
     assert status == 200
-    assert 1 <= len(reply["output_ids"]) <= 4 and all(isinstance(t, int) for t in reply["output_ids"])
-    assert reply["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    ids, finish = reply["output_ids"], reply["meta_info"]["finish_reason"]["type"]
+    stops = _stop_ids(tiny_tokenizer_dir)
+    if finish == "length":   # the limit spent, no stop token in it
+        assert len(ids) == 4 and not stops & set(ids)
+    else:                    # a stop token ends the output and is kept, nothing after it
+        assert finish == "stop" and ids[-1] in stops and not stops & set(ids[:-1]) and len(ids) <= 4
     assert reply["meta_info"]["completion_tokens"] == len(reply["output_ids"])
     status, reply = post(hf_server + "/generate", {"text": "no ids"})
     assert status == 400 and "input_ids" in reply["message"]

@@ -55,7 +55,17 @@ def test_worker_generate_returns_verls_token_output():
                                                   sampling_params={"temperature": 0, "top_p": 1.0, "top_k": -1,
                                                                    "repetition_penalty": 1.0, "logprobs": True}))
     assert isinstance(out, TokenOutput)
-    assert 1 <= len(out.token_ids) <= 4 and len(out.log_probs) == len(out.token_ids)
+    # greedy by hand: up to the response limit of 4, cut after the stop token 63 and keeping it
+    ids, expected, expected_logp = [1, 2, 3], [], []
+    with torch.no_grad():
+        while len(expected) < 4 and (not expected or expected[-1] != 63):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            token = int(logp.argmax())
+            ids.append(token)
+            expected.append(token)
+            expected_logp.append(float(logp[token]))
+    assert list(out.token_ids) == expected
+    assert out.log_probs == pytest.approx(expected_logp, abs=1e-4)
     assert out.extra_fields == {"global_steps": 3}
     with pytest.raises(ValueError, match="text only"):
         asyncio.run(hf_worker.HFWorker.generate(worker, prompt_ids=[1], request_id="r", sampling_params={},
