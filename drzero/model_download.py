@@ -121,11 +121,11 @@ def local_state(root: Path) -> str:
 
 
 def write_marker(root: Path, manifest: Manifest, complete: bool) -> None:
+    from drzero.atomic import write_json_atomically
+
     root.mkdir(parents=True, exist_ok=True)
-    temporary = root / (MARKER + ".tmp")
-    temporary.write_text(json.dumps({"repo_id": manifest.repo_id, "revision": manifest.revision, "complete": complete,
-                                     "size": manifest.size, "files": [asdict(f) for f in manifest.files]}, indent=1))
-    os.replace(temporary, root / MARKER)
+    write_json_atomically({"repo_id": manifest.repo_id, "revision": manifest.revision, "complete": complete,
+                           "size": manifest.size, "files": [asdict(f) for f in manifest.files]}, root / MARKER)
 
 
 def batches(files: Iterable[HubFile], limit: int = BATCH_BYTES) -> list[list[HubFile]]:

@@ -41,7 +41,7 @@ from drzero import __version__
 from drzero.config import ConfigError, option, require
 from drzero.atomic import check_writable, commit_set, parquet_writer, remove_temporaries, verify_set
 from drzero.data.journal import ShardJournal
-from drzero.data.seed import AGENT_NAME, _histogram
+from drzero.data.seed import AGENT_NAME, hop_histogram_of
 from drzero.prompts import (MAX_QUESTION_WORDS, SOLVER_TEMPLATE_ID, cut_question, extract_source_document,
                             solver_messages)
 from drzero.rewards.proposer import REASONS, FormatScore, format_score, hops_of
@@ -448,7 +448,7 @@ def _split_counts(outcomes: list[SeedOutcome], samples: int, hop_levels: int) ->
         "candidates": len(outcomes) * samples,
         **{verdict: verdicts[verdict] for verdict in VERDICTS},
         "questions_cut": sum(o.question_cut for o in kept),
-        "hop_histogram": _histogram([hops_of(o.seed["data_source"], o.seed.get("extra_info")) for o in kept],
+        "hop_histogram": hop_histogram_of([hops_of(o.seed["data_source"], o.seed.get("extra_info")) for o in kept],
                                     hop_levels),
         "mean_proposer_format": round(sum(o.proposer_format for o in kept) / len(kept), 4) if kept else 0.0,
         "candidate_stop_reasons": dict(stop_reasons),

@@ -215,7 +215,8 @@ def seed_row(index: int, split: str, hops: int, document: SeedDocument, partitio
     }
 
 
-def _histogram(hops: list[int], levels: int) -> dict[str, int]:
+def hop_histogram_of(hops: list[int], levels: int) -> dict[str, int]:
+    """How many of ``hops`` are 1, 2, … ``levels`` (keys are strings: the manifest is JSON)."""
     counts = np.bincount(np.asarray(hops, dtype=int), minlength=levels + 1)
     return {str(h): int(counts[h]) for h in range(1, levels + 1)}
 
@@ -273,8 +274,8 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareDataResult:
         "rows": rows,
         "val_rows": cfg.val_rows,
         "hop_ratio": cfg.hop_ratio,
-        "hop_histogram": _histogram(train_hops, levels),
-        "val_hop_histogram": _histogram(val_hops, levels),
+        "hop_histogram": hop_histogram_of(train_hops, levels),
+        "val_hop_histogram": hop_histogram_of(val_hops, levels),
         "seed": cfg.seed,
         "template_id": PROPOSER_TEMPLATE_ID,
         "tokenizer": cfg.tokenizer,

@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default="solver", help="the name requests must use")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
+    from pathlib import Path
+
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there; expected a model directory (a merged checkpoint, "
+                     f"`drzero merge`, or `drzero tiny-model --out DIR`)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     web.run_app(build_app(args.model, args.served_model_name, args.device), host=args.host, port=args.port,
                 print=None)

@@ -17,6 +17,7 @@ reported as skipped on a machine without CUDA.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -147,6 +148,23 @@ def _check_parquet(path_value, planned: set[Path], key: str) -> Check:
     return Check(key, True, ", ".join(str(p) for p in paths))
 
 
+def _manifest_beside(train: Path, *fallbacks: Path) -> dict | None:
+    """The manifest drzero wrote beside a data file (``X.parquet`` -> ``X.manifest.json``), else a fallback's."""
+    stem = train.name[:-len(".parquet")] if train.name.endswith(".parquet") else train.name
+    for candidate in (train.with_name(f"{stem}.manifest.json"), *fallbacks):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_of(model_dir: str):
+    """The model's tokenizer, loaded once for every check and every stage a preflight looks at."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def _prompt_budget(config, planned: set[Path]) -> Check:
     """The longest rendered prompt (tools included) against data.max_prompt_length.
 
@@ -158,17 +176,12 @@ def _prompt_budget(config, planned: set[Path]) -> Check:
     budget = int(config.data.max_prompt_length)
     if not train.exists():
         return Check("prompt budget", True, "checked when the data is written", skipped=True)
-    stem = train.name[:-len(".parquet")] if train.name.endswith(".parquet") else train.name
-    manifest = train.with_name(f"{stem}.manifest.json")
-    longest = None
-    if manifest.is_file():
-        longest = json.loads(manifest.read_text()).get("prompt_tokens", {}).get("max")
+    longest = (_manifest_beside(train) or {}).get("prompt_tokens", {}).get("max")
     if longest is None:
         model = Path(str(config.actor_rollout_ref.model.path))
         if not model.is_dir():
             return Check("prompt budget", True, "no manifest and no local tokenizer to measure with", skipped=True)
         import pyarrow.parquet as pq
-        from transformers import AutoTokenizer
 
         from drzero.data.budget import PromptBudget
 
@@ -178,7 +191,7 @@ def _prompt_budget(config, planned: set[Path]) -> Check:
 
         kwargs = config.data.get("apply_chat_template_kwargs")
         kwargs = OmegaConf.to_container(kwargs) if kwargs is not None else {}
-        budget_counter = PromptBudget(AutoTokenizer.from_pretrained(str(model)), kwargs)
+        budget_counter = PromptBudget(_tokenizer_of(str(model)), kwargs)
         longest = max(budget_counter.rendered_length(messages) for messages in prompts[:50])
     if longest > budget:
         return Check("prompt budget", False, f"the longest prompt is {longest} tokens (tools included) but "
@@ -198,17 +211,9 @@ def response_budget(config) -> Check:
     from drzero.data.budget import response_budget_for
 
     train = Path(str(OmegaConf.select(config, "data.train_files")))
-    stem = train.name[:-len(".parquet")] if train.name.endswith(".parquet") else train.name
-    manifest, tokenizer = None, None
-    for candidate in (train.with_name(f"{stem}.manifest.json"), train.parent / "zero_ratio4321.manifest.json"):
-        if candidate.is_file():
-            manifest = json.loads(candidate.read_text())
-            break
+    manifest = _manifest_beside(train, train.parent / "zero_ratio4321.manifest.json")
     model = Path(str(config.actor_rollout_ref.model.path))
-    if (model / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer = _tokenizer_of(str(model)) if (model / "tokenizer_config.json").is_file() else None
     # the corpus density in the manifest holds for the tokenizer it was measured with, not another model's
     measured_with = str((manifest or {}).get("tokenizer") or "")
     same_tokenizer = measured_with == str(model) or (Path(measured_with).is_dir() and model.is_dir()
