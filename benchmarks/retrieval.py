@@ -1,31 +1,33 @@
-"""Retrieval benchmarks: serving throughput with and without request batching, HNSW recall, ingest overhead.
+"""Retrieval benchmarks: serving throughput and latency against a simple-design baseline, recall against
+exact search, ingest against the bare encoder. Every comparison's baseline runs in the same run.
 
-    .venv/bin/python benchmarks/retrieval.py                 # full run (>= 20k passages; ~15 min on 2 cores)
-    .venv/bin/python benchmarks/retrieval.py --papers 300 --ingest-passages 300 --requests-scale 0.1   # smoke
+    .venv/bin/python benchmarks/retrieval.py                      # CPU: MiniLM, the demo world (~20k passages)
+    .venv/bin/python benchmarks/retrieval.py --papers 300 --seconds 3 --clients 1,16   # smoke
+    python3 benchmarks/retrieval.py --device cuda --embedder e5-large-random --corpus synthetic \\
+        --passages 1000000 --ingest-seconds 420 --clients 1,16,64,256,512 --out results.md   # one GPU
 
-Every comparison has its baseline measured in the same run, so the ratios hold on a shared
-machine even when absolute times do not:
+Parts (``--only``, repeatable; default all):
 
-1. serving: queries/s and p50/p99 latency at 1, 16 and 64 concurrent clients against a real
-   `drzero serve-retriever` process, request coalescing on vs. one encode per request
-   (--no-batching). Target: >= 3x the throughput at 64 clients.
-2. recall@3 of Chroma's HNSW results against exact brute-force cosine search over the same
-   stored embeddings, for our HNSW settings and Chroma's defaults, across ef_search values.
-   Target: >= 0.99 at the shipped settings.
-3. ingest: `drzero ingest` wall time per passage against the bare encoder on the same texts.
-   Target: the pipeline adds < 25%.
+1. ``encoder``: the bare encoder (sentence-transformers ``encode``) on the benchmark queries at batch 256,
+   fp32 and (on CUDA) fp16: the ceiling the server is measured against.
+2. ``ingest``: ``drzero ingest`` passages/s against the bare encoder's passages/s on the same texts.
+   With ``--corpus synthetic`` this also builds the corpus (100-200-word passages); ``--ingest-seconds``
+   caps it at what the measured encoder rate gets through in that time. Target: >= 70%.
+3. ``recall``: recall@3 against exact fp32 search (fp32 encoder, brute force over every stored vector) of
+   the server's own search path (its precision and index), of Chroma's HNSW, and of the fp16 encoder alone.
+   Target: >= 0.99.
+4. ``serving``: closed-loop clients (one query per request, topk 3) against real server processes: the
+   simple design (benchmarks/simple_retriever.py: one encode per request, synchronous endpoint), drzero
+   with ``--no-batching`` and drzero as shipped. Targets: see ``TARGETS``.
 
-The demo world is the corpus (its passages are short, one per entity); the big collection is
-cached under .drzero/bench/ and reused while its size matches.
+The corpus is cached under --work and reused while its size matches.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,254 +38,270 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
                    "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
 
-from drzero.corpus.demo import build_demo_world  # noqa: E402
 from drzero.corpus.embedder import TEST_EMBEDDER, Embedder, spec_for  # noqa: E402
 from drzero.corpus.ingest import IngestConfig, run_ingest  # noqa: E402
-from drzero.corpus.store import HNSW_SETTINGS, CorpusStore, _client  # noqa: E402
+from drzero.corpus.store import CorpusStore  # noqa: E402
+from loadgen import run_load  # noqa: E402
+
+TARGETS = {
+    "cuda": "at 256 clients >= 2,000 q/s with p99 <= 150 ms and >= 50x the simple server; at 1 client p50 <= the "
+            "simple server's; recall@3 >= 0.99; ingest >= 70% of the bare encoder",
+    "cpu": ">= 230 q/s at 64 clients; recall@3 >= 0.99; ingest >= 70% of the bare encoder",
+}
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    line = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([f"\n## {title}", line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+    def cell(c):
+        if isinstance(c, float):
+            return f"{c:.4f}" if abs(c) <= 1 else f"{c:,.1f}"
+        return str(c)
+    lines = [f"\n### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 # -- corpus --------------------------------------------------------------------------------------
 
-def build_corpus(db: Path, papers: int) -> CorpusStore:
-    world = build_demo_world(papers=papers)
-    expected = len(world.passages())
-    store = CorpusStore.open_for_writing(db)
-    if store is None or store.count() != expected:
-        print(f"building the benchmark corpus: {expected} passages into {db} (cached for later runs)", flush=True)
+def resolve_embedder(name: str, work: Path) -> str:
+    if name == "e5-large-random":
+        from synthetic_corpus import build_e5_large
+
+        return str(build_e5_large(work / "models" / "e5-large-v2"))
+    return name
+
+
+def corpus_texts(args) -> tuple[list[dict], list[str]]:
+    """(records to ingest, benchmark queries)."""
+    from synthetic_corpus import PassageWriter, queries_from
+
+    if args.corpus == "demo":
+        from drzero.corpus.demo import build_demo_world
+
+        world = build_demo_world(papers=args.papers)
+        records = [{"title": d.title, "text": d.text} for d in world.passages()]
+        per_hop = max(1, args.queries // 4)
+        queries = [q.question for hops in range(1, 5) for q in world.questions(hops, count=per_hop, seed=7)]
+        return records, queries
+    writer = PassageWriter(seed=0)
+    records = []
+    for first in range(0, args.passages, 20_000):
+        records += writer.records(first, min(20_000, args.passages - first))
+    return records, queries_from([r["text"] for r in records[:50_000]], args.queries)
+
+
+def bench_encoder(embedder_name: str, device: str, queries: list[str]) -> tuple[str, dict]:
+    rows, numbers = [], {}
+    for precision in (["fp32", "fp16"] if device == "cuda" else ["fp32"]):
+        embedder = Embedder(spec_for(embedder_name), device=device, precision=precision, batch_size=256)
+        embedder.encode_queries(queries[:256])  # warm-up
         started = time.perf_counter()
-        run_ingest(IngestConfig(db=str(db), demo=True, demo_papers=papers, embedder=TEST_EMBEDDER))
-        print(f"built in {time.perf_counter() - started:.0f}s", flush=True)
-        store = CorpusStore.open_existing(db)
-    return store
+        embedder.encode_queries(queries)
+        rate = len(queries) / (time.perf_counter() - started)
+        numbers[precision] = rate
+        rows.append([precision, len(queries), rate])
+        del embedder
+    return table("bare encoder on the queries (batch 256)", ["precision", "queries", "queries/s"], rows), numbers
 
 
-def benchmark_queries(papers: int, count: int) -> list[str]:
-    world = build_demo_world(papers=papers)
-    per_hop = max(1, count // 4)
-    return [q.question for hops in range(1, 5) for q in world.questions(hops, count=per_hop, seed=7)]
+def bench_ingest(args, embedder_name: str, records: list[dict], db: Path, scratch: Path) -> tuple[str, dict]:
+    """Bare encoder on a sample, then `drzero ingest` of as many records as --ingest-seconds allows."""
+    from drzero.corpus.chunking import split_document
+    from drzero.corpus.documents import Document
+
+    embedder = Embedder(spec_for(embedder_name), device=args.device)
+    sample = [p.contents for r in records[:args.encoder_sample]
+              for p in split_document(Document(title=r["title"], text=r["text"], source="bench"))]
+    embedder.encode_passages(sample[:256])  # warm-up
+    started = time.perf_counter()
+    embedder.encode_passages(sample)
+    bare_rate = len(sample) / (time.perf_counter() - started)
+    del embedder
+    count = len(records)
+    if args.ingest_seconds:
+        count = min(count, int(bare_rate * args.ingest_seconds))
+    existing = CorpusStore.open_for_writing(db)
+    if existing is not None and existing.count() >= count * 0.98:
+        return (f"\ningest: reusing the cached corpus of {existing.count()} passages at {db} "
+                f"(bare encoder {bare_rate:,.0f} passages/s)"), {"bare": bare_rate, "passages": existing.count()}
+    source = scratch / "corpus.jsonl"
+    with source.open("w") as handle:
+        for record in records[:count]:
+            handle.write(json.dumps(record) + "\n")
+    print(f"ingesting {count} passages (bare encoder: {bare_rate:,.0f} passages/s)", flush=True)
+    started = time.perf_counter()
+    summary = run_ingest(IngestConfig(sources=[str(source)], db=str(db), embedder=embedder_name, device=args.device))
+    seconds = time.perf_counter() - started
+    rate = summary.added / seconds
+    rows = [["bare encoder (Embedder.encode_passages, same texts)", len(sample), "", bare_rate],
+            ["drzero ingest (read, split, load model, embed, write, verify)", summary.added, seconds, rate]]
+    text = table("ingest", ["path", "passages", "seconds", "passages/s"], rows)
+    text += f"\n\ningest / bare encoder: {rate / bare_rate:.0%} (target >= 70%)"
+    return text, {"bare": bare_rate, "ingest": rate, "passages": summary.added, "ratio": rate / bare_rate}
 
 
-# -- 1. serving ----------------------------------------------------------------------------------
+def bench_recall(embedder_name: str, device: str, db: Path, queries: list[str]) -> tuple[str, dict]:
+    import torch
 
-def start_server(db: Path, batching: bool, port: int, log_dir: Path) -> subprocess.Popen:
+    from drzero.retrieval.server import RetrievalService, RetrieverConfig
+
+    store = CorpusStore.open_existing(db)
+    ids, parts = [], []
+    for batch_ids, vectors in store.iter_embeddings(batch=20_000):
+        ids += batch_ids
+        parts.append(torch.from_numpy(vectors).to(device))
+    matrix = torch.cat(parts)
+    fp32 = Embedder(spec_for(embedder_name), device=device, precision="fp32")
+    query32 = fp32.encode_queries_tensor(queries)
+    del fp32
+
+    def exact_top3(vectors) -> list[set[str]]:
+        out = []
+        for start in range(0, len(vectors), 256):
+            scores = vectors[start:start + 256].to(device) @ matrix.T
+            out += [{ids[j] for j in row} for row in torch.topk(scores, 3, dim=1).indices.tolist()]
+        return out
+
+    truth = exact_top3(query32)
+
+    def recall(got: list[set[str]]) -> float:
+        return float(np.mean([len(g & t) / 3 for g, t in zip(got, truth)]))
+
+    rows, numbers = [], {}
+    hnsw = store.query(query32.cpu().numpy(), 3)
+    numbers["hnsw"] = recall([{h.id for h in hits} for hits in hnsw])
+    rows.append(["Chroma HNSW, fp32 query vectors", numbers["hnsw"]])
+    service = RetrievalService.open(RetrieverConfig(db=str(db), device=device))
+    if service.embedder.precision != "fp32":
+        numbers["encoder"] = recall(exact_top3(service.embedder.encode_queries_tensor(queries)))
+        rows.append([f"{service.embedder.precision} encoder, exact fp32 search", numbers["encoder"]])
+    served = [service.search(queries[i:i + 256], 3) for i in range(0, len(queries), 256)]
+    numbers["served"] = recall([{h.id for h in hits} for batch in served for hits in batch])
+    index = "exact" if service.exact is not None else "hnsw"
+    rows.append([f"the server's path ({service.embedder.precision} encoder, {index} index)", numbers["served"]])
+    del service, matrix
+    text = table(f"recall@3 against exact fp32 search ({len(queries)} queries, {len(ids):,} passages)",
+                 ["search", "recall@3"], rows)
+    return text, numbers
+
+
+def start_server(kind: str, db: Path, device: str, port: int, log_dir: Path) -> subprocess.Popen:
     import httpx
 
-    args = [sys.executable, "-m", "drzero.cli", "serve-retriever", "--db", str(db), "--port", str(port),
-            "--log-level", "warning"] + ([] if batching else ["--no-batching"])
-    process = subprocess.Popen(args, stdout=(log_dir / f"server-{port}.log").open("w"), stderr=subprocess.STDOUT)
-    for _ in range(600):
+    if kind == "simple":
+        args = [sys.executable, str(ROOT / "benchmarks" / "simple_retriever.py"), "--db", str(db),
+                "--port", str(port), "--device", device]
+    else:
+        args = [sys.executable, "-m", "drzero.cli", "serve-retriever", "--db", str(db), "--port", str(port),
+                "--device", device, "--log-level", "warning"] + (["--no-batching"] if kind == "no-batching" else [])
+    log_file = log_dir / f"server-{kind}.log"
+    process = subprocess.Popen(args, stdout=log_file.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    started = time.perf_counter()
+    while time.perf_counter() - started < 600:
         if process.poll() is not None:
-            raise RuntimeError((log_dir / f"server-{port}.log").read_text())
+            raise RuntimeError(f"{kind} server exited:\n{log_file.read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, trust_env=False).status_code == 200:
+                print(f"  {kind} server ready in {time.perf_counter() - started:.0f}s", flush=True)
                 return process
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not become healthy")
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"{kind} server did not become healthy")
 
 
-async def load(url: str, queries: list[str], clients: int, requests: int) -> tuple[float, list[float], int]:
-    """``clients`` workers each sending one query per request back to back; returns (q/s, latencies, errors).
-
-    aiohttp, not httpx, drives the load: at 64 connections httpx's pool costs more CPU than the
-    server itself on a 2-core machine, and the benchmark would measure the client.
-    """
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    counter = iter(range(requests))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
-        async def post(query: str) -> int:
-            async with session.post(f"{url}/retrieve", json={"queries": [query], "topk": 3}) as response:
-                await response.read()
-                return response.status
-
-        async def worker():
-            nonlocal errors
-            for i in counter:
-                started = time.perf_counter()
-                status = await post(queries[i % len(queries)])
-                latencies.append(time.perf_counter() - started)
-                errors += status != 200
-
-        await asyncio.gather(*(post(q) for q in queries[:clients]))  # warm-up: connections open, caches hot
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    return requests / elapsed, latencies, errors
-
-
-def bench_serving(db: Path, queries: list[str], scale: float, log_dir: Path) -> tuple[str, dict]:
+def free_port() -> int:
     from socket import socket
 
-    rows, results = [], {}
-    for batching in (False, True):
-        with socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = start_server(db, batching, port, log_dir)
+    with socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bench_serving(args, db: Path, queries: list[str], log_dir: Path) -> tuple[str, dict]:
+    rows, numbers = [], {}
+    for kind in args.servers:
+        port = free_port()
+        server = start_server(kind, db, args.device, port, log_dir)
         try:
-            for clients in (1, 16, 64):
-                requests = max(20, int({1: 200, 16: 800, 64: 1600}[clients] * scale))
-                qps, latencies, errors = asyncio.run(load(f"http://127.0.0.1:{port}", queries, clients, requests))
-                p50 = statistics.median(latencies) * 1000
-                p99 = float(np.percentile(latencies, 99)) * 1000
-                results[(batching, clients)] = qps
-                rows.append(["on" if batching else "off", clients, requests, qps, p50, p99, errors])
-                print(f"  batching {'on ' if batching else 'off'} clients {clients:>2}: {qps:7.1f} q/s", flush=True)
+            for clients in args.clients:
+                load = run_load(f"http://127.0.0.1:{port}", queries, clients, args.seconds,
+                                processes=args.load_processes)
+                numbers[f"{kind}@{clients}"] = {"qps": load.qps, "p50": load.p50, "p99": load.p99,
+                                                "errors": load.errors}
+                rows.append([kind, clients, load.requests, load.qps, load.p50, load.p99, load.errors])
+                print(f"  {kind:>11} {clients:>3} clients: {load.qps:8.1f} q/s  p50 {load.p50:7.1f} ms  "
+                      f"p99 {load.p99:7.1f} ms  errors {load.errors}", flush=True)
         finally:
             server.terminate()
-            server.wait(timeout=30)
-    speedups = {c: results[(True, c)] / results[(False, c)] for c in (1, 16, 64)}
-    text = table("serving: one query per request, topk 3",
-                 ["batching", "clients", "requests", "queries/s", "p50 ms", "p99 ms", "errors"], rows)
-    text += "\n" + "  ".join(f"speed-up at {c} clients: {s:.2f}x" for c, s in speedups.items())
-    text += f"\ntarget: >= 3x at 64 clients -> {'MET' if speedups[64] >= 3 else 'NOT MET'}"
-    return text, {"qps": {f"{'on' if b else 'off'}@{c}": q for (b, c), q in results.items()},
-                  "speedup": speedups}
-
-
-# -- 2. recall -----------------------------------------------------------------------------------
-
-def recall_probe(db: Path, ef_search: int, probe_dir: Path) -> tuple[float, float]:
-    """recall@3 and ms/query of the collection in ``db`` at ``ef_search``, in a fresh process.
-
-    Chroma keeps a loaded HNSW index in the process and ignores a later ef_search change
-    there, so each setting is measured by a new interpreter (``--recall-probe``).
-    """
-    output = subprocess.run([sys.executable, __file__, "--recall-probe", str(db), str(ef_search), str(probe_dir)],
-                            capture_output=True, text=True, check=True).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    return result["recall"], result["ms_per_query"]
-
-
-def _recall_probe_main(db: str, ef_search: str, probe_dir: str) -> None:
-    _client(Path(db)).get_collection("corpus", embedding_function=None).modify(
-        configuration={"hnsw": {"ef_search": int(ef_search)}})
-    collection = _client(Path(db)).get_collection("corpus", embedding_function=None)
-    query_vectors = np.load(Path(probe_dir) / "queries.npy")
-    exact = json.loads((Path(probe_dir) / "exact.json").read_text())
-    started = time.perf_counter()
-    got = collection.query(query_embeddings=query_vectors, n_results=3, include=[])["ids"]
-    ms = (time.perf_counter() - started) / len(query_vectors) * 1000
-    print(json.dumps({"recall": float(np.mean([len(set(g) & set(e)) / 3 for g, e in zip(got, exact)])),
-                      "ms_per_query": ms}))
-
-
-def bench_recall(store: CorpusStore, queries: list[str], embedder: Embedder, work: Path) -> tuple[str, dict]:
-    ids, vectors = [], []
-    for batch_ids, batch_vectors in store.iter_embeddings():
-        ids += batch_ids
-        vectors.append(batch_vectors)
-    matrix = np.concatenate(vectors)
-    query_vectors = embedder.encode_queries(queries)
-    exact = np.argsort(-(query_vectors @ matrix.T), axis=1)[:, :3]
-    np.save(work / "queries.npy", query_vectors)
-    (work / "exact.json").write_text(json.dumps([[ids[j] for j in row] for row in exact]))
-
-    # Chroma's defaults, built from the very same vectors, as the baseline.
-    default_db = work / "default-hnsw"
-    default = _client(default_db).create_collection("corpus", embedding_function=None,
-                                                    metadata={"hnsw:space": "cosine"})
-    for start in range(0, len(ids), 5000):
-        default.add(ids=ids[start:start + 5000], embeddings=matrix[start:start + 5000])
-
-    rows, results = [], {}
-    shipped_ef = HNSW_SETTINGS["hnsw:search_ef"]
-    indexes = [("ours", f"ours (M={HNSW_SETTINGS['hnsw:M']}, ef_construction="
-                        f"{HNSW_SETTINGS['hnsw:construction_ef']})", store.path),
-               ("default", "chroma default (M=16, ef_construction=100)", default_db)]
-    for key, label, db in indexes:
-        for ef_search in (16, 32, 64, 128, 256):
-            recall, ms = recall_probe(db, ef_search, work)
-            results[f"{key}@ef{ef_search}"] = recall
-            rows.append([label, ef_search, recall, ms])
-    recall_probe(store.path, shipped_ef, work)  # leave the store at its shipped setting
-    shipped = results[f"ours@ef{shipped_ef}"]
-    text = table(f"recall@3 against exact cosine search ({len(queries)} queries, {len(ids)} passages)",
-                 ["index", "ef_search", "recall@3", "ms/query"], rows)
-    text += f"\nshipped: ef_search={shipped_ef} recall@3={shipped:.4f} -> " \
-            f"target >= 0.99 {'MET' if shipped >= 0.99 else 'NOT MET'}"
-    return text, results
-
-
-# -- 3. ingest overhead --------------------------------------------------------------------------
-
-def bench_ingest(passages: int, work: Path) -> tuple[str, dict]:
-    from drzero.corpus.chunking import split_document
-
-    documents = build_demo_world(papers=max(20, int(passages / 1.6)), seed=11).passages()[:passages]
-    source = work / "ingest.jsonl"
-    source.write_text("".join(json.dumps({"title": d.title, "text": d.text}) + "\n" for d in documents))
-    texts = [p.contents for d in documents for p in split_document(d)]
-    embedder = Embedder(spec_for(TEST_EMBEDDER))
-    embedder.encode_passages(texts[:64])  # warm-up
-    started = time.perf_counter()
-    embedder.encode_passages(texts)
-    bare = time.perf_counter() - started
-
-    started = time.perf_counter()
-    summary = run_ingest(IngestConfig(sources=[str(source)], db=str(work / "ingest-db"), embedder=TEST_EMBEDDER))
-    pipeline = time.perf_counter() - started
-    overhead = pipeline / bare - 1
-    rows = [["bare encoder (encode only)", len(texts), bare, len(texts) / bare],
-            ["drzero ingest (read, split, load model, embed, write)", summary.added, pipeline,
-             summary.added / pipeline]]
-    text = table("ingest throughput", ["path", "passages", "seconds", "passages/s"], rows)
-    text += f"\npipeline overhead: {overhead * 100:+.1f}% -> target < 25% {'MET' if overhead < 0.25 else 'NOT MET'}"
-    return text, {"bare_s": bare, "pipeline_s": pipeline, "overhead": overhead}
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    text = table(f"serving: one query per request, topk 3, {args.seconds:g} s per level",
+                 ["server", "clients", "requests", "queries/s", "p50 ms", "p99 ms", "errors"], rows)
+    if "simple" in args.servers and "drzero" in args.servers:
+        ratios = [f"{c} clients: {numbers[f'drzero@{c}']['qps'] / max(numbers[f'simple@{c}']['qps'], 1e-9):.1f}x"
+                  for c in args.clients]
+        text += "\n\ndrzero / simple, queries/s: " + ", ".join(ratios)
+    return text, numbers
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--recall-probe":
-        _recall_probe_main(*sys.argv[2:])
-        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--papers", type=int, default=13000,
-                        help="demo world size; 13000 papers make 20,380 passages (default: 13000)")
-    parser.add_argument("--queries", type=int, default=400, help="queries for the recall measurement")
-    parser.add_argument("--ingest-passages", type=int, default=3000, help="passages for the ingest comparison")
-    parser.add_argument("--requests-scale", type=float, default=1.0, help="scale the request counts of the load")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--embedder", default=TEST_EMBEDDER,
+                        help="model name or directory; e5-large-random builds e5-large-v2's architecture with "
+                             "random weights (default: MiniLM)")
+    parser.add_argument("--corpus", choices=["demo", "synthetic"], default="demo")
+    parser.add_argument("--papers", type=int, default=13000, help="demo world size (13000 papers: 20,380 passages)")
+    parser.add_argument("--passages", type=int, default=100_000, help="synthetic corpus size (upper bound)")
+    parser.add_argument("--ingest-seconds", type=float, default=0,
+                        help="synthetic corpus: ingest only what the bare encoder embeds in this time")
+    parser.add_argument("--encoder-sample", type=int, default=4000, help="passages for the bare-encoder rate")
+    parser.add_argument("--queries", type=int, default=1000, help="benchmark queries (recall and load)")
+    parser.add_argument("--clients", default="1,16,64", help="comma-separated client counts")
+    parser.add_argument("--seconds", type=float, default=10, help="measured seconds per load level")
+    parser.add_argument("--load-processes", type=int, default=None, help="load generator processes")
+    parser.add_argument("--servers", default="simple,no-batching,drzero", help="which servers to load")
     parser.add_argument("--work", type=Path, default=ROOT / ".drzero" / "bench", help="cache and scratch directory")
-    parser.add_argument("--only", choices=["serving", "recall", "ingest"], action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument("--only", choices=["encoder", "ingest", "recall", "serving"], action="append")
+    parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args()
-    parts = args.only or ["ingest", "recall", "serving"]
+    args.clients = [int(c) for c in args.clients.split(",")]
+    args.servers = args.servers.split(",")
+    parts = args.only or ["encoder", "ingest", "recall", "serving"]
     args.work.mkdir(parents=True, exist_ok=True)
-    db = args.work / f"corpus-{args.papers}"
-    report, numbers = [], {}
+    embedder_name = resolve_embedder(args.embedder, args.work)
+    size = args.papers if args.corpus == "demo" else args.passages
+    db = args.work / f"{args.corpus}-{size}-{Path(embedder_name).name}-{args.device}"
+    report = [f"# retrieval benchmark, {time.strftime('%Y-%m-%d')}", "", "    " + " ".join(sys.argv),
+              "", f"targets ({args.device}): {TARGETS[args.device]}"]
+    numbers: dict = {}
+    records, queries = corpus_texts(args)
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         scratch = Path(scratch)
-        if "ingest" in parts:
-            text, numbers["ingest"] = bench_ingest(args.ingest_passages, scratch)
-            print(text, flush=True)
-            report.append(text)
-        if "recall" in parts or "serving" in parts:
-            store = build_corpus(db, args.papers)
-            queries = benchmark_queries(args.papers, args.queries)
-        if "recall" in parts:
-            text, numbers["recall"] = bench_recall(store, queries, Embedder(store.recorded_spec()), scratch)
-            print(text, flush=True)
-            report.append(text)
-        if "serving" in parts:
-            text, numbers["serving"] = bench_serving(db, queries, args.requests_scale, scratch)
-            print(text, flush=True)
-            report.append(text)
+        steps = {
+            "encoder": lambda: bench_encoder(embedder_name, args.device, queries),
+            "ingest": lambda: bench_ingest(args, embedder_name, records, db, scratch),
+            "recall": lambda: bench_recall(embedder_name, args.device, db, queries),
+            "serving": lambda: bench_serving(args, db, queries, scratch),
+        }
+        for part in ["encoder", "ingest", "recall", "serving"]:
+            if part in parts:
+                started = time.perf_counter()
+                text, numbers[part] = steps[part]()
+                text += f"\n\n({part}: {time.perf_counter() - started:.0f} s)"
+                print(text, flush=True)
+                report.append(text)
+                if args.out:
+                    args.out.write_text("\n".join(report) + "\n")
     (args.work / "retrieval-results.json").write_text(json.dumps(numbers, indent=2, default=str))
-    print("\n# summary\n" + "\n".join(report))
     return 0
 
 

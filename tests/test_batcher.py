@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from drzero.retrieval.batcher import QueryBatcher
+from drzero.retrieval.batcher import QueryBatcher, ThreadedStages
 
 
 class RecordingSearch:
@@ -30,7 +30,7 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_results():
     search = RecordingSearch()
 
     async def main():
-        batcher = QueryBatcher(search, max_batch=16, max_wait_ms=5)
+        batcher = QueryBatcher(ThreadedStages(search).submit, max_batch=16, max_wait_ms=5)
         await batcher.start()
         results = await asyncio.gather(*(batcher.search([f"q{i}"], topk=1 + i % 3) for i in range(64)))
         await batcher.stop()
@@ -51,7 +51,7 @@ def test_a_lone_request_waits_at_most_max_wait():
     search = RecordingSearch(seconds_per_batch=0)
 
     async def main():
-        batcher = QueryBatcher(search, max_batch=64, max_wait_ms=50)
+        batcher = QueryBatcher(ThreadedStages(search).submit, max_batch=64, max_wait_ms=50)
         await batcher.start()
         started = time.perf_counter()
         await batcher.search(["alone"], topk=2)
@@ -73,7 +73,7 @@ def test_a_failing_batch_fails_its_requests_and_the_next_batch_still_runs():
         return [[q] for q in queries]
 
     async def main():
-        batcher = QueryBatcher(flaky, max_batch=4, max_wait_ms=1)
+        batcher = QueryBatcher(ThreadedStages(flaky).submit, max_batch=4, max_wait_ms=1)
         await batcher.start()
         with pytest.raises(RuntimeError, match="encoder fell over"):
             await batcher.search(["first"], topk=1)

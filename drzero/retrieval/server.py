@@ -18,14 +18,16 @@ import logging
 import shutil
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from drzero.config import option, require
-from drzero.corpus.embedder import Embedder, canonical_name
+from drzero.corpus.embedder import PRECISIONS, Embedder, canonical_name
 from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, Hit, StoreError
+from drzero.retrieval.exact_index import INDEXES, ExactIndex, choose_index
+from drzero.retrieval.worker import WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,18 @@ class RetrieverConfig:
     max_query_chars: int = option(2000, help="longest query accepted, in characters")
     max_queries: int = option(512, help="most queries accepted in one request")
     max_body_bytes: int = option(1 << 20, help="largest request body accepted, in bytes")
+    precision: str = option("auto", choices=list(PRECISIONS), help=(
+        "encoder weights and activations: auto = fp16 on cuda, fp32 on cpu"))
+    index: str = option("auto", choices=list(INDEXES), help=(
+        "vector search: exact = brute force over the stored vectors on the encoder's device, hnsw = Chroma's "
+        "index on the CPU; auto = exact on cuda when the vectors fit (--exact-max-gib), else hnsw"))
+    exact_max_gib: float = option(8.0, help="largest vector matrix (fp32) --index auto puts on the GPU, in GiB")
     batching: bool = option(True, help="coalesce concurrent requests into one encoder batch (--no-batching: "
                                        "one encode per request)")
-    max_batch: int = option(64, help="most queries in one coalesced encoder batch")
-    max_wait_ms: float = option(5.0, help="longest a request waits for others to join its batch, in ms")
+    max_batch: int = option(256, help="most queries in one coalesced encoder batch")
+    max_wait_ms: float = option(0.0, help=(
+        "wait up to this long for a fuller batch when the encoder is idle, in ms (default 0: batches form "
+        "while the encoder is busy, so a lone request is never held back)"))
     copy_to_local: str | None = option(None, metavar="DIR", help=(
         "copy the store to this local directory before opening it (SQLite on network volumes is unreliable)"))
     log_level: str = option("info", choices=["debug", "info", "warning", "error"], help="log level")
@@ -62,6 +72,7 @@ class RetrieverConfig:
         require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "an integer >= 1024")
         require(self.max_batch >= 1, "max_batch", self.max_batch, "an integer >= 1")
         require(self.max_wait_ms >= 0, "max_wait_ms", self.max_wait_ms, "a number >= 0")
+        require(self.exact_max_gib > 0, "exact_max_gib", self.exact_max_gib, "a number > 0")
 
 
 class RetrieveRequest(BaseModel):
@@ -74,11 +85,12 @@ class RetrieveRequest(BaseModel):
 
 
 class RetrievalService:
-    """The open collection plus the query encoder that matches it."""
+    """The open collection, the query encoder that matches it, and the vector search (exact or HNSW)."""
 
-    def __init__(self, store: CorpusStore, embedder: Embedder):
+    def __init__(self, store: CorpusStore, embedder: Embedder, exact: ExactIndex | None = None):
         self.store = store
         self.embedder = embedder
+        self.exact = exact
         self.passages = store.count()
 
     @classmethod
@@ -95,12 +107,31 @@ class RetrievalService:
                 f"collection {cfg.collection!r} in {db} was built with embedder {recorded.name!r} but the retriever "
                 f"is configured with {canonical_name(cfg.embedder)!r}; serve it with --embedder {recorded.name} or "
                 f"re-ingest the corpus with {canonical_name(cfg.embedder)}.")
-        embedder = Embedder(recorded, device=cfg.device)  # prefixes come from the collection
+        embedder = Embedder(recorded, device=cfg.device, precision=cfg.precision)  # prefixes from the collection
         store.check_embedder(recorded, embedder.dimension)
-        return cls(store, embedder)
+        choice = choose_index(cfg.index, cfg.device, store.count(), embedder.dimension, cfg.exact_max_gib,
+                              _free_gpu_bytes(cfg.device))
+        log.info("vector search: %s; encoder in %s on %s", choice.reason, embedder.precision, cfg.device)
+        exact = ExactIndex.from_store(store, cfg.device) if choice.kind == "exact" else None
+        return cls(store, embedder, exact)
+
+    def encode(self, queries: list[str]):
+        """Query vectors: a tensor on the encoder's device for the exact index, numpy for Chroma."""
+        return self.embedder.encode_queries_tensor(queries) if self.exact else self.embedder.encode_queries(queries)
+
+    def lookup(self, vectors, topk: int) -> list[list[Hit]]:
+        return self.exact.hits(self.store, vectors, topk) if self.exact else self.store.query(vectors, topk)
 
     def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
-        return self.store.query(self.embedder.encode_queries(queries), topk)
+        return self.lookup(self.encode(queries), topk)
+
+
+def _free_gpu_bytes(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0])
 
 
 def copy_store_to_local(source: Path, target: Path) -> Path:
@@ -160,25 +191,24 @@ async def _send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(service: RetrievalService, cfg: RetrieverConfig):
-    """The FastAPI app; ``service`` is already open, so the app is healthy from its first request."""
+def create_app(worker, cfg: RetrieverConfig):
+    """The FastAPI app over a started ``WorkerClient`` (the worker is ready, so the app is healthy at once)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    import orjson
 
-    batcher = None
-    if cfg.batching:
-        from drzero.retrieval.batcher import QueryBatcher
+    from drzero.retrieval.batcher import QueryBatcher
 
-        batcher = QueryBatcher(service.search, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
+    batcher = QueryBatcher(worker.submit, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
+                           coalesce=cfg.batching)
 
     @asynccontextmanager
     async def lifespan(_app):
-        if batcher is not None:
-            await batcher.start()
+        worker.attach(asyncio.get_running_loop())
+        await batcher.start()
         yield
-        if batcher is not None:
-            await batcher.stop()
+        await batcher.stop()
 
     app = FastAPI(title="drzero retriever", version="1", lifespan=lifespan,
                   description="Search-R1-compatible dense retrieval over a ChromaDB corpus.")
@@ -214,39 +244,50 @@ def create_app(service: RetrievalService, cfg: RetrieverConfig):
         topk = request.topk if request.topk is not None else cfg.topk
         if topk > cfg.max_topk:
             return error(422, "topk", f"{topk} is above the limit of {cfg.max_topk}")
-        if batcher is not None:
+        try:
             hits = await batcher.search(request.queries, topk)
-        else:
-            hits = await asyncio.to_thread(service.search, request.queries, topk)
-        return {"result": [[hit.to_json(request.return_scores) for hit in per_query] for per_query in hits]}
+        except WorkerGone as gone:
+            return JSONResponse(status_code=503, content={"detail": f"retriever: {gone}", "field": "retriever"})
+        body = {"result": [[hit.to_json(request.return_scores) for hit in per_query] for per_query in hits]}
+        return Response(orjson.dumps(body), media_type="application/json")  # skips FastAPI's slow re-encoding
 
     health_cache: dict[str, float] = {"ok_until": 0.0}
 
-    @app.get("/health", summary="200 when the collection is open and the embedder answers")
+    @app.get("/health", summary="200 when the collection is open and the search worker answers")
     async def health():
         now = time.monotonic()
         if now >= health_cache["ok_until"]:
-            try:
-                probe = await asyncio.wait_for(asyncio.to_thread(service.embedder.encode_queries, ["health"]), 30)
-                assert probe.shape == (1, service.embedder.dimension)
+            try:  # a real search through the worker, behind at most the batches already queued
+                probe = await asyncio.wait_for(batcher.search(["health"], 1), 30)
+                assert len(probe) == 1
             except Exception as failure:  # report, never crash the health endpoint
                 return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": repr(failure)})
             health_cache["ok_until"] = now + 5.0
-        return {"status": "ok", "collection": service.store.collection.name, "passages": service.passages,
-                "embedder": service.embedder.spec.name, "dimension": service.embedder.dimension,
-                "batching": cfg.batching,
-                "batches_run": batcher.batches_run if batcher else None,
-                "queries_run": batcher.queries_run if batcher else None}
+        info = worker.info
+        return {"status": "ok", "collection": info["collection"], "passages": info["passages"],
+                "embedder": info["embedder"], "dimension": info["dimension"], "precision": info["precision"],
+                "index": info["index"], "batching": cfg.batching, "batches_run": batcher.batches_run,
+                "queries_run": batcher.queries_run}
 
     return _limit_body(app, cfg.max_body_bytes)
 
 
 def serve(cfg: RetrieverConfig) -> None:
-    """Open the store (or exit with the reason), then serve until interrupted."""
+    """Start the search worker (or exit with its reason), then serve until interrupted."""
     import uvicorn
 
-    service = RetrievalService.open(cfg)
-    log.info("serving %d passages of %r with %s on http://%s:%d (batching %s)", service.passages,
-             cfg.collection, service.embedder.spec.name, cfg.host, cfg.port, "on" if cfg.batching else "off")
-    uvicorn.run(create_app(service, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                access_log=cfg.log_level == "debug")
+    from drzero.retrieval.worker import WorkerClient
+
+    worker = WorkerClient(asdict(cfg), log_level=cfg.log_level)
+    try:
+        info = worker.start()
+    except RuntimeError as error:
+        raise StoreError(str(error)) from None
+    log.info("serving %d passages of %r with %s (%s, %s search) on http://%s:%d (batching %s)", info["passages"],
+             cfg.collection, info["embedder"], info["precision"], info["index"], cfg.host, cfg.port,
+             "on" if cfg.batching else "off")
+    try:
+        uvicorn.run(create_app(worker, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                    access_log=cfg.log_level == "debug")
+    finally:
+        worker.stop()
