@@ -85,6 +85,12 @@ class StageConfig:
         "turn Qwen3 thinking on (off by default; Qwen2.5 has none): verl and every probe pass "
         "enable_thinking=true and the response budget rises to 5,632 tokens"))
     collection: str = option("corpus", help="the corpus collection inside --db (`drzero ingest/adopt --collection`)")
+    ray_address: str | None = option(None, metavar="HOST:PORT", help=(
+        "run on this existing Ray cluster ($RAY_ADDRESS): --nnodes and --gpus come from its nodes, the services "
+        "start on this node at its cluster address, and the preflight checks every node (README: More than one node)"))
+    services_host: str | None = option(None, metavar="IP", help=(
+        "with --ray-address: the address other nodes reach this node's retriever and SGLang at (default: this "
+        "node's address in the Ray cluster)"))
     allow_download: bool = option(False, help="let verl and SGLang download a model that is not on disk")
     dry_run: bool = option(False, help="print the plan, the resolved config and the preflight; start nothing")
     preflight_only: bool = option(False, flag="--preflight", help="run the preflight checks only")
@@ -219,8 +225,25 @@ def retriever_for(cfg: StageConfig) -> tuple[list, str]:
         return [], cfg.retriever_url
     from drzero.services import retriever_service
 
-    spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT, collection=cfg.collection)
+    spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT, collection=cfg.collection,
+                             host=listen_host(cfg))
     return [spec], f"{spec.url}/retrieve"
+
+
+def listen_host(cfg: StageConfig) -> str:
+    """Where the stage's own servers listen: loopback on one node; this node's cluster address on several,
+    so that verl's workers on the other nodes reach them."""
+    return cfg.services_host or "127.0.0.1"
+
+
+def on_cluster(cfg: StageConfig, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(verl overrides, verl's environment) for a stage on a Ray cluster: ``env`` handed to every Ray worker
+    through runtime_env (``ray start`` workers do not inherit ours), and RAY_ADDRESS for verl's ``ray.init()``."""
+    if not cfg.ray_address:
+        return [], env
+    from drzero.cluster import RAY_ADDRESS_ENV, worker_env_overrides
+
+    return worker_env_overrides(env), {**env, RAY_ADDRESS_ENV: cfg.ray_address}
 
 
 def corpus_of(cfg: StageConfig) -> tuple[Path, str] | None:
@@ -312,7 +335,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
 
         spec = sglang_service(solver_path, port=SGLANG_PORT, dp=dp, tp=tp,
                               mem_fraction=mem, tool_call_parser=base.tool_call_parser,
-                              served_model_name="solver")
+                              served_model_name="solver", host=listen_host(cfg))
         services.append(spec)
         sglang_url = spec.url
     overrides = _common_overrides(cfg, base.path, "challenger") + [
@@ -337,8 +360,10 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
                                   probe_limits=True)
     inputs = [layout.seeds, layout.seeds_val] + ([layout.merged("solver", cfg.iteration - 1)] if cfg.iteration > 1
                                                  else [])
+    cluster_overrides, env = on_cluster(cfg, {"DRZERO_RETRIEVER_URL": retriever_url})
+    overrides += cluster_overrides
     return StagePlan(name=f"challenger (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
-                     env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
+                     env=env, services=services, inputs=inputs,
                      outputs=[own], verl_overrides=overrides + cfg.overrides,
                      # SGLang's own checks only where this stage starts SGLang
                      sglang_parser=base.tool_call_parser if starts_sglang else None,
@@ -363,8 +388,10 @@ def plan_solver(cfg: SolverConfig) -> StagePlan:
         "trainer.resume_mode=auto",
     ] + reward_overrides("solver")
     inputs = [layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)]
+    cluster_overrides, env = on_cluster(cfg, {"DRZERO_RETRIEVER_URL": retriever_url})
+    overrides += cluster_overrides
     return StagePlan(name=f"solver (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
-                     env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
+                     env=env, services=services, inputs=inputs,
                      outputs=[layout.checkpoint("solver", cfg.iteration)], verl_overrides=overrides + cfg.overrides,
                      memory=cfg.placement(), corpus=corpus_of(cfg))
 
