@@ -68,7 +68,7 @@ class StageConfig:
     checkpoints: str = option(env_default("DRZERO_CHECKPOINTS", "/checkpoints"), metavar="DIR",
                               help="checkpoints, merged models and state.json ($DRZERO_CHECKPOINTS)")
     gpus: int = option(8, help="GPUs per node")
-    nnodes: int = option(1, help="nodes")
+    nnodes: int = option(1, help="nodes of --gpus GPUs each (on a Ray cluster: its GPU nodes)")
     steps: int = option(50, help="training steps per iteration (Dr. Zero: 50)")
     train_batch_size: int = option(256, help="prompts per step")
     rollout_tp: int | None = option(None, help=f"tensor parallel size of the training rollout engine (default: the "
@@ -101,6 +101,7 @@ class StageConfig:
     def __post_init__(self) -> None:
         require(self.iteration >= 1, "iteration", self.iteration, "an integer >= 1")
         require(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
+        require(self.nnodes >= 1, "nnodes", self.nnodes, "an integer >= 1")
         require(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         require(self.train_batch_size >= 1, "train_batch_size", self.train_batch_size, "an integer >= 1")
         require(self.gpu in GPU_MEMORY_GIB, "gpu", self.gpu, f"one of {sorted(GPU_MEMORY_GIB)} (or --gpu-mem GIB)")
@@ -113,7 +114,7 @@ class StageConfig:
     def recipe(self) -> Recipe:
         """The model's settings for ``gpus`` x ``gpu`` from the registry; none for other models."""
         entry = resolve_model(self.model).entry if self.use_recipe else None
-        return (entry.recipe(self.capacity, self.gpus) if entry else None) or Recipe()
+        return (entry.recipe(self.capacity, self.gpus, self.nnodes) if entry else None) or Recipe()
 
     @property
     def capacity(self) -> float:
