@@ -213,8 +213,9 @@ def _wait_for(path: Path, text: str, wait: float) -> bool:
         time.sleep(POLL_INTERVAL)
 
 
-def node_report(paths: Sequence[str], token: str, wait: float) -> dict:
-    """Run on one node: its versions, and for each path whether it sees this run's marker (then it adds its own)."""
+def node_report(paths: Sequence[str], token: str, wait: float, files: Sequence[str] = ()) -> dict:
+    """Run on one node: its versions, for each path whether it sees this run's marker (then it adds its own),
+    and which of ``files`` (model directories) it has."""
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
@@ -230,7 +231,8 @@ def node_report(paths: Sequence[str], token: str, wait: float) -> dict:
                 shared[path] = f"cannot write there ({error})"
                 continue
         shared[path] = "ok" if seen else "does not see the marker written on the services node"
-    return {"node_id": node_id, "host": socket.gethostname(), "versions": installed_versions(), "shared": shared}
+    return {"node_id": node_id, "host": socket.gethostname(), "versions": installed_versions(), "shared": shared,
+            "missing": [f for f in files if not Path(f).exists()]}
 
 
 @dataclass
@@ -240,11 +242,13 @@ class Probe:
     reports: dict[str, dict]                   # node id -> node_report
     returned: dict[str, dict[str, bool]]       # path -> node id -> this node read its marker
     missing: dict[str, str] = field(default_factory=dict)  # node id -> why it did not answer
+    files: tuple[str, ...] = ()                # the model directories every node was asked for
 
 
 def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
-          timeout: float = PROBE_TIMEOUT) -> Probe:
-    """Ask every node for its versions and to read and write a marker in each of ``paths`` (connected to Ray)."""
+          timeout: float = PROBE_TIMEOUT, files: Sequence[str] = ()) -> Probe:
+    """Ask every node for its versions, to read and write a marker in each of ``paths``, and whether it has
+    ``files`` (connected to Ray)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -258,7 +262,7 @@ def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
         markers.append(marker)
     remote = ray.remote(node_report)
     pending = {node.node_id: remote.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node.node_id, soft=False)).remote(list(paths), token, wait) for node in cluster.nodes}
+        node.node_id, soft=False)).remote(list(paths), token, wait, list(files)) for node in cluster.nodes}
     reports, missing = {}, {}
     deadline = time.monotonic() + timeout + wait
     for node_id, ref in pending.items():
@@ -273,7 +277,7 @@ def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
                           if reports.get(node_id, {}).get("shared", {}).get(path) == "ok" else False
                           for node_id in pending}
         shutil.rmtree(marker, ignore_errors=True)
-    return Probe(reports, returned, missing)
+    return Probe(reports, returned, missing, tuple(files))
 
 
 # -- the preflight's findings -------------------------------------------------------------------
@@ -319,6 +323,13 @@ def cluster_checks(cluster: Cluster, found: Probe, paths: dict[str, str], needs_
                                                           f"mount, SkyPilot file_mounts)"))
         else:
             checks.append(Check(f"shared {label}", True, f"{path}: every node read and wrote a marker"))
+    lacking = {f: [ip.get(n, n) for n, r in found.reports.items() if f in r.get("missing", ())]
+               for r in found.reports.values() for f in r.get("missing", ())}
+    for path, nodes in lacking.items():
+        checks.append(Check("model on every node", False, f"{path} is missing on {', '.join(nodes)}; put the weights "
+                                                          f"on the shared file system or on every node"))
+    if found.files and not lacking:
+        checks.append(Check("model on every node", True, ", ".join(found.files)))
     local = cluster.local
     if needs_gpu_services and local.gpus == 0:
         checks.append(Check("services node", False, f"this node ({local.ip}) has no GPUs but the stage starts an "
@@ -339,9 +350,12 @@ def stage_cluster_checks(cfg, plans: Sequence) -> list:
     for path in paths.values():
         Path(path).mkdir(parents=True, exist_ok=True)
     needs_gpu = any("sglang.launch_server" in spec.command for plan in plans for spec in plan.services)
+    prefix = "actor_rollout_ref.model.path="
+    models = sorted({o[len(prefix):] for plan in plans for o in plan.verl_overrides or () if o.startswith(prefix)
+                     and Path(o[len(prefix):]).is_absolute() and Path(o[len(prefix):]).exists()})  # not hub names
     with connected(address):
         cluster = read_nodes(address)
-        found = probe(cluster, list(paths.values()))
+        found = probe(cluster, list(paths.values()), files=models)
     return cluster_checks(cluster, found, paths, needs_gpu)
 
 

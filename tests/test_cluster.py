@@ -55,17 +55,18 @@ def _processes_under(temp_dir: str) -> list[int]:
 
 
 def _stop_node(process: subprocess.Popen, temp_dir: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # SIGTERM first (a node drains for up to 30 s), then SIGKILL: a test cluster has nothing to save
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
         for pid in [process.pid, *_processes_under(temp_dir)]:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + grace
         while _processes_under(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
         if not _processes_under(temp_dir) and process.poll() is not None:
@@ -142,7 +143,8 @@ def _search_on_worker(url_variable: str, query: str) -> dict:
             "text": text, "metrics": metrics, "resources": list(ray.get_runtime_context().get_assigned_resources())}
 
 
-def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_retriever(two_nodes, stage_dirs):
+def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_retriever(two_nodes, stage_dirs,
+                                                                                          tiny_tokenizer_dir):
     import ray
 
     from drzero.cluster import attach, stage_cluster_checks
@@ -152,7 +154,7 @@ def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_
     from drzero.train.stages import SolverConfig, plan_solver
 
     address, _, _ = two_nodes
-    cfg = SolverConfig(ray_address=address, **stage_dirs)
+    cfg = SolverConfig(ray_address=address, model=str(tiny_tokenizer_dir), **stage_dirs)
     cluster = attach(cfg)
     assert [n.head for n in cluster.nodes] == [True, False]
     assert HEAD_RESOURCE in cluster.nodes[0].resources and WORKER_RESOURCE in cluster.nodes[1].resources
@@ -173,7 +175,7 @@ def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_
     checks = stage_cluster_checks(cfg, [plan])
     assert all(c.ok for c in checks), "\n".join(c.line() for c in checks)
     assert {c.name for c in checks} == {"ray cluster", "same versions on every node", "shared data directory",
-                                        "shared checkpoint directory", "services node"}
+                                        "shared checkpoint directory", "model on every node", "services node"}
     assert not list(Path(cfg.checkpoints).glob(".drzero-cluster-check/*"))  # the markers are cleaned up
 
     with Supervisor(plan.services):
@@ -223,3 +225,57 @@ def test_a_cluster_that_is_not_there_is_one_sentence(stage_dirs):
 
     with pytest.raises(ClusterError, match="could not join the Ray cluster at 127.0.0.1:"):
         attach(SolverConfig(ray_address=f"127.0.0.1:{free_port()}", **stage_dirs))
+
+
+# -- what the preflight says about a cluster that is not one (its findings, without Ray) -------------
+
+
+def _cluster(*gpus, here=0):
+    from drzero.cluster import Cluster, Node
+
+    nodes = tuple(Node(f"n{i}", f"10.0.0.{i + 1}", g, 8.0, i == 0) for i, g in enumerate(gpus))
+    return Cluster("10.0.0.1:6385", nodes, nodes[here].node_id)
+
+
+def _report(versions=None, shared=None):
+    return {"node_id": "", "host": "", "versions": {"python": "3.12.3", "drzero": "0.1.0", "verl": "0.7.1",
+                                                    "ray": "2.60.0", **(versions or {})},
+            "shared": shared or {"/data": "ok", "/ckpt": "ok"}}
+
+
+def test_a_node_with_other_versions_or_a_path_it_does_not_share_fails_the_preflight():
+    from drzero.cluster import Probe, cluster_checks
+
+    cluster = _cluster(8, 8, 8)
+    found = Probe({"n0": _report(), "n1": _report({"verl": "0.7.0"}),
+                   "n2": _report(shared={"/data": "ok", "/ckpt": "does not see the marker written on the services node"})},
+                  {"/data": {"n0": True, "n1": False, "n2": True}, "/ckpt": {"n0": True, "n1": True, "n2": False}})
+    checks = {c.name: c for c in cluster_checks(cluster, found, {"data directory": "/data",
+                                                                 "checkpoint directory": "/ckpt"})}
+    assert checks["ray cluster"].ok and "3 node(s) x 8 GPUs" in checks["ray cluster"].message
+    versions = checks["same versions on every node"]
+    assert not versions.ok and "verl: 10.0.0.1 0.7.1, 10.0.0.2 0.7.0, 10.0.0.3 0.7.1" in versions.message
+    data, ckpt = checks["shared data directory"], checks["shared checkpoint directory"]
+    assert not data.ok and "this node cannot read what 10.0.0.2 wrote there" in data.message
+    assert not ckpt.ok and "10.0.0.3 cannot read what this node writes there" in ckpt.message
+    assert "same file system at the same path" in ckpt.message
+
+
+def test_nodes_with_different_gpu_counts_a_missing_node_and_gpu_less_services_fail():
+    from drzero.cluster import ClusterError, Probe, cluster_checks
+
+    with pytest.raises(ClusterError, match=r"different GPU counts \(10.0.0.1: 8, 10.0.0.2: 4\)"):
+        _cluster(8, 4).gpus_per_node
+    assert _cluster(0, 8, 8).nnodes == 2 and _cluster(0, 8, 8).gpus_per_node == 8  # a CPU head only coordinates
+    found = Probe({"n0": _report()}, {}, {"n1": "GetTimeoutError: timed out"})
+    checks = {c.name: c for c in cluster_checks(_cluster(0, 8), found, {}, needs_gpu_services=True)}
+    assert not checks["ray node"].ok and "10.0.0.2 did not answer" in checks["ray node"].message
+    assert not checks["services node"].ok and "has no GPUs" in checks["services node"].message
+
+
+def test_a_model_directory_missing_on_a_node_is_named():
+    from drzero.cluster import Probe, cluster_checks
+
+    found = Probe({"n0": _report(), "n1": {**_report(), "missing": ["/models/Qwen3-32B"]}}, {})
+    checks = [c for c in cluster_checks(_cluster(8, 8), found, {}) if c.name == "model on every node"]
+    assert len(checks) == 1 and not checks[0].ok and "/models/Qwen3-32B is missing on 10.0.0.2" in checks[0].message
