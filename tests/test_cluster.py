@@ -279,3 +279,20 @@ def test_a_model_directory_missing_on_a_node_is_named():
     found = Probe({"n0": _report(), "n1": {**_report(), "missing": ["/models/Qwen3-32B"]}}, {})
     checks = [c for c in cluster_checks(_cluster(8, 8), found, {}) if c.name == "model on every node"]
     assert len(checks) == 1 and not checks[0].ok and "/models/Qwen3-32B is missing on 10.0.0.2" in checks[0].message
+
+
+@pytest.mark.parametrize("engine, server", [("sglang", "sglang"), ("hf", "hf-server")])
+def test_the_challengers_reward_server_listens_where_the_workers_reach_it(stage_dirs, tiny_tokenizer_dir, engine,
+                                                                           server):
+    """On a cluster (as attach leaves the config) the probes' server binds the services node's address."""
+    from drzero.train.stages import ChallengerConfig, plan_challenger
+
+    cfg = ChallengerConfig(ray_address="10.0.0.1:6385", services_host="10.0.0.1", nnodes=2, engine=engine,
+                           model=str(tiny_tokenizer_dir), **stage_dirs)
+    plan = plan_challenger(cfg)
+    specs = {spec.name: spec for spec in plan.services}
+    assert specs["retriever"].host == specs[server].host == "10.0.0.1"
+    assert "--host 10.0.0.1" in specs[server].command_line
+    assert f"+reward.custom_reward_function.reward_kwargs.base_url='http://10.0.0.1:{specs[server].port}'" \
+        in plan.verl_overrides
+    assert plan.env["RAY_ADDRESS"] == "10.0.0.1:6385" and "trainer.nnodes=2" in plan.verl_overrides

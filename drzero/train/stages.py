@@ -328,7 +328,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     elif cfg.engine == "hf":   # the probes' server in SGLang's API shape, on transformers
         from drzero.rollout.hf_server import hf_server_service
 
-        spec = hf_server_service(solver_path, port=SGLANG_PORT, served_model_name="solver")
+        spec = hf_server_service(solver_path, port=SGLANG_PORT, served_model_name="solver", host=listen_host(cfg))
         services.append(spec)
         sglang_url = spec.url
     else:
