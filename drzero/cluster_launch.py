@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 # SkyPilot's own Ray listens on 6379/6380 on its nodes; verl's and SkyPilot's examples put a job's Ray beside it.
@@ -39,7 +40,7 @@ class NodeRole:
     command: tuple[str, ...] = ()  # the drzero command and its options, run on rank 0
     port: int = RAY_PORT
     cpus: int | None = None
-    env: dict = field(default_factory=dict, compare=False)
+    ray_args: tuple[str, ...] = ()  # more `ray start` options for this node (--temp-dir=..., --resources=...)
 
     def __post_init__(self) -> None:
         if not self.ips:
@@ -69,6 +70,7 @@ class NodeRole:
                    f"--node-ip-address={self.ips[self.rank]}", f"--num-gpus={self.gpus}"]
         if self.cpus is not None:
             command.append(f"--num-cpus={self.cpus}")
+        command += self.ray_args
         if self.head:
             return command + ["--head", f"--port={self.port}", "--include-dashboard=false"]
         return command + [f"--address={self.address}"]
@@ -90,9 +92,14 @@ def reachable(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_for_head(role: NodeRole, timeout: float = JOIN_TIMEOUT, poll: float = 2.0) -> None:
+def wait_for_head(role: NodeRole, timeout: float = JOIN_TIMEOUT, poll: float = 2.0,
+                  starting: subprocess.Popen | None = None) -> None:
+    """Until the head's port answers; on the head, ``starting`` is its `ray start`, which must not have exited."""
     deadline = time.monotonic() + timeout
     while not reachable(role.ips[0], role.port):
+        if starting is not None and starting.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {starting.returncode} before the head answered; "
+                               f"its output is above")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the Ray head at {role.address} did not answer within {timeout:g} s; see rank 0's log")
         time.sleep(poll)
@@ -129,7 +136,7 @@ def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
 
 def run(role: NodeRole, log=print, join_timeout: float = JOIN_TIMEOUT) -> int:
     """This node's part: the head runs the command on the cluster; the others serve it until it ends."""
-    env = {**os.environ, **role.env}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # `ray start` must not read a stale one; rank 0's drzero gets --ray-address
     if not role.head:
         wait_for_head(role, join_timeout)
@@ -142,7 +149,7 @@ def run(role: NodeRole, log=print, join_timeout: float = JOIN_TIMEOUT) -> int:
             gone = not reachable(role.ips[0], role.port)
             log(f"[cluster] node {role.rank}: Ray stopped (exit {code})" + ("; the head has ended" if gone else ""))
             return 0 if gone else code
-        wait_for_head(role, join_timeout, poll=0.5)
+        wait_for_head(role, join_timeout, poll=0.5, starting=ray_node)
         joined = wait_for_nodes(role, join_timeout)
         log(f"[cluster] {joined} node(s) joined {role.address}; running {' '.join(role.drzero())}")
         return subprocess.call(role.drzero(), env=env)
@@ -164,12 +171,15 @@ def role_from_args(argv: Sequence[str], environ: dict | None = None) -> NodeRole
                         help="GPUs of this node ($SKYPILOT_NUM_GPUS_PER_NODE)")
     parser.add_argument("--cpus", type=int, help="CPUs Ray may use on this node (default: Ray's count)")
     parser.add_argument("--port", type=int, default=RAY_PORT, help=f"the Ray head's port (default {RAY_PORT})")
+    parser.add_argument("--ray-args", default="", metavar="'ARGS'",
+                        help="more `ray start` options for this node, e.g. --ray-args='--temp-dir=/scratch/ray'")
     args = parser.parse_args(argv)
     if args.rank is None:
         parser.error("--rank is required (or $SKYPILOT_NODE_RANK)")
     ips = tuple(ip.strip() for ip in args.ips.replace(",", "\n").splitlines() if ip.strip())
     try:
-        return NodeRole(int(args.rank), ips, int(args.gpus), tuple(command), args.port, args.cpus)
+        return NodeRole(int(args.rank), ips, int(args.gpus), tuple(command), args.port, args.cpus,
+                        tuple(shlex.split(args.ray_args)))
     except ValueError as error:
         parser.error(str(error))
 

@@ -1,10 +1,12 @@
 """More than one node, on this machine: a real two-node Ray cluster started with `ray start`.
 
 The head and the worker are two Ray nodes on loopback, each in its own temp dir, told apart by a
-custom resource. A stage attached to the cluster plans both nodes, puts its retriever on the head,
-and a Ray task pinned to the worker, given the runtime_env verl would get from the plan, finds the
-retriever's address and gets a real search result from it. The nodes are stopped by their process
-ids (never `ray stop`, which would stop every Ray on the machine).
+custom resource; the worker is started the way every non-head node of a Modal or SkyPilot launch is,
+by `python -m drzero.cluster_launch --rank 1`, and must end by itself once the head is gone. A stage
+attached to the cluster plans both nodes, puts its retriever on the head, and a Ray task pinned to
+the worker, given the runtime_env verl would get from the plan, finds the retriever's address and
+gets a real search result from it. The nodes are stopped by their process ids (never `ray stop`,
+which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -30,15 +32,34 @@ HEAD_RESOURCE, WORKER_RESOURCE = "drzero_test_head", "drzero_test_worker"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _ray_start(temp_dir: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# a worker whose head is gone gives up after 3 s instead of Ray's 60 (the launcher's worker then ends)
+RAY_ENV = {"RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_gcs_rpc_server_reconnect_timeout_s": "3"}
+
+
+def _node_args(temp_dir: str) -> list[str]:
+    """`ray start` options that keep two nodes on one machine apart: own temp dir, own ports, small."""
+    return ["--object-store-memory=100000000", f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}"]
+
+
+def _spawn(command: list[str], temp_dir: str) -> subprocess.Popen:
+    env = {**os.environ, **RAY_ENV}
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp_dir) / "ray-start.log", "w")
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000",
-                             f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
-                             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                             *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(Path(temp_dir) / "node.log", "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ray_start(temp_dir: str, *args: str) -> subprocess.Popen:
+    return _spawn([RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                   "--num-gpus=1", *_node_args(temp_dir), *args], temp_dir)
+
+
+def _launcher(temp_dir: str, rank: int, ips: str, port: int, *args: str, command: tuple[str, ...] = ()) -> list[str]:
+    ray_args = " ".join(_node_args(temp_dir) + list(args))
+    return [sys.executable, "-m", "drzero.cluster_launch", "--rank", str(rank), "--ips", ips, "--port", str(port),
+            "--gpus", "1", "--cpus", "1", f"--ray-args={ray_args}", *(["--", *command] if command else [])]
 
 
 def _processes_under(temp_dir: str) -> list[int]:
@@ -97,19 +118,26 @@ def two_nodes():
     try:
         deadline = time.monotonic() + 60
         while not (Path(head_dir) / "ray_current_cluster").is_file():
-            assert head.poll() is None, (Path(head_dir) / "ray-start.log").read_text()
+            assert head.poll() is None, (Path(head_dir) / "node.log").read_text()
             assert time.monotonic() < deadline, "the Ray head did not start"
             time.sleep(0.3)
-        worker = _ray_start(worker_dir, f"--address={address}", f"--resources={json.dumps({WORKER_RESOURCE: 1})}")
+        worker = _spawn(_launcher(worker_dir, 1, "127.0.0.1,127.0.0.1", port,
+                                  f"--resources='{json.dumps({WORKER_RESOURCE: 1})}'"), worker_dir)
         _wait_for_nodes(address, 2)
         yield address, head_dir, worker_dir
     finally:
-        if worker is not None:
-            _stop_node(worker, worker_dir)
         _stop_node(head, head_dir)
+        if worker is not None:
+            try:  # with the head gone, the launcher's worker ends by itself, and says so with exit status 0
+                worker_code = worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker_code = None
+            _stop_node(worker, worker_dir)
         assert not _processes_under(head_dir) and not _processes_under(worker_dir)
+        worker_log = (Path(worker_dir) / "node.log").read_text() if worker is not None else ""
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)
+        assert worker is None or worker_code == 0, worker_log[-3000:]
 
 
 @pytest.fixture
@@ -296,3 +324,24 @@ def test_the_challengers_reward_server_listens_where_the_workers_reach_it(stage_
     assert f"+reward.custom_reward_function.reward_kwargs.base_url='http://10.0.0.1:{specs[server].port}'" \
         in plan.verl_overrides
     assert plan.env["RAY_ADDRESS"] == "10.0.0.1:6385" and "trainer.nnodes=2" in plan.verl_overrides
+
+
+def test_the_launchers_head_starts_ray_runs_the_command_on_it_and_stops_only_its_own_ray(stage_dirs,
+                                                                                         tiny_tokenizer_dir):
+    """Rank 0 of `python -m drzero.cluster_launch`, as every Modal and SkyPilot launch runs it (one node here)."""
+    head_dir, port = tempfile.mkdtemp(prefix="dzl"), free_port()
+    command = ("solver", "--preflight", "--model", str(tiny_tokenizer_dir), "--db", stage_dirs["db"],
+               "--data-dir", stage_dirs["data_dir"], "--checkpoints", stage_dirs["checkpoints"], "--logger", "console")
+    process = _spawn(_launcher(head_dir, 0, "127.0.0.1", port, f"--ray-client-server-port={free_port()}",
+                               command=command), head_dir)
+    try:
+        code = process.wait(timeout=240)
+        log = (Path(head_dir) / "node.log").read_text()
+        assert not _processes_under(head_dir), log[-3000:]  # its Ray stopped with it
+    finally:
+        _stop_node(process, head_dir)
+        shutil.rmtree(head_dir, ignore_errors=True)
+    assert f"[cluster] 1 node(s) joined 127.0.0.1:{port}; running" in log and f"--ray-address 127.0.0.1:{port}" in log
+    assert f"Ray cluster 127.0.0.1:{port}: 1 node(s)" in log                  # drzero attached to it
+    assert "[  ok] shared checkpoint directory" in log and "[  ok] same versions on every node" in log
+    assert code == 1 and "data.train_files" in log  # the preflight's verdict (no solver data yet) is the exit status

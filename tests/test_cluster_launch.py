@@ -118,3 +118,15 @@ print(json.dumps({{"nodes": task.num_nodes, "accelerators": resources.accelerato
     # the buckets' names come from DRZERO_BUCKET, substituted by SkyPilot
     assert task["mounts"] == {"/corpus": "drzero-run-corpus", "/checkpoints": "drzero-run-checkpoints"}
     assert "python3 -m drzero.cluster_launch -- evolve" in task["run"]
+
+
+def test_a_head_whose_ray_does_not_start_fails_at_once(capsys):
+    import time
+
+    from drzero.cluster_launch import run
+
+    role = NodeRole(0, ("127.0.0.1",), 0, ("list-models",), port=1, ray_args=("--ray-client-server-port=1",))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="`ray start --head` exited with"):
+        run(role, log=lambda line: None, join_timeout=120)
+    assert time.monotonic() - started < 60  # not the join timeout

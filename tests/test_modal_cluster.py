@@ -31,6 +31,7 @@ def test_one_clustered_function_per_size_with_all_gpus_of_each_node_rdma_and_the
     assert info.gpus == [mb.parse_gpu(mb.GPU)]
     assert info.timeout == 24 * 60 * 60 and info.max_retries == 5 and info.single_use_containers
     assert {path: mount.name for path, mount in info.volumes.items()} == VOLUME_NAMES
+    assert info.secrets == mb.train.info().secrets  # the W&B key, as the single-node train
 
 
 def test_the_single_node_app_has_no_clustered_function():
