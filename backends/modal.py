@@ -801,7 +801,8 @@ WHAT_RUNS = {"train": "drzero evolve", "upload-model": "download into /corpus/mo
 
 
 def describe(launch: Launch, request: Request) -> str:
-    runs = WHAT_RUNS.get(launch.action, f"drzero {launch.action}")
+    # a cluster's arguments start with the drzero command itself
+    runs = "drzero" if launch.nodes > 1 else WHAT_RUNS.get(launch.action, f"drzero {launch.action}")
     lines = [f"{launch.action} on Modal: {runs} {shlex.join(launch.argv)}".rstrip()]
     if launch.gpu:
         pin = "; Modal may serve H100 as H200, write H100! to pin it" if parse_gpu(launch.gpu)[0] == "H100" else ""

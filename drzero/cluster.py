@@ -254,29 +254,34 @@ def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
 
     wait = float(os.environ.get(SHARED_WAIT_ENV, "0")) if wait is None else wait
     token = uuid.uuid4().hex
-    markers = []
-    for path in paths:
-        marker = Path(path) / MARKER_DIR / token
-        marker.mkdir(parents=True, exist_ok=True)
-        (marker / "origin").write_text(token)
-        markers.append(marker)
-    remote = ray.remote(node_report)
-    pending = {node.node_id: remote.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node.node_id, soft=False)).remote(list(paths), token, wait, list(files)) for node in cluster.nodes}
-    reports, missing = {}, {}
-    deadline = time.monotonic() + timeout + wait
-    for node_id, ref in pending.items():
-        try:
-            reports[node_id] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-        except Exception as error:  # a node that is gone, or cannot import drzero: a finding, not a crash
-            missing[node_id] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            ray.cancel(ref, force=True)
-    returned = {}
-    for path, marker in zip(paths, markers):
-        returned[path] = {node_id: _wait_for(marker / node_id, token, wait)
-                          if reports.get(node_id, {}).get("shared", {}).get(path) == "ok" else False
-                          for node_id in pending}
-        shutil.rmtree(marker, ignore_errors=True)
+    markers = [Path(path) / MARKER_DIR / token for path in paths]
+    try:
+        for marker in markers:
+            marker.mkdir(parents=True, exist_ok=True)
+            (marker / "origin").write_text(token)
+        remote = ray.remote(node_report)
+        pending = {node.node_id: remote.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node.node_id, soft=False)).remote(list(paths), token, wait, list(files)) for node in cluster.nodes}
+        reports, missing = {}, {}
+        deadline = time.monotonic() + timeout + wait
+        for node_id, ref in pending.items():
+            try:
+                reports[node_id] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except Exception as error:  # a node that is gone, or cannot import drzero: a finding, not a crash
+                missing[node_id] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+        returned = {}
+        until = time.monotonic() + wait  # one wait for all: each node wrote its marker before it answered
+        for path, marker in zip(paths, markers):
+            returned[path] = {node_id: reports.get(node_id, {}).get("shared", {}).get(path) == "ok"
+                              and _wait_for(marker / node_id, token, max(0.0, until - time.monotonic()))
+                              for node_id in pending}
+    finally:
+        for marker in markers:
+            shutil.rmtree(marker, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                marker.parent.rmdir()  # the last check run leaves nothing behind
     return Probe(reports, returned, missing, tuple(files))
 
 

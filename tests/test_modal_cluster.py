@@ -78,6 +78,7 @@ def test_train_on_two_nodes_runs_evolve_on_the_2_node_function_after_its_preflig
     (_, _, options), = _calls(cluster_calls, "with_options")
     assert options["gpu"] == "H100:8"  # per node
     out = capsys.readouterr().out
+    assert out.startswith("train on Modal: drzero evolve --model qwen3-32b ")
     assert "H100:8 (--gpu or $DRZERO_MODAL_GPU" in out and "on each of 2 nodes" in out
     assert "384 GPU-hours ~ $1,536" in out  # 24 h x 8 GPUs x 2 nodes at $4
 
