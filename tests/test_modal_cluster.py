@@ -8,6 +8,7 @@ replaced, so the rank logic is checked without a cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,21 @@ def test_train_on_two_nodes_runs_evolve_on_the_2_node_function_after_its_preflig
     assert out.startswith("train on Modal: drzero evolve --model qwen3-32b ")
     assert "H100:8 (--gpu or $DRZERO_MODAL_GPU" in out and "on each of 2 nodes" in out
     assert "384 GPU-hours ~ $1,536" in out  # 24 h x 8 GPUs x 2 nodes at $4
+
+
+def test_a_cluster_launch_is_recorded_and_resumed_on_the_same_cluster(cluster_calls, capsys):
+    assert mb.cli(["train", "--nodes", "2", "--stage-args=--iterations 2"]) == 0
+    volume = mb.checkpoints_volume
+    (path,) = [name for name in volume.files if name.startswith("launches/")]
+    record = json.loads(volume.files[path])
+    assert record["app_id"] == "ap-cluster" and record["launch"]["nodes"] == 2
+    first = list(cluster_calls)
+    cluster_calls.clear()
+    capsys.readouterr()
+    assert mb.cli(["resume"]) == 0
+    assert _calls(cluster_calls, "spawn") == _calls(first, "spawn") == [
+        ("spawn", "cluster_2", ("evolve", "--gpus", "8", "--gpu", "H100", "--iterations", "2", "--nnodes", "2"))]
+    assert _calls(cluster_calls, "cluster app.run") and "  run     iter2/merge-solver" in capsys.readouterr().out
 
 
 def test_a_single_stage_on_four_nodes(cluster_calls):
