@@ -2,6 +2,7 @@
 
     python -m backends.modal smoke                       # the whole stack on one H100, in minutes
     python -m backends.modal train                       # the whole loop on 8×H100, detached (about a day)
+    python -m backends.modal train --nodes 2             # the same on a cluster of 2 nodes of 8×H100 (gated, below)
     python -m backends.modal status                      # each stage, its verl step, cost so far, what to do next
     python -m backends.modal download-model qwen3-32b    # weights fetched on Modal into the corpus volume, verified
     python -m backends.modal logs --errors               # the latest run's known failures, each with its fix
@@ -16,7 +17,8 @@ imports Modal.
 Run this file in module mode only (`python -m backends.modal ...` or `modal run -m backends.modal ...`).
 Run as a plain file, `backends/` would be on `sys.path` and `import modal` would import this file.
 
-    python -m backends.modal ACTION [MODEL|APP_ID] [--iteration K] [--model NAME] [--gpu H100:8] [--detach/--no-detach]
+    python -m backends.modal ACTION [MODEL|APP_ID] [--iteration K] [--model NAME] [--gpu H100:8] [--nodes N]
+                                    [--detach/--no-detach]
                                     [--stage-args "..."] [-- hydra overrides]
     modal run [--detach] -m backends.modal --action ACTION [--iteration K] ...   # the seed guide's form
 """
@@ -206,8 +208,18 @@ def commit_volumes() -> None:
             print(f"[modal] volume commit failed ({error}); trying again at the next one", flush=True)
 
 
+def reload_volumes() -> None:
+    for volume in (checkpoints_volume, corpus_volume):
+        try:
+            volume.reload()
+        except Exception:  # files open on the volume (a server reading weights): the next round tries again
+            pass
+
+
 @contextlib.contextmanager
-def committing_volumes(record: GpuTimeRecord | None = None, every: float = COMMIT_EVERY):
+def committing_volumes(record: GpuTimeRecord | None = None, every: float = COMMIT_EVERY, reload: bool = False):
+    """Commit both volumes every ``every`` seconds and on the way out; with ``reload``, also take in what other
+    containers committed (the nodes of a cluster, backends/modal_cluster.py)."""
     stop = threading.Event()
 
     def commit_now_and_then() -> None:
@@ -215,6 +227,8 @@ def committing_volumes(record: GpuTimeRecord | None = None, every: float = COMMI
             if record:
                 record.save()
             commit_volumes()
+            if reload:
+                reload_volumes()
 
     thread = threading.Thread(target=commit_now_and_then, name="volume-commit", daemon=True)
     thread.start()
@@ -277,6 +291,11 @@ def run_drzero(command: str, argv: Sequence[str], *, local_corpus: bool = False,
         code = stream([sys.executable, "-m", "drzero.cli", command, *argv], f"[{command}] ", env)
         if record:
             record.save(exit_code=code)
+    return outcome(command, code)
+
+
+def outcome(command: str, code: int) -> dict:
+    """A finished drzero command's result; an exception when Modal should retry it."""
     if code == 0:
         return {"command": command, "exit_code": 0}
     if code == USAGE_ERROR:
@@ -434,6 +453,7 @@ class Request:
     errors: bool = False                    # logs: only the known failures
     since: str | None = None                # logs: e.g. 2h
     follow: bool = False                    # logs: keep streaming
+    nodes: int = 1                          # > 1: a Modal cluster of that many nodes (backends/modal_cluster.py)
 
 
 @dataclass
@@ -447,6 +467,7 @@ class Launch:
     detach: bool = False
     preflight: list[str] | None = None      # `drzero` argv the CPU preflight runs
     required: list[tuple[str, str]] = field(default_factory=list)   # (volume path, how to make it)
+    nodes: int = 1                          # > 1: a clustered Function, `gpu` on each node
 
     @property
     def checked(self) -> bool:
@@ -518,6 +539,8 @@ def required_paths(action: str, k: int, stage: str = "solver", model: str = "", 
 
 def plan_launch(request: Request) -> Launch:
     """The Function call for a Modal action (not for status, upload-corpus, download-checkpoints)."""
+    if request.nodes != 1:
+        return plan_cluster_launch(request)
     action, k = request.action, request.iteration
     if request.overrides and action not in TAKES_OVERRIDES:
         raise ValueError(f"Hydra overrides after `--` go to verl, which only {', '.join(TAKES_OVERRIDES)} run; "
@@ -567,6 +590,30 @@ def plan_launch(request: Request) -> Launch:
     raise ValueError(f"{action} is not an action that calls a Function; expected one of {', '.join(ACTIONS)}")
 
 
+CLUSTER_ACTIONS = ("challenger", "solver", "train")  # the verl stages: what more nodes speed up
+CLUSTER_SIZES = (2, 4, 8)                            # one clustered Function each (backends/modal_cluster.py)
+
+
+def plan_cluster_launch(request: Request) -> Launch:
+    """``--nodes N``: the single-node launch's arguments, on the clustered Function of N nodes.
+
+    Its preflight plans the same command with ``--nnodes N``, so the memory check shards over every node."""
+    if request.action not in CLUSTER_ACTIONS:
+        raise ValueError(f"--nodes {request.nodes}: only {', '.join(CLUSTER_ACTIONS)} run on more than one node; "
+                         f"drop --nodes for {request.action}")
+    if request.nodes not in CLUSTER_SIZES:
+        raise ValueError(f"--nodes {request.nodes} is not valid: expected 1 (one node) or a cluster of "
+                         f"{', '.join(map(str, CLUSTER_SIZES))} nodes")
+    single = plan_launch(Request(**{**asdict(request), "nodes": 1}))
+    argv = single.argv[:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv[split:split] = ["--nnodes", str(request.nodes)]
+    command = "evolve" if request.action == "train" else request.action
+    preflight = [*single.preflight[:len(single.preflight) - len(single.argv)], *argv]
+    return Launch(single.action, f"cluster_{request.nodes}", [command, *argv], single.gpu, single.detach, preflight,
+                  single.required, nodes=request.nodes)
+
+
 # ## Cost
 #
 # Before a launch: the estimate, from rough hours per action (`--hours` to change them) and the
@@ -586,10 +633,11 @@ class Estimate:
     price_per_gpu_hour: float
     attempts: int = RETRIES.max_retries + 1
     hours_per_attempt: float = DAY / HOURS
+    nodes: int = 1                  # each with ``gpus`` GPUs
 
     @property
     def gpu_hours(self) -> float:
-        return self.gpus * self.hours
+        return self.nodes * self.gpus * self.hours
 
     @property
     def dollars(self) -> float:
@@ -597,10 +645,11 @@ class Estimate:
 
     @property
     def dollars_per_attempt_cap(self) -> float:
-        return self.gpus * self.hours_per_attempt * self.price_per_gpu_hour
+        return self.nodes * self.gpus * self.hours_per_attempt * self.price_per_gpu_hour
 
     def lines(self) -> list[str]:
-        return [f"  estimate  ~{self.hours:g} h on {self.gpus} x {self.gpu_type} = {self.gpu_hours:g} GPU-hours "
+        where = f"{self.gpus} x {self.gpu_type}" + (f" on each of {self.nodes} nodes" if self.nodes > 1 else "")
+        return [f"  estimate  ~{self.hours:g} h on {where} = {self.gpu_hours:g} GPU-hours "
                 f"~ ${self.dollars:,.0f} at ${self.price_per_gpu_hour:.2f}/GPU-hour (--hours, "
                 f"--price-per-gpu-hour; CPU and memory are billed on top)",
                 f"  limit     {self.hours_per_attempt:g} h per attempt (${self.dollars_per_attempt_cap:,.0f}), up to "
@@ -614,7 +663,7 @@ def estimate(launch: Launch, request: Request) -> Estimate | None:
     hours = request.hours or EXPECTED_HOURS.get(launch.action, 1.0)
     attempts = 1 if launch.action == "smoke" else RETRIES.max_retries + 1
     per_attempt = 0.5 if launch.action == "smoke" else DAY / HOURS
-    return Estimate(gpu_type, gpus, hours, request.price_per_gpu_hour, attempts, per_attempt)
+    return Estimate(gpu_type, gpus, hours, request.price_per_gpu_hour, attempts, per_attempt, launch.nodes)
 
 
 def gpu_hours_of(run: dict) -> float:
@@ -752,11 +801,14 @@ WHAT_RUNS = {"train": "drzero evolve", "upload-model": "download into /corpus/mo
 
 
 def describe(launch: Launch, request: Request) -> str:
-    runs = WHAT_RUNS.get(launch.action, f"drzero {launch.action}")
+    # a cluster's arguments start with the drzero command itself
+    runs = "drzero" if launch.nodes > 1 else WHAT_RUNS.get(launch.action, f"drzero {launch.action}")
     lines = [f"{launch.action} on Modal: {runs} {shlex.join(launch.argv)}".rstrip()]
     if launch.gpu:
         pin = "; Modal may serve H100 as H200, write H100! to pin it" if parse_gpu(launch.gpu)[0] == "H100" else ""
-        lines.append(f"  GPUs      {launch.gpu} (--gpu or $DRZERO_MODAL_GPU{pin})")
+        lines.append(f"  GPUs      {launch.gpu} (--gpu or $DRZERO_MODAL_GPU{pin})"
+                     + (f" on each of {launch.nodes} nodes: a Modal cluster (a feature Modal enables per workspace)"
+                        if launch.nodes > 1 else ""))
         lines += estimate(launch, request).lines()
     if launch.checked:
         lines.append(f"  preflight on a CPU first: {len(launch.required)} input(s) on the volumes"
@@ -765,11 +817,26 @@ def describe(launch: Launch, request: Request) -> str:
 
 
 def _function(name: str):
+    if name.startswith("cluster_"):  # the clustered Functions live in their own app (backends/modal_cluster.py)
+        from backends import modal_cluster
+
+        return getattr(modal_cluster, name)
     return globals()[name]  # looked up per call, so that tests can put fakes in place
 
 
+def _app_for(plan: Launch):
+    if plan.nodes > 1:
+        from backends import modal_cluster
+
+        return modal_cluster.app
+    return app
+
+
+_running_app = app  # the app of the current launch: this one, or the cluster app for --nodes N
+
+
 def _app_id() -> str:
-    return app.app_id
+    return _running_app.app_id
 
 
 def _started(launch: Launch, call, detached: bool) -> None:
@@ -795,7 +862,8 @@ def record_launch(launch: Launch, call) -> None:
 
 def _call(launch: Launch, wait: bool) -> int:
     if launch.checked:
-        verdict = _function("preflight").remote(launch.preflight or [], launch.required)
+        checker = _function("cluster_preflight" if launch.nodes > 1 else "preflight")  # a Function of the running app
+        verdict = checker.remote(launch.preflight or [], launch.required)
         if not verdict["ok"]:
             print(f"preflight refused {launch.action}; no GPU was started:", file=sys.stderr)
             for problem in verdict["problems"]:
@@ -820,10 +888,26 @@ def _call(launch: Launch, wait: bool) -> int:
 
 def launch(plan: Launch, request: Request, *, app_running: bool = False) -> int:
     print(describe(plan, request))
+    if app_running and plan.nodes > 1:
+        print("--nodes runs the clustered Functions of their own app: launch it with `python -m backends.modal "
+              f"{plan.action} --nodes {plan.nodes}`, not `modal run`", file=sys.stderr)
+        return 2
     if app_running:  # under `modal run`: the app is already up; `modal run --detach` keeps it up
         return _call(plan, wait=True)
-    with modal.enable_output(), app.run(detach=plan.detach):
-        return _call(plan, wait=not plan.detach)
+    global _running_app
+    _running_app = _app_for(plan)
+    try:
+        with modal.enable_output(), _running_app.run(detach=plan.detach):
+            return _call(plan, wait=not plan.detach)
+    except (modal.exception.AuthError, modal.exception.ConnectionError):
+        raise
+    except modal.exception.Error as error:
+        if plan.nodes == 1:
+            raise
+        from backends.modal_cluster import refusal
+
+        print(refusal(plan.nodes, error), file=sys.stderr)
+        return 1
 
 
 def run_request(request: Request, *, app_running: bool = False) -> int:
@@ -911,6 +995,10 @@ def parse_request(argv: Sequence[str]) -> Request:
                                         "evaluate: the model to evaluate (default: /checkpoints/solver_iterK_hf)")
     parser.add_argument("--gpu", help=f"GPUs of the stage, TYPE:COUNT on one node (default: {GPU}, from "
                                       f"$DRZERO_MODAL_GPU; smoke: {SMOKE_GPU})")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="challenger, solver, train: run on a Modal cluster of N nodes of --gpu each (2, 4 or 8; "
+                             "default 1, one node). Multi-node clusters are a feature Modal enables per workspace: "
+                             "ask Modal for it first (see README: More than one node)")
     parser.add_argument("--stage", choices=["challenger", "solver"], default="solver",
                         help="merge, download-checkpoints: which stage's checkpoint (default: solver)")
     parser.add_argument("--data", help="evaluate: the evaluation parquet on the volume "
@@ -936,7 +1024,7 @@ def parse_request(argv: Sequence[str]) -> Request:
         args.model, args.subject = args.model or args.subject, None
     return Request(args.action, args.iteration, args.model, args.gpu, args.stage, args.data, args.path,
                    shlex.split(args.stage_args), overrides, args.detach, args.hours, args.price_per_gpu_hour,
-                   args.subject, args.errors, args.since, args.follow)
+                   args.subject, args.errors, args.since, args.follow, args.nodes)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

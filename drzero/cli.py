@@ -90,6 +90,10 @@ def _run_stage(plan, cfg) -> int:
     real_run = not (cfg.dry_run or getattr(cfg, "preflight_only", False))
     if verl:
         checks = run_checks(plan, allow_download=cfg.allow_download)
+        if getattr(cfg, "ray_address", None):  # set by on_cluster: the nodes, their versions, shared paths
+            from drzero.cluster import stage_cluster_checks
+
+            checks += stage_cluster_checks(cfg, [plan])
         if real_run:  # does this machine have what the stage needs (CUDA, SGLang)? asked before anything starts
             checks.append(machine_check([plan]))
         print(report(plan, checks))
@@ -115,24 +119,34 @@ def _run_stage(plan, cfg) -> int:
     return 0
 
 
+def on_cluster(cfg):
+    """A stage's config on the Ray cluster of --ray-address / $RAY_ADDRESS, when there is one (drzero.cluster)."""
+    from drzero.cluster import attach
+
+    cluster = attach(cfg)
+    if cluster is not None:
+        print(cluster.describe())
+    return cfg
+
+
 def _challenger(args: argparse.Namespace) -> int:
     from drzero.train.stages import ChallengerConfig, plan_challenger
 
-    cfg = config_from_args(ChallengerConfig, args)
+    cfg = on_cluster(config_from_args(ChallengerConfig, args))
     return _run_stage(plan_challenger(cfg), cfg)
 
 
 def _solver(args: argparse.Namespace) -> int:
     from drzero.train.stages import SolverConfig, plan_solver
 
-    cfg = config_from_args(SolverConfig, args)
+    cfg = on_cluster(config_from_args(SolverConfig, args))
     return _run_stage(plan_solver(cfg), cfg)
 
 
 def _gen_data(args: argparse.Namespace) -> int:
     from drzero.pipeline import GenDataStageConfig, plan_gen_data
 
-    cfg = config_from_args(GenDataStageConfig, args)
+    cfg = on_cluster(config_from_args(GenDataStageConfig, args))
     return _run_stage(plan_gen_data(cfg), cfg)
 
 
@@ -325,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    from drzero.cluster import ClusterError
     from drzero.corpus.store import StoreError
     from drzero.data.budget import TokenBudgetError
     from drzero.models import ModelNotFound
@@ -334,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ConfigError, StoreError, ModelNotFound, TokenBudgetError, ServiceError, FileNotFoundError) as error:
         parser.exit(2, f"drzero {args.command}: error: {error}\n")
+    except ClusterError as error:  # a node missing or unlike the others: a retry may find it fixed
+        print(f"drzero {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -144,7 +144,8 @@ class RunState:
 
 def _shared(cfg: StageConfig, iteration: int) -> dict:
     names = ("model", "db", "collection", "data_dir", "checkpoints", "gpus", "nnodes", "steps", "train_batch_size", "rollout_tp",
-             "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides", "thinking")
+             "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides", "thinking",
+             "ray_address", "services_host")
     return {**{n: getattr(cfg, n) for n in names}, "iteration": iteration}
 
 
@@ -346,15 +347,23 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
 
 
 def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
+    from drzero.cluster import report_checks
+
     plans = all_plans(cfg)
     problems = check_remaining(cfg, state, plans, print_fn, verbose=True, resolve=True)
+    if cfg.ray_address:
+        problems += report_checks(cfg, [plan for key, plan in plans if not state.is_done(key, plan)], print_fn)
     print_fn(f"dry run: {len(plans)} stages planned, {problems} problem(s)")
     return 1 if problems else 0
 
 
 def evolve(cfg: EvolveConfig, print_fn=print) -> int:
+    from drzero.cluster import attach, before_stage, report_checks
     from drzero.train.stages import execute
 
+    cluster = attach(cfg)  # on a Ray cluster: nodes and GPUs from it, the services at this node's address
+    if cluster is not None:
+        print_fn(cluster.describe())
     state = RunState(cfg.layout.state, warn=lambda message: print_fn(f"evolve: warning: {message}"),
                      move_aside=not cfg.dry_run)
     if cfg.dry_run:
@@ -369,6 +378,8 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
         if not machine.ok:
             print_fn(machine.line())
         problems = (not machine.ok) + check_remaining(cfg, state, plans, print_fn, verbose=False, resolve=False)
+        if cluster is not None:
+            problems += report_checks(cfg, [plan for key, plan in plans if not state.is_done(key, plan)], print_fn)
         if problems:
             print_fn(f"evolve: preflight found {problems} problem(s) in the stages still to run; nothing was "
                      f"started. Fix them (or look with --dry-run) and run the same command again.")
@@ -387,6 +398,7 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
             continue
         resumed = state.stages.get(key, {}).get("status") == "running"
         print_fn(f"[{'resume' if resumed else 'run'}] {key}")
+        before_stage(cfg, plan, print_fn)  # on a cluster: every node sees what the stages before wrote
         state.mark(key, "running")
         execute(plan)
         state.mark(key, "done", plan.outputs)

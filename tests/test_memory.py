@@ -191,3 +191,29 @@ def test_drzero_memory_exits_1_when_a_stage_does_not_fit(capsys):
     assert main(["memory", "--model", "qwen3-8b", "--gpu-mem", "20", "--stage", "solver"]) == 1
     with pytest.raises(SystemExit):
         main(["memory", "--model", "no-such/model-xyz"])
+
+
+def test_more_nodes_shard_the_actor_over_every_gpu_and_qwen3_32b_names_the_nodes_it_needs(capsys):
+    """`drzero memory --nodes N` counts the GPUs of every node; the 32B's H100 recipe for 4 nodes trains on the GPUs."""
+    cluster = REGISTRY["qwen3-32b"].cluster_recipes["H100"]
+    assert cluster.nodes == 4 and "offload_policy" not in " ".join(cluster.overrides)
+    assert REGISTRY["qwen3-32b"].recipe(GPU_MEMORY_GIB["H100"], 8, nodes=4) is cluster
+    assert REGISTRY["qwen3-32b"].recipe(GPU_MEMORY_GIB["H100"], 8, nodes=2) is REGISTRY["qwen3-32b"].recipes["H100"]
+    assert REGISTRY["qwen3-32b"].recipe(GPU_MEMORY_GIB["H200"], 8, nodes=4) is REGISTRY["qwen3-32b"].recipes["H200"]
+
+    hosts = {}
+    for nodes in (1, 2, 4):
+        assert main(["memory", "--model", "qwen3-32b", "--gpu", "H100", "--nodes", str(nodes),
+                     "--stage", "challenger"]) == 0
+        out = capsys.readouterr().out
+        assert f"challenger: 8 x H100 (79.1 GiB per GPU) x {nodes} node(s)" in out
+        hosts[nodes] = float(re.search(r"host memory for the offloaded actor: (\d+) GiB per node", out).group(1))
+    # the same host-memory training on 1 and 2 nodes, its state split over twice the nodes; on 4, GPU-resident
+    assert hosts[1] == pytest.approx(2 * hosts[2], abs=1) and hosts[4] < hosts[2] / 2
+
+    # the 4-node settings on 2 nodes: the challenger's update does not fit
+    offload = ["--", "actor_rollout_ref.actor.fsdp_config.param_offload=True",
+               "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True"]
+    assert main(["memory", "--model", "qwen3-32b", "--gpu", "H100", "--nodes", "2", "--no-recipe", "--rollout-tp", "4",
+                 "--sglang-dp", "2", "--sglang-tp", "4", "--sglang-mem", "0.3", "--stage", "challenger", *offload]) == 1
+    assert "DOES NOT FIT: training: actor update" in capsys.readouterr().out

@@ -137,15 +137,15 @@ def main(argv: list[str] | None = None) -> None:
                 print=None)
 
 
-def hf_server_service(model_path: str, port: int, served_model_name: str = "solver"):
+def hf_server_service(model_path: str, port: int, served_model_name: str = "solver", host: str = "127.0.0.1"):
     """This server as a supervised service (``drzero challenger --engine hf`` starts it for the probes)."""
     import sys
 
     from drzero.services import ServiceSpec
 
-    command = [sys.executable, "-m", "drzero.rollout.hf_server", "--model", str(model_path), "--port", str(port),
-               "--served-model-name", served_model_name]
-    return ServiceSpec("hf-server", command, port, startup_timeout=600)
+    command = [sys.executable, "-m", "drzero.rollout.hf_server", "--model", str(model_path), "--host", host,
+               "--port", str(port), "--served-model-name", served_model_name]
+    return ServiceSpec("hf-server", command, port, host=host, startup_timeout=600)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ CPU_OFFLOAD_POLICY = ("actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_r
 
 @dataclass(frozen=True)
 class Recipe:
-    """Settings that fit a model on one node of 8 GPUs of a kind, by `drzero memory`'s plan.
+    """Settings that fit a model on ``nodes`` nodes of 8 GPUs of a kind, by `drzero memory`'s plan.
 
     Applied by default when the model is chosen; ``--rollout-tp``, ``--sglang-dp/-tp/-mem`` and
     ``-- key=value`` overrides win over it.
@@ -35,6 +35,7 @@ class Recipe:
     rollout_tp: int | None = None              # verl's SGLang rollout tensor parallel size
     reward_server: tuple[int, int, float] | None = None  # the challenger's reward SGLang: dp, tp, mem fraction
     note: str = ""
+    nodes: int = 1                             # the nodes it needs: FSDP shards the actor over all their GPUs
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,29 @@ class ModelEntry:
     tool_call_parser: str     # SGLang --tool-call-parser for this family
     suggested_tp: int         # tensor parallel size that fits an H100 80 GB comfortably
     note: str = ""
-    recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for 8 of them
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for one node of 8 of them
     thinking: bool | None = None  # Qwen3's enable_thinking default (off: see drzero.rollout.render); None: no switch
+    cluster_recipes: dict[str, Recipe] = field(default_factory=dict)  # GPU kind -> settings for recipe.nodes nodes
 
-    def recipe(self, capacity: float, gpus: int) -> Recipe | None:
-        """The recipe for 8 GPUs of ``capacity`` GiB each: that of the largest kind no bigger than it."""
+    def recipe(self, capacity: float, gpus: int, nodes: int = 1) -> Recipe | None:
+        """The recipe for ``nodes`` nodes of 8 GPUs of ``capacity`` GiB each: that of the largest kind no bigger
+        than it, the cluster recipe when there are at least the nodes it needs."""
         if gpus != 8:
             return None
         fitting = [k for k in self.recipes if GPU_MEMORY_GIB[k] <= capacity]
-        return self.recipes[max(fitting, key=GPU_MEMORY_GIB.__getitem__)] if fitting else None
+        if not fitting:
+            return None
+        kind = max(fitting, key=GPU_MEMORY_GIB.__getitem__)
+        cluster = self.cluster_recipes.get(kind)
+        return cluster if cluster is not None and nodes >= cluster.nodes else self.recipes[kind]
 
 
 # Each recipe is the least change from config/search_multiturn_grpo.yaml (full fine-tuning, rollout
 # tp 2 at 0.5, reward server dp4 x tp2 at 0.5) whose every phase fits with >= 8% headroom in
 # `drzero memory --model KEY --gpu GPU`; the README's "Will it fit?" table is that command's output.
 REGISTRY = {e.key: e for e in [
-    ModelEntry("qwen3-32b", "Qwen/Qwen3-32B", "Qwen3-32B", "qwen25", 4, "the production run; cached on the volume",
+    ModelEntry("qwen3-32b", "Qwen/Qwen3-32B", "Qwen3-32B", "qwen25", 4,
+               "the production run; cached on the volume; on H100, 4 nodes train it on the GPUs (--nnodes 4)",
                recipes={
                    # 16 B/param of FSDP state is 61 GiB per H100 before any activation: only host memory
                    # holds it (~490 GiB per node), and the CPU runs AdamW's step
@@ -69,7 +77,14 @@ REGISTRY = {e.key: e for e in [
                                   note="full fine-tuning with FSDP2 CPU offload: needs ~490 GiB host RAM per node"),
                    "H200": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25),
                                   note="full fine-tuning, FSDP state on the GPUs, offloaded while the rollout runs"),
-               }, thinking=False),
+               }, thinking=False,
+               # sharded over 32 H100s the FSDP state fits beside the rollout (peak 68.7 of 79.1 GiB in
+               # `drzero memory --model qwen3-32b --nodes 4`); on 2 nodes the challenger's update does not
+               cluster_recipes={
+                   "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.3), nodes=4,
+                                  note="full fine-tuning on 4 nodes, FSDP state on the GPUs, offloaded while the "
+                                       "rollout runs: no host-memory training"),
+               }),
     ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2, recipes={
         "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25)),
         "H200": Recipe(OFFLOAD),

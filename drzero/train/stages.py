@@ -68,7 +68,7 @@ class StageConfig:
     checkpoints: str = option(env_default("DRZERO_CHECKPOINTS", "/checkpoints"), metavar="DIR",
                               help="checkpoints, merged models and state.json ($DRZERO_CHECKPOINTS)")
     gpus: int = option(8, help="GPUs per node")
-    nnodes: int = option(1, help="nodes")
+    nnodes: int = option(1, help="nodes of --gpus GPUs each (on a Ray cluster: its GPU nodes)")
     steps: int = option(50, help="training steps per iteration (Dr. Zero: 50)")
     train_batch_size: int = option(256, help="prompts per step")
     rollout_tp: int | None = option(None, help=f"tensor parallel size of the training rollout engine (default: the "
@@ -85,6 +85,12 @@ class StageConfig:
         "turn Qwen3 thinking on (off by default; Qwen2.5 has none): verl and every probe pass "
         "enable_thinking=true and the response budget rises to 5,632 tokens"))
     collection: str = option("corpus", help="the corpus collection inside --db (`drzero ingest/adopt --collection`)")
+    ray_address: str | None = option(None, metavar="HOST:PORT", help=(
+        "run on this existing Ray cluster ($RAY_ADDRESS): --nnodes and --gpus come from its nodes, the services "
+        "start on this node at its cluster address, and the preflight checks every node (README: More than one node)"))
+    services_host: str | None = option(None, metavar="IP", help=(
+        "with --ray-address: the address other nodes reach this node's retriever and SGLang at (default: this "
+        "node's address in the Ray cluster)"))
     allow_download: bool = option(False, help="let verl and SGLang download a model that is not on disk")
     dry_run: bool = option(False, help="print the plan, the resolved config and the preflight; start nothing")
     preflight_only: bool = option(False, flag="--preflight", help="run the preflight checks only")
@@ -95,6 +101,7 @@ class StageConfig:
     def __post_init__(self) -> None:
         require(self.iteration >= 1, "iteration", self.iteration, "an integer >= 1")
         require(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
+        require(self.nnodes >= 1, "nnodes", self.nnodes, "an integer >= 1")
         require(self.steps >= 1, "steps", self.steps, "an integer >= 1")
         require(self.train_batch_size >= 1, "train_batch_size", self.train_batch_size, "an integer >= 1")
         require(self.gpu in GPU_MEMORY_GIB, "gpu", self.gpu, f"one of {sorted(GPU_MEMORY_GIB)} (or --gpu-mem GIB)")
@@ -107,7 +114,7 @@ class StageConfig:
     def recipe(self) -> Recipe:
         """The model's settings for ``gpus`` x ``gpu`` from the registry; none for other models."""
         entry = resolve_model(self.model).entry if self.use_recipe else None
-        return (entry.recipe(self.capacity, self.gpus) if entry else None) or Recipe()
+        return (entry.recipe(self.capacity, self.gpus, self.nnodes) if entry else None) or Recipe()
 
     @property
     def capacity(self) -> float:
@@ -219,8 +226,25 @@ def retriever_for(cfg: StageConfig) -> tuple[list, str]:
         return [], cfg.retriever_url
     from drzero.services import retriever_service
 
-    spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT, collection=cfg.collection)
+    spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT, collection=cfg.collection,
+                             host=listen_host(cfg))
     return [spec], f"{spec.url}/retrieve"
+
+
+def listen_host(cfg: StageConfig) -> str:
+    """Where the stage's own servers listen: loopback on one node; this node's cluster address on several,
+    so that verl's workers on the other nodes reach them."""
+    return cfg.services_host or "127.0.0.1"
+
+
+def on_cluster(cfg: StageConfig, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """(verl overrides, verl's environment) for a stage on a Ray cluster: ``env`` handed to every Ray worker
+    through runtime_env (``ray start`` workers do not inherit ours), and RAY_ADDRESS for verl's ``ray.init()``."""
+    if not cfg.ray_address:
+        return [], env
+    from drzero.cluster import RAY_ADDRESS_ENV, worker_env_overrides
+
+    return worker_env_overrides(env), {**env, RAY_ADDRESS_ENV: cfg.ray_address}
 
 
 def corpus_of(cfg: StageConfig) -> tuple[Path, str] | None:
@@ -304,7 +328,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     elif cfg.engine == "hf":   # the probes' server in SGLang's API shape, on transformers
         from drzero.rollout.hf_server import hf_server_service
 
-        spec = hf_server_service(solver_path, port=SGLANG_PORT, served_model_name="solver")
+        spec = hf_server_service(solver_path, port=SGLANG_PORT, served_model_name="solver", host=listen_host(cfg))
         services.append(spec)
         sglang_url = spec.url
     else:
@@ -312,7 +336,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
 
         spec = sglang_service(solver_path, port=SGLANG_PORT, dp=dp, tp=tp,
                               mem_fraction=mem, tool_call_parser=base.tool_call_parser,
-                              served_model_name="solver")
+                              served_model_name="solver", host=listen_host(cfg))
         services.append(spec)
         sglang_url = spec.url
     overrides = _common_overrides(cfg, base.path, "challenger") + [
@@ -337,8 +361,10 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
                                   probe_limits=True)
     inputs = [layout.seeds, layout.seeds_val] + ([layout.merged("solver", cfg.iteration - 1)] if cfg.iteration > 1
                                                  else [])
+    cluster_overrides, env = on_cluster(cfg, {"DRZERO_RETRIEVER_URL": retriever_url})
+    overrides += cluster_overrides
     return StagePlan(name=f"challenger (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
-                     env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
+                     env=env, services=services, inputs=inputs,
                      outputs=[own], verl_overrides=overrides + cfg.overrides,
                      # SGLang's own checks only where this stage starts SGLang
                      sglang_parser=base.tool_call_parser if starts_sglang else None,
@@ -363,8 +389,10 @@ def plan_solver(cfg: SolverConfig) -> StagePlan:
         "trainer.resume_mode=auto",
     ] + reward_overrides("solver")
     inputs = [layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)]
+    cluster_overrides, env = on_cluster(cfg, {"DRZERO_RETRIEVER_URL": retriever_url})
+    overrides += cluster_overrides
     return StagePlan(name=f"solver (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
-                     env={"DRZERO_RETRIEVER_URL": retriever_url}, services=services, inputs=inputs,
+                     env=env, services=services, inputs=inputs,
                      outputs=[layout.checkpoint("solver", cfg.iteration)], verl_overrides=overrides + cfg.overrides,
                      memory=cfg.placement(), corpus=corpus_of(cfg))
 

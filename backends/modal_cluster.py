@@ -1,0 +1,104 @@
+"""# More than one node on Modal: the verl stages on a Modal cluster
+
+    python -m backends.modal train --nodes 2                    # drzero evolve on 2 nodes of 8×H100
+    python -m backends.modal solver --iteration 1 --nodes 4 --gpu H200:8
+
+Multi-node clusters are a feature Modal enables per workspace (its "multi-node clusters" guide);
+a workspace without it is told so in one sentence and nothing starts. With `--nodes 1`, the default,
+nothing in this file is used.
+
+A clustered Function starts N containers together, each with all GPUs of its node and RDMA
+between them. Each runs the same line, `python -m drzero.cluster_launch` with its rank and every
+container's address: rank 0 starts the Ray head and runs the `drzero` command on the cluster once
+all N nodes have joined; the others join and serve until it ends (drzero/cluster_launch.py). Only
+rank 0's result counts, so retries and resume are the single-node path's: a failure on rank 0
+raises, Modal runs the whole cluster again, and the command resumes from the checkpoint volume.
+
+Modal Volumes are not a network file system: a container sees what others wrote only after they
+commit and it reloads. Every node commits and reloads both volumes every half minute, and drzero's
+shared-path check (drzero.cluster) gives that `DRZERO_SHARED_PATH_WAIT` seconds before each stage,
+so a stage starts only once every node sees what the stage before wrote.
+
+The clustered Functions are defined in an app of their own, one per cluster size, so that a
+workspace without clusters can still run `python -m backends.modal` on one node.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import modal
+
+from backends import modal as base
+
+app = modal.App("dr-zero-cluster")
+
+SYNC_EVERY = 30            # seconds between a node's volume commit + reload
+SHARED_PATH_WAIT = 300     # seconds drzero waits for every node to see a marker (a few sync rounds and a slow commit)
+CLUSTER_STAGE = dict(image=base.image, gpu=base.GPU, **base.resources(base.GPU), ephemeral_disk=512 * 1024,
+                     volumes=base.VOLUMES, timeout=base.DAY, retries=base.RETRIES, single_use_containers=True,
+                     secrets=base.TRAINING_SECRETS)
+
+
+def refusal(nodes: int, error: BaseException) -> str:
+    """The one sentence for a workspace that cannot have a cluster."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"Modal did not start the {nodes}-node cluster ({first}): multi-node clusters are a feature Modal "
+            f"enables per workspace, so ask Modal to enable them for yours, or run on one node without --nodes.")
+
+
+def cluster_info():
+    """This container's rank and every container's address (Modal's cluster context; replaced in tests)."""
+    return modal.experimental.get_cluster_info()
+
+
+def node_command(rank: int, ips: list[str], gpus: int, command: str, argv: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "drzero.cluster_launch", "--rank", str(rank), "--ips", ",".join(ips),
+            "--gpus", str(gpus), "--", command, *argv]
+
+
+def run_node(command: str, argv: tuple[str, ...], nodes: int) -> dict:
+    """One container's part of a clustered `drzero <command>`."""
+    info = cluster_info()
+    ips = list(info.container_ipv4_ips or info.container_ips)  # Ray binds IPv4 by default
+    if len(ips) != nodes:
+        raise RuntimeError(f"Modal started {len(ips)} container(s) for a {nodes}-node cluster")
+    rank = info.rank
+    env = {**os.environ, "DRZERO_SHARED_PATH_WAIT": str(SHARED_PATH_WAIT)}
+    if rank == 0 and base.copy_tree(base.CORPUS_DB, base.LOCAL_DB):
+        env["DRZERO_DB"] = base.LOCAL_DB  # the retriever runs beside drzero, on rank 0
+    label = f"{command}-node{rank}"
+    record = base.GpuTimeRecord(label, argv)  # every node's GPU time counts in `status`
+    with base.committing_volumes(record, every=SYNC_EVERY, reload=True):
+        code = base.stream(node_command(rank, ips, len(base.visible_gpus()), command, argv), f"[{label}] ", env)
+        record.save(exit_code=code)
+    if rank != 0:
+        return {"command": command, "rank": rank, "exit_code": code}
+    return base.outcome(command, code)
+
+
+@app.function(**base.CPU_TASK, secrets=base.TRAINING_SECRETS, cpu=4.0, memory=16 * 1024, timeout=30 * base.MINUTES)
+def cluster_preflight(command: list, required: list) -> dict:
+    """The single-node preflight (`backends.modal.preflight`), in this app, before any cluster starts."""
+    return base.preflight.local(command, required)
+
+
+# One Function per cluster size: Modal fixes the size where the Function is defined.
+
+@app.function(**CLUSTER_STAGE)
+@modal.clustered(size=2, rdma=True)
+def cluster_2(command: str, *argv: str) -> dict:
+    return run_node(command, argv, 2)
+
+
+@app.function(**CLUSTER_STAGE)
+@modal.clustered(size=4, rdma=True)
+def cluster_4(command: str, *argv: str) -> dict:
+    return run_node(command, argv, 4)
+
+
+@app.function(**CLUSTER_STAGE)
+@modal.clustered(size=8, rdma=True)
+def cluster_8(command: str, *argv: str) -> dict:
+    return run_node(command, argv, 8)
