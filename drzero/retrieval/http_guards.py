@@ -39,8 +39,8 @@ def guard_requests(app, max_body_bytes: int):
     """ASGI middleware: 415 for a body sent as anything but JSON, 413 for one over ``max_body_bytes``.
 
     The body is read here (small by construction) and replayed to the app, so an oversized upload
-    is refused before FastAPI parses any of it. A request without a Content-Type passes: FastAPI
-    reads it as JSON, as many clients expect.
+    is refused before FastAPI parses any of it. A body without a Content-Type is refused too: FastAPI
+    reads it as JSON or not depending on its version, and would answer with a misleading error.
     """
 
     async def middleware(scope, receive, send):
@@ -48,10 +48,10 @@ def guard_requests(app, max_body_bytes: int):
             return await app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         content_type = headers.get(b"content-type")
-        if content_type is not None and not _is_json(content_type):
-            got = content_type.decode("latin-1")[:80]
+        if content_type is None or not _is_json(content_type):
+            got = "no Content-Type" if content_type is None else repr(content_type.decode("latin-1")[:80])
             return await send_json(send, 415, error_body(
-                "content-type", f"the body must be sent as application/json, not {got!r}; send the header "
+                "content-type", f"the body must be sent as application/json, not {got}; send the header "
                                 f"'Content-Type: application/json' (curl: -H 'Content-Type: application/json')"))
         too_large = error_body("body", f"request body is larger than the limit of {max_body_bytes} bytes "
                                        f"(--max-body-bytes); split the queries over several requests")
