@@ -5,7 +5,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -161,3 +160,16 @@ def test_health_stays_instant_behind_a_long_encoder_batch(demo_db, tmp_path):
         assert health_s < 1.0, (health_s, batch_s)
     finally:
         stop(server)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"max_request_chars": 1999}, "max_request_chars=1999 is not valid: expected an integer >= max_query_chars=2000"),
+    ({"read_timeout_s": 0}, "read_timeout_s=0 is not valid: expected a number of seconds > 0"),
+    ({"max_connections": 0}, "max_connections=0 is not valid: expected an integer >= 1"),
+])
+def test_the_guard_options_are_validated(overrides, message):
+    from drzero.config import ConfigError
+    from drzero.retrieval.server import RetrieverConfig
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        RetrieverConfig(db="x", **overrides)

@@ -51,8 +51,8 @@ class RetrieverConfig:
     max_topk: int = option(50, help="largest topk a request may ask for")
     max_query_chars: int = option(2000, help="longest query accepted, in characters")
     max_queries: int = option(512, help="most queries accepted in one request")
-    # 100,000 characters is ~25,000 tokens, a few seconds of e5-large on a CPU; the old worst case
-    # (512 x 2,000) held the encoder for ~24 s and every other client with it.
+    # A tenth of the largest request accepted before the cap (512 x 2,000 characters), which held the
+    # encoder, and every other client with it, for ~24 s in a hostile-input test.
     max_request_chars: int = option(100_000, help="most characters accepted in one request, all queries together")
     max_body_bytes: int = option(1 << 20, help="largest request body accepted, in bytes")
     read_timeout_s: float = option(10.0, help=(
@@ -65,7 +65,8 @@ class RetrieverConfig:
     max_batch: int = option(64, help="most queries in one coalesced encoder batch")
     max_wait_ms: float = option(5.0, help="longest a request waits for others to join its batch, in ms")
     copy_to_local: str | None = option(None, metavar="DIR", help=(
-        "copy the store to this local directory before opening it (SQLite on network volumes is unreliable)"))
+        "copy the store to this local directory before opening it (SQLite on network volumes is unreliable); "
+        "DIR must be new, empty, or an earlier copy, and outside --db"))
     log_level: str = option("info", choices=["debug", "info", "warning", "error"], help="log level")
 
     def __post_init__(self) -> None:
@@ -105,7 +106,7 @@ class RetrievalService:
 
     @classmethod
     def open(cls, cfg: RetrieverConfig) -> "RetrievalService":
-        """Open the store and the embedder, or raise StoreError with one sentence saying why not."""
+        """Open the store and the embedder, or raise StoreError/ConfigError with one sentence saying why not."""
         db = Path(cfg.db)
         require_device(cfg.device)
         if cfg.copy_to_local:
@@ -134,7 +135,7 @@ class RetrievalService:
 
     def busy_for(self) -> float | None:
         """Seconds the oldest running search has taken so far; None when none is running."""
-        started = min(self.running.values(), default=None)
+        started = min(list(self.running.values()), default=None)  # a copy: search threads change it
         return None if started is None else time.monotonic() - started
 
 
@@ -203,13 +204,13 @@ def create_app(service: RetrievalService, cfg: RetrieverConfig):
     async def retrieve(request: RetrieveRequest):
         if len(request.queries) > cfg.max_queries:
             return error(422, "queries", f"{len(request.queries)} queries in one request; the limit is "
-                                         f"{cfg.max_queries}")
+                                         f"{cfg.max_queries} (--max-queries); split them over several requests")
         for index, query in enumerate(request.queries):
             if not query.strip():
                 return error(422, f"queries[{index}]", "query is empty")
             if len(query) > cfg.max_query_chars:
                 return error(422, f"queries[{index}]", f"query is {len(query)} characters; the limit is "
-                                                       f"{cfg.max_query_chars}")
+                                                       f"{cfg.max_query_chars} (--max-query-chars); shorten it")
             bad = unencodable_at(query)
             if bad is not None:  # JSON allows "\ud800"; the tokenizer does not, and would fail the whole batch
                 return error(422, f"queries[{index}]", f"query holds a lone UTF-16 surrogate "
