@@ -14,7 +14,9 @@ from drzero.corpus.ingest import DEMO_FACTS_FILE
 
 
 def _post(server, payload, **kwargs):
-    return httpx.post(f"{server.url}/retrieve", json=payload, timeout=60, trust_env=False, **kwargs)
+    # json.dumps escapes a lone surrogate as "\\ud800", as a model's JSON would; httpx's json= cannot encode it
+    return httpx.post(f"{server.url}/retrieve", content=json.dumps(payload).encode(), timeout=60, trust_env=False,
+                      headers={"content-type": "application/json"}, **kwargs)
 
 
 def _demo_world(demo_db):
@@ -69,6 +71,9 @@ BAD_REQUESTS = [
     ({"queries": ["ok"], "topk": "3"}, 422, "topk"),
     ({"queries": ["ok", "   "]}, 422, "queries[1]"),
     ({"queries": ["x" * 2001]}, 422, "queries[0]"),
+    ({"queries": ["fine", "half an emoji \ud83d"]}, 422, "queries[1]"),
+    ({"queries": ["\udfff"]}, 422, "queries[0]"),
+    ({"queries": ["x" * 2000] * 51}, 422, "queries"),  # 102,000 characters, over the 100,000 per request
     ({"queries": ["ok"], "return_scores": "yes"}, 422, "return_scores"),
     ({"queries": ["ok"], "top_k": 3}, 422, "top_k"),
     (["ok"], 422, "body"),
@@ -83,6 +88,67 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(retr
     assert body["field"] == field
     assert body["detail"].startswith(f"{field}: ")
     assert _post(retriever, {"queries": ["still up?"]}).status_code == 200
+
+
+def test_the_old_worst_case_request_is_refused_with_the_limit_and_what_to_do(retriever):
+    response = _post(retriever, {"queries": ["x" * 2000] * 512})  # 1,024,000 characters: ~24 s of encoder
+    assert response.status_code == 422
+    assert response.json() == {"field": "queries", "detail": (
+        "queries: the queries hold 1024000 characters in all; the limit per request is 100000 "
+        "(--max-request-chars); split them over several requests")}
+
+
+def test_a_lone_surrogate_names_its_query(retriever):
+    detail = _post(retriever, {"queries": ["ok", "ok", "a\ud800b"]}).json()["detail"]
+    assert detail.startswith("queries[2]: query holds a lone UTF-16 surrogate ('\\ud800' at character 1)")
+
+
+@pytest.mark.parametrize("content_type,body", [
+    ("text/plain", json.dumps({"queries": ["federated learning"]}).encode()),
+    ("application/x-www-form-urlencoded", b'{"queries": ["federated learning"]}'),  # what curl -d sends
+    ("application/x-www-form-urlencoded", b"queries=federated+learning"),
+    ("multipart/form-data; boundary=xyz", b"--xyz--"),
+    (None, b'{"queries": ["federated learning"]}'),
+])
+def test_a_body_not_sent_as_json_gets_415_naming_the_content_type(retriever, content_type, body):
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{retriever.url}/retrieve", content=body, headers=headers, trust_env=False, timeout=60)
+    assert response.status_code == 415, response.text
+    assert response.json()["field"] == "content-type"
+    detail = response.json()["detail"]
+    assert detail.startswith("content-type: the body must be sent as application/json")
+    assert (repr(content_type) if content_type else "no Content-Type") in detail
+    assert "-H 'Content-Type: application/json'" in detail
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_and_none_are_served(retriever, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{retriever.url}/retrieve", content=b'{"queries": ["federated learning"]}',
+                          headers=headers, trust_env=False, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_a_bad_query_in_a_coalesced_batch_fails_alone(retriever):
+    """A lone surrogate in one request must not fail the others coalesced into the same encoder batch."""
+    batches_before = httpx.get(f"{retriever.url}/health", trust_env=False).json()["batches_run"]
+    bodies = [json.dumps({"queries": [f"paper {i} on lattices", "x\ud800" if i % 16 == 7 else "federated"]})
+              for i in range(64)]
+
+    async def burst():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=retriever.url, limits=limits, timeout=120, trust_env=False) as client:
+            return await asyncio.gather(*(client.post("/retrieve", content=body.encode(),
+                                                      headers={"content-type": "application/json"})
+                                          for body in bodies))
+
+    responses = asyncio.run(burst())
+    bad = [i for i in range(64) if i % 16 == 7]
+    assert [r.status_code for i, r in enumerate(responses) if i in bad] == [422] * len(bad)
+    assert all(responses[i].json()["field"] == "queries[1]" for i in bad)
+    assert [r.status_code for i, r in enumerate(responses) if i not in bad] == [200] * (64 - len(bad))
+    batches = httpx.get(f"{retriever.url}/health", trust_env=False).json()["batches_run"] - batches_before
+    assert batches < 64 - len(bad)  # the good requests really were coalesced
 
 
 def test_malformed_json_and_oversized_bodies(retriever):
@@ -130,6 +196,19 @@ def test_2000_requests_at_32_concurrency_get_no_5xx(retriever):
 def _refusal(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(drzero_command("serve-retriever", *args, "--port", "1"), capture_output=True, text=True,
                           timeout=120)
+
+
+def test_device_cuda_without_cuda_is_one_sentence(demo_db):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = _refusal("--db", str(demo_db), "--device", "cuda")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert "device='cuda' is not available" in errors[0] and "--device cpu" in errors[0]
 
 
 def test_refuses_to_start_on_a_missing_store(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,6 +125,13 @@ class QueryBatcher(Generic[Result]):
         self.batches_run = 0
         self.queries_run = 0
         self.batches_failed = 0
+        self.last_success = float("-inf")  # monotonic time the last batch came back
+        self._running: dict[int, float] = {}  # batch -> monotonic time it was submitted
+
+    def busy_for(self) -> float | None:
+        """Seconds the oldest batch in flight has taken so far; None when none is."""
+        started = min(self._running.values(), default=None)
+        return None if started is None else time.monotonic() - started
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -211,6 +219,7 @@ class QueryBatcher(Generic[Result]):
             except Exception as error:  # the stages refused it outright
                 self._failed(batch, error)
                 continue
+            self._running[id(done)] = time.monotonic()
             task = asyncio.create_task(self._finish(batch, done, len(queries)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -225,6 +234,9 @@ class QueryBatcher(Generic[Result]):
         except Exception as error:
             self._failed(batch, error)
             return
+        finally:
+            self._running.pop(id(done), None)
+        self.last_success = time.monotonic()
         self.batches_run += 1
         self.queries_run += count
         offset = 0

@@ -7,15 +7,15 @@
 list per query, best first (with ``return_scores: false``, the bare documents, as Search-R1
 does). ``GET /health`` is 200 only while the collection is open and the embedder answers;
 ``GET /docs`` is FastAPI's API page. Concurrent requests are coalesced into one encoder batch.
-Bad input gets a 4xx whose ``detail`` names the field; the server keeps serving.
+Bad input gets a 4xx whose ``detail`` names the field; the server keeps serving. Limits per request
+(queries, characters, body bytes), a read deadline and a connection limit keep one client from
+hurting the others (``http_guards``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import shutil
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -23,13 +23,20 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from drzero.config import option, require
+from drzero.config import ConfigError, option, require
 from drzero.corpus.embedder import PRECISIONS, Embedder, canonical_name
 from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, Hit, StoreError
 from drzero.retrieval.exact_index import INDEXES, ExactIndex, choose_index
+from drzero.retrieval.http_guards import error_body, guard_requests, read_deadline_protocol
+from drzero.retrieval.local_copy import copy_store_to_local
 from drzero.retrieval.worker import WorkerGone
 
 log = logging.getLogger(__name__)
+
+HEALTH_FRESH_S = 5.0  # a search that succeeded this recently makes a probe unnecessary
+HEALTH_STALL_S = 120.0  # a search running longer than this means the encoder is stuck
+# A request line and headers larger than this get 431; h11's own default is 16 KiB, httptools has none.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 @dataclass(kw_only=True)
@@ -46,7 +53,15 @@ class RetrieverConfig:
     max_topk: int = option(50, help="largest topk a request may ask for")
     max_query_chars: int = option(2000, help="longest query accepted, in characters")
     max_queries: int = option(512, help="most queries accepted in one request")
+    # A tenth of the largest request accepted before the cap (512 x 2,000 characters), which held the
+    # encoder, and every other client with it, for ~24 s in a hostile-input test.
+    max_request_chars: int = option(100_000, help="most characters accepted in one request, all queries together")
     max_body_bytes: int = option(1 << 20, help="largest request body accepted, in bytes")
+    read_timeout_s: float = option(10.0, help=(
+        "longest a client may take to send one request (headers and body), in seconds; slower ones are cut off"))
+    # verl runs 8 agent-loop workers by default, each pooling up to 256 search connections
+    # (drzero/rollout/search.py): 2,048 at most; twice that leaves room for evaluation and health checks.
+    max_connections: int = option(4096, help="most open connections; a request beyond them gets 503")
     precision: str = option("auto", choices=list(PRECISIONS), help=(
         "encoder weights and activations: auto = fp16 on cuda, fp32 on cpu"))
     index: str = option("auto", choices=list(INDEXES), help=(
@@ -60,7 +75,8 @@ class RetrieverConfig:
         "wait up to this long for a fuller batch when the encoder is idle, in ms (default 0: batches form "
         "while the encoder is busy, so a lone request is never held back)"))
     copy_to_local: str | None = option(None, metavar="DIR", help=(
-        "copy the store to this local directory before opening it (SQLite on network volumes is unreliable)"))
+        "copy the store to this local directory before opening it (SQLite on network volumes is unreliable); "
+        "DIR must be new, empty, or an earlier copy, and outside --db"))
     log_level: str = option("info", choices=["debug", "info", "warning", "error"], help="log level")
 
     def __post_init__(self) -> None:
@@ -69,6 +85,10 @@ class RetrieverConfig:
         require(1 <= self.topk <= self.max_topk, "topk", self.topk, f"an integer from 1 to max_topk={self.max_topk}")
         require(self.max_query_chars >= 1, "max_query_chars", self.max_query_chars, "an integer >= 1")
         require(self.max_queries >= 1, "max_queries", self.max_queries, "an integer >= 1")
+        require(self.max_request_chars >= self.max_query_chars, "max_request_chars", self.max_request_chars,
+                f"an integer >= max_query_chars={self.max_query_chars}")
+        require(self.read_timeout_s > 0, "read_timeout_s", self.read_timeout_s, "a number of seconds > 0")
+        require(self.max_connections >= 1, "max_connections", self.max_connections, "an integer >= 1")
         require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "an integer >= 1024")
         require(self.max_batch >= 1, "max_batch", self.max_batch, "an integer >= 1")
         require(self.max_wait_ms >= 0, "max_wait_ms", self.max_wait_ms, "a number >= 0")
@@ -95,8 +115,9 @@ class RetrievalService:
 
     @classmethod
     def open(cls, cfg: RetrieverConfig) -> "RetrievalService":
-        """Open the store and the embedder, or raise StoreError with one sentence saying why not."""
+        """Open the store and the embedder, or raise StoreError/ConfigError with one sentence saying why not."""
         db = Path(cfg.db)
+        require_device(cfg.device)
         if cfg.copy_to_local:
             db = copy_store_to_local(db, Path(cfg.copy_to_local))
         store = CorpusStore.open_existing(db, cfg.collection)
@@ -134,61 +155,25 @@ def _free_gpu_bytes(device: str) -> int | None:
     return int(torch.cuda.mem_get_info()[0])
 
 
-def copy_store_to_local(source: Path, target: Path) -> Path:
-    if not source.is_dir():
-        raise StoreError(f"no corpus at {source}: the directory does not exist; nothing to copy to {target}.")
-    started = time.perf_counter()
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target)
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    log.info("copied %s to %s (%.1f MB) in %.1fs", source, target, size / 1e6, time.perf_counter() - started)
-    return target
+def require_device(device: str) -> None:
+    """Raise ConfigError (one sentence) when ``device`` is cuda and torch sees no CUDA device here."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"device='cuda' is not available: torch {torch.__version__} ({build}) finds no CUDA "
+                          f"device on this machine; run with --device cpu, or on a machine with a GPU.")
 
 
-def _limit_body(app, max_bytes: int):
-    """ASGI middleware: 413 for a body over ``max_bytes``, judged by the header or by reading it.
-
-    The body is read here (it is small by construction) and replayed to the app, so an
-    oversized upload is refused before FastAPI parses any of it.
-    """
-
-    async def middleware(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        too_large = {"detail": f"body: request body is larger than the limit of {max_bytes} bytes", "field": "body"}
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            return await _send_json(send, 413, too_large)
-        chunks, seen, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > max_bytes:
-                return await _send_json(send, 413, too_large)
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await app(scope, replay, send)
-
-    return middleware
-
-
-async def _send_json(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+def unencodable_at(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (valid in JSON, not in Unicode text), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 def create_app(worker, cfg: RetrieverConfig):
@@ -214,7 +199,7 @@ def create_app(worker, cfg: RetrieverConfig):
                   description="Search-R1-compatible dense retrieval over a ChromaDB corpus.")
 
     def error(status: int, field: str, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"detail": f"{field}: {message}", "field": field})
+        return JSONResponse(status_code=status, content=error_body(field, message))
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_request: Request, exc: RequestValidationError):
@@ -234,42 +219,57 @@ def create_app(worker, cfg: RetrieverConfig):
     async def retrieve(request: RetrieveRequest):
         if len(request.queries) > cfg.max_queries:
             return error(422, "queries", f"{len(request.queries)} queries in one request; the limit is "
-                                         f"{cfg.max_queries}")
+                                         f"{cfg.max_queries} (--max-queries); split them over several requests")
         for index, query in enumerate(request.queries):
             if not query.strip():
                 return error(422, f"queries[{index}]", "query is empty")
             if len(query) > cfg.max_query_chars:
                 return error(422, f"queries[{index}]", f"query is {len(query)} characters; the limit is "
-                                                       f"{cfg.max_query_chars}")
+                                                       f"{cfg.max_query_chars} (--max-query-chars); shorten it")
+            bad = unencodable_at(query)
+            if bad is not None:  # JSON allows "\ud800"; the tokenizer does not, and would fail the whole batch
+                return error(422, f"queries[{index}]", f"query holds a lone UTF-16 surrogate "
+                                                       f"({query[bad]!r} at character {bad}), which is not text; "
+                                                       f"remove it or replace it with U+FFFD")
+        chars = sum(len(query) for query in request.queries)
+        if chars > cfg.max_request_chars:
+            return error(422, "queries", f"the queries hold {chars} characters in all; the limit per request is "
+                                         f"{cfg.max_request_chars} (--max-request-chars); split them over "
+                                         f"several requests")
         topk = request.topk if request.topk is not None else cfg.topk
         if topk > cfg.max_topk:
             return error(422, "topk", f"{topk} is above the limit of {cfg.max_topk}")
         try:
             hits = await batcher.search(request.queries, topk)
         except WorkerGone as gone:
-            return JSONResponse(status_code=503, content={"detail": f"retriever: {gone}", "field": "retriever"})
+            return error(503, "retriever", str(gone))
         body = {"result": [[hit.to_json(request.return_scores) for hit in per_query] for per_query in hits]}
         return Response(orjson.dumps(body), media_type="application/json")  # skips FastAPI's slow re-encoding
 
-    health_cache: dict[str, float] = {"ok_until": 0.0}
-
     @app.get("/health", summary="200 when the collection is open and the search worker answers")
     async def health():
-        now = time.monotonic()
-        if now >= health_cache["ok_until"]:
-            try:  # a real search through the worker, behind at most the batches already queued
+        # A batch that succeeded in the last HEALTH_FRESH_S, or one running for less than HEALTH_STALL_S,
+        # shows the worker works: answering from that keeps /health instant behind a long batch (a probe
+        # would queue behind it). Only an idle server is probed, with a real search through the worker.
+        busy = batcher.busy_for()
+        if worker.gone:
+            return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": worker.gone})
+        if busy is not None and busy > HEALTH_STALL_S:
+            return JSONResponse(status_code=503, content={
+                "status": "unhealthy", "detail": f"a search has been running for {busy:.0f} s"})
+        if busy is None and time.monotonic() - batcher.last_success > HEALTH_FRESH_S:
+            try:
                 probe = await asyncio.wait_for(batcher.search(["health"], 1), 30)
                 assert len(probe) == 1
             except Exception as failure:  # report, never crash the health endpoint
                 return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": repr(failure)})
-            health_cache["ok_until"] = now + 5.0
         info = worker.info
         return {"status": "ok", "collection": info["collection"], "passages": info["passages"],
                 "embedder": info["embedder"], "dimension": info["dimension"], "precision": info["precision"],
                 "index": info["index"], "batching": cfg.batching, "batches_run": batcher.batches_run,
                 "queries_run": batcher.queries_run}
 
-    return _limit_body(app, cfg.max_body_bytes)
+    return guard_requests(app, cfg.max_body_bytes)
 
 
 def serve(cfg: RetrieverConfig) -> None:
@@ -278,6 +278,7 @@ def serve(cfg: RetrieverConfig) -> None:
 
     from drzero.retrieval.worker import WorkerClient
 
+    require_device(cfg.device)  # before starting anything: one sentence, not a worker's traceback
     worker = WorkerClient(asdict(cfg), log_level=cfg.log_level)
     try:
         info = worker.start()
@@ -288,6 +289,10 @@ def serve(cfg: RetrieverConfig) -> None:
              "on" if cfg.batching else "off")
     try:
         uvicorn.run(create_app(worker, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                    access_log=cfg.log_level == "debug")
+                    access_log=cfg.log_level == "debug",
+                    http=read_deadline_protocol(cfg.read_timeout_s, MAX_HEAD_BYTES),
+                    # uvicorn counts the connection asking among the open ones (503 once len >= limit), so +1
+                    # lets exactly max_connections be served at once.
+                    limit_concurrency=cfg.max_connections + 1)
     finally:
         worker.stop()

@@ -1,0 +1,175 @@
+"""Clients that could hurt the others: slow senders, too many connections, huge heads, long batches."""
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import start_retriever, stop
+
+READ_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 40
+
+
+@pytest.fixture(scope="module")
+def guarded(demo_db, tmp_path_factory):
+    server = start_retriever(demo_db, tmp_path_factory.mktemp("guards") / "retriever.log",
+                             "--read-timeout-s", str(READ_TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS))
+    yield server
+    stop(server)
+
+
+def _port(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _open_fds(server) -> int:
+    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+
+
+def _search(server) -> httpx.Response:
+    return httpx.post(f"{server.url}/retrieve", json={"queries": ["federated learning"]}, trust_env=False, timeout=30)
+
+
+class SlowSender(threading.Thread):
+    """A raw socket that sends ``first`` and then one byte of ``trickle`` every 0.2 s until cut off."""
+
+    def __init__(self, port: int, first: bytes, trickle: bytes):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.first, self.trickle = first, trickle
+        self.answer = b""
+        self.cut_after: float | None = None
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.sock.sendall(self.first)
+            for byte in self.trickle:
+                self.sock.settimeout(0.2)
+                try:
+                    chunk = self.sock.recv(4096)
+                    self.answer += chunk
+                    if not chunk:  # the server closed the connection
+                        break
+                except socket.timeout:
+                    pass
+                self.sock.sendall(bytes([byte]))
+        except OSError:  # reset or broken pipe: cut off as well
+            pass
+        self.cut_after = time.monotonic() - started
+        self.sock.close()
+
+
+def test_slow_senders_are_cut_off_while_others_are_served(guarded):
+    port = _port(guarded)
+    fds_before = _open_fds(guarded)
+    endless_header = b"X-Padding: " + b"a" * 10_000
+    body = b'{"queries": ["federated learning"]}' + b" " * 10_000
+    senders = (
+        [SlowSender(port, b"", b"POST /retrieve HTTP/1.1\r\n" + endless_header) for _ in range(10)]  # trickled head
+        + [SlowSender(port, b"POST /retrieve HTTP/1.1\r\nHost: x\r\n", endless_header) for _ in range(10)]
+        + [SlowSender(port, b"POST /retrieve HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n" % len(body), body) for _ in range(10)]  # trickled body
+    )
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]  # connect, send nothing
+    for sender in senders:
+        sender.start()
+    time.sleep(0.5)
+    assert _open_fds(guarded) >= fds_before + len(senders) + len(silent)
+    started = time.monotonic()
+    assert _search(guarded).status_code == 200  # served meanwhile, without waiting for the slow ones
+    assert time.monotonic() - started < READ_TIMEOUT_S
+    for sender in senders:
+        sender.join(timeout=READ_TIMEOUT_S + 10)
+        assert sender.cut_after is not None and sender.cut_after < READ_TIMEOUT_S + 3, sender.cut_after
+    for sender in senders[:20]:  # no request was handed to the app yet: the server says why it closes
+        assert sender.answer.startswith(b"HTTP/1.1 408 Request Timeout"), sender.answer[:200]
+        assert b"--read-timeout-s" in sender.answer
+    for sock in silent:
+        sock.settimeout(READ_TIMEOUT_S + 3)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        sock.close()
+    deadline = time.monotonic() + 5
+    while _open_fds(guarded) > fds_before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _open_fds(guarded) <= fds_before + 2  # every slow connection's descriptor was given back
+    assert _search(guarded).status_code == 200
+
+
+def test_connections_beyond_the_limit_get_503_and_are_closed(guarded):
+    held = [socket.create_connection(("127.0.0.1", _port(guarded))) for _ in range(MAX_CONNECTIONS)]
+    time.sleep(0.3)
+    try:
+        refused = _search(guarded)
+        assert refused.status_code == 503
+        assert refused.headers["connection"] == "close"
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _search(guarded).status_code != 200:
+        time.sleep(0.1)
+    assert _search(guarded).status_code == 200
+
+
+def test_a_request_head_over_64_kib_gets_431(guarded):
+    with socket.create_connection(("127.0.0.1", _port(guarded))) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(100):
+                sock.sendall(b"X-Padding: " + b"a" * 10_000 + b"\r\n")
+        except OSError:
+            pass  # the server closed the connection mid-send
+        sock.settimeout(5)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"headers: the request line and headers exceed 65536 bytes" in answer
+    assert _search(guarded).status_code == 200
+
+
+def test_health_stays_instant_behind_a_long_encoder_batch(demo_db, tmp_path):
+    """/health must not queue for the encoder behind a batch (compose's healthcheck gives up at 8 s)."""
+    server = start_retriever(demo_db, tmp_path / "health.log", "--max-batch", "192")
+    try:
+        time.sleep(5.5)  # past any cached probe: /health must answer from what the batch shows
+        long_queries = [("lattice cryptography and federated learning %d " % i) * 22 for i in range(192)]
+
+        async def batch_and_health():
+            async with httpx.AsyncClient(base_url=server.url, timeout=300, trust_env=False) as client:
+                async def search(part):
+                    started = time.monotonic()
+                    response = await client.post("/retrieve", json={"queries": part})
+                    return response.status_code, time.monotonic() - started
+
+                searches = [asyncio.create_task(search(long_queries[i::4])) for i in range(4)]
+                await asyncio.sleep(0.5)  # the batch is in the encoder now
+                started = time.monotonic()
+                health = await client.get("/health")
+                return health, time.monotonic() - started, await asyncio.gather(*searches)
+
+        health, health_s, searches = asyncio.run(batch_and_health())
+        assert [status for status, _ in searches] == [200] * 4
+        batch_s = min(seconds for _, seconds in searches)
+        assert batch_s > 2.0, "the batch was too short to show anything"
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health_s < 1.0, (health_s, batch_s)
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"max_request_chars": 1999}, "max_request_chars=1999 is not valid: expected an integer >= max_query_chars=2000"),
+    ({"read_timeout_s": 0}, "read_timeout_s=0 is not valid: expected a number of seconds > 0"),
+    ({"max_connections": 0}, "max_connections=0 is not valid: expected an integer >= 1"),
+])
+def test_the_guard_options_are_validated(overrides, message):
+    from drzero.config import ConfigError
+    from drzero.retrieval.server import RetrieverConfig
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        RetrieverConfig(db="x", **overrides)
