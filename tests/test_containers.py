@@ -393,18 +393,15 @@ def test_every_healthcheck_targets_an_endpoint_the_service_serves():
 
 
 def test_the_retriever_app_serves_get_health():
-    """GET /health is routed in the app `drzero serve-retriever` runs (a stub service; nothing listens)."""
+    """GET /health is routed in the app `drzero serve-retriever` runs (a stub search worker; nothing listens)."""
     import asyncio
 
     import httpx
 
     from drzero.retrieval.server import RetrieverConfig, create_app
 
-    embedder = SimpleNamespace(encode_queries=lambda queries: [[1.0] for _ in queries], dimension=1,
-                               spec=SimpleNamespace(name="stub"))
-    stub = SimpleNamespace(search=lambda *a, **k: [], embedder=embedder, passages=0,
-                           store=SimpleNamespace(collection=SimpleNamespace(name="corpus")))
-    app = create_app(stub, RetrieverConfig(db="/nonexistent", batching=False))
+    worker = SimpleNamespace(submit=lambda queries, topk: None, attach=lambda loop: None, info={}, gone=None)
+    app = create_app(worker, RetrieverConfig(db="/nonexistent", batching=False))
 
     async def statuses():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COLLECTION = "corpus"
 
 # HNSW settings. ef_search=128 and M=32 keep recall@3 against exact cosine search at >= 0.99 on a
-# 20k-passage corpus (benchmarks/retrieval.py measures it); Chroma's defaults (ef_search=100,
+# 20k-passage corpus (benchmarks/retrieval.py measures the shipped settings' recall); Chroma's defaults (ef_search=100,
 # M=16) sit slightly lower on dense MiniLM/e5 embeddings.
 HNSW_SETTINGS = {"hnsw:space": "cosine", "hnsw:construction_ef": 200, "hnsw:M": 32, "hnsw:search_ef": 128}
 
