@@ -138,7 +138,8 @@ def smallest_fix(config, placement: Placement, stage: str) -> str:
     nodes = int(_get(config, "trainer.nnodes"))
     wider = with_overrides(config, [f"trainer.nnodes={2 * nodes}"])
     if any(_apply(wider, placement, c, stage).fits for c in CHANGES[:9]):
-        return f"none on {nodes} node(s); {2 * nodes} nodes fit (--nnodes {2 * nodes})"
+        return (f"none on {nodes} node(s); {2 * nodes} nodes fit (--nnodes {2 * nodes} on a stage, "
+                f"--nodes {2 * nodes} for drzero memory)")
     return "none that drzero knows: a smaller model or larger GPUs"
 
 
