@@ -110,3 +110,21 @@ def test_ingest_into_a_foreign_collection_points_at_adopt(tmp_path, minilm):
         run_ingest(IngestConfig(sources=[str(tmp_path / "more.txt")], db=str(db), collection="papers",
                                 embedder="minilm"))
     assert CorpusStore.open_for_writing(db, "papers").count() == len(ABSTRACTS)
+
+
+def test_device_cuda_without_cuda_is_one_sentence(tmp_path):
+    import subprocess
+
+    import torch
+
+    from conftest import drzero_command
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    db = _foreign_store(tmp_path / "db", np.eye(len(ABSTRACTS), 384, dtype=np.float32))
+    result = subprocess.run(drzero_command("adopt", "--db", str(db), "--collection", "papers", "--embedder", "minilm",
+                                           "--device", "cuda"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "device='cuda' is not available" in errors[0]

@@ -283,3 +283,21 @@ def test_prepend_fields_make_authors_searchable(tmp_path):
     run_ingest(IngestConfig(sources=[str(path)], db=str(db), embedder="minilm", prepend_fields=["authors"]))
     [document] = CorpusStore.open_existing(db).collection.get()["documents"]
     assert document == "On iO\nAuthors: Ada Lovelace Obfuscation."   # passages join sentences with spaces
+
+
+def test_device_cuda_without_cuda_is_one_sentence_and_writes_nothing(tmp_path):
+    import subprocess
+
+    import torch
+
+    from conftest import drzero_command
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run(drzero_command("ingest", "--demo", "--db", str(tmp_path / "db"), "--device", "cuda"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "device='cuda' is not available" in errors[0] and "--device cpu" in errors[0]
+    assert not (tmp_path / "db").exists()

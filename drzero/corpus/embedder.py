@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drzero.config import ConfigError
 from drzero.models import ModelNotFound, load_model_files
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,18 @@ def load_sentence_transformer(name: str, device: str = "cpu"):
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
+def require_device(device: str) -> None:
+    """Raise ConfigError (one sentence) when ``device`` is cuda and torch sees no CUDA device here."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"device='cuda' is not available: torch {torch.__version__} ({build}) finds no CUDA "
+                          f"device on this machine; run with --device cpu, or on a machine with a GPU.")
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """``auto`` is fp16 on CUDA (twice the encoder's throughput; e5/BERT were trained to run in it) and fp32
     on the CPU (where half precision is slower, not faster)."""
@@ -103,6 +116,7 @@ class Embedder:
 
     def __init__(self, spec: EmbedderSpec, device: str = "cpu", batch_size: int | None = None,
                  precision: str = "auto"):
+        require_device(device)  # one sentence, not torch's traceback from deep inside the model load
         self.spec = spec
         self.device = device
         # a GPU needs a few hundred texts per forward pass to be busy; on the CPU larger batches only add padding

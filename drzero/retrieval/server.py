@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from drzero.config import ConfigError, option, require
-from drzero.corpus.embedder import PRECISIONS, Embedder, canonical_name
+from drzero.corpus.embedder import PRECISIONS, Embedder, canonical_name, require_device
 from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, Hit, StoreError
 from drzero.retrieval.exact_index import INDEXES, ExactIndex, choose_index
 from drzero.retrieval.http_guards import error_body, guard_requests, read_deadline_protocol
@@ -153,18 +153,6 @@ def _free_gpu_bytes(device: str) -> int | None:
     import torch
 
     return int(torch.cuda.mem_get_info()[0])
-
-
-def require_device(device: str) -> None:
-    """Raise ConfigError (one sentence) when ``device`` is cuda and torch sees no CUDA device here."""
-    if device != "cuda":
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise ConfigError(f"device='cuda' is not available: torch {torch.__version__} ({build}) finds no CUDA "
-                          f"device on this machine; run with --device cpu, or on a machine with a GPU.")
 
 
 def unencodable_at(text: str) -> int | None:
