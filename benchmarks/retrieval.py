@@ -75,23 +75,32 @@ def resolve_embedder(name: str, work: Path) -> str:
     return name
 
 
-def corpus_texts(args) -> tuple[list[dict], list[str]]:
-    """(records to ingest, benchmark queries)."""
-    from synthetic_corpus import PassageWriter, queries_from
+def corpus_records(args, count: int | None = None) -> list[dict]:
+    """The first ``count`` records to ingest (all of them by default); the same records every time."""
+    if args.corpus == "demo":
+        from drzero.corpus.demo import build_demo_world
 
+        return [{"title": d.title, "text": d.text} for d in build_demo_world(papers=args.papers).passages()][:count]
+    from synthetic_corpus import PassageWriter
+
+    total = args.passages if count is None else min(count, args.passages)
+    writer, records = PassageWriter(seed=0), []
+    for first in range(0, total, 20_000):  # the chunking fixes the random stream: keep it for every caller
+        records += writer.records(first, min(20_000, args.passages - first))
+    return records[:total]
+
+
+def benchmark_queries(args) -> list[str]:
+    """Demo questions, or question-length spans of the synthetic corpus's first 50,000 passages."""
     if args.corpus == "demo":
         from drzero.corpus.demo import build_demo_world
 
         world = build_demo_world(papers=args.papers)
-        records = [{"title": d.title, "text": d.text} for d in world.passages()]
         per_hop = max(1, args.queries // 4)
-        queries = [q.question for hops in range(1, 5) for q in world.questions(hops, count=per_hop, seed=7)]
-        return records, queries
-    writer = PassageWriter(seed=0)
-    records = []
-    for first in range(0, args.passages, 20_000):
-        records += writer.records(first, min(20_000, args.passages - first))
-    return records, queries_from([r["text"] for r in records[:50_000]], args.queries)
+        return [q.question for hops in range(1, 5) for q in world.questions(hops, count=per_hop, seed=7)]
+    from synthetic_corpus import queries_from
+
+    return queries_from([r["text"] for r in corpus_records(args, 50_000)], args.queries)
 
 
 def bench_encoder(embedder_name: str, device: str, queries: list[str]) -> tuple[str, dict]:
@@ -108,10 +117,12 @@ def bench_encoder(embedder_name: str, device: str, queries: list[str]) -> tuple[
     return table("bare encoder on the queries (batch 256)", ["precision", "queries", "queries/s"], rows), numbers
 
 
-def bench_ingest(args, embedder_name: str, records: list[dict], db: Path, scratch: Path) -> tuple[str, dict]:
+def bench_ingest(args, embedder_name: str, db: Path, scratch: Path) -> tuple[str, dict]:
     """Bare encoder on a sample, then `drzero ingest` of as many records as --ingest-seconds allows."""
     from drzero.corpus.chunking import split_document
     from drzero.corpus.documents import Document
+
+    records = corpus_records(args)  # only this part needs the whole corpus (1M synthetic records: ~1 GB, ~40 s)
 
     embedder = Embedder(spec_for(embedder_name), device=args.device)
     sample = [p.contents for r in records[:args.encoder_sample]
@@ -145,16 +156,11 @@ def bench_ingest(args, embedder_name: str, records: list[dict], db: Path, scratc
 
 
 def bench_recall(embedder_name: str, device: str, db: Path, queries: list[str]) -> tuple[str, dict]:
-    import torch
-
+    from drzero.retrieval.exact_index import ExactIndex
     from drzero.retrieval.server import RetrievalService, RetrieverConfig
 
     store = CorpusStore.open_existing(db)
-    ids, parts = [], []
-    for batch_ids, vectors in store.iter_embeddings(batch=20_000):
-        ids += batch_ids
-        parts.append(torch.from_numpy(vectors).to(device))
-    matrix = torch.cat(parts)
+    exact = ExactIndex.from_store(store, device)  # brute force over every stored vector, in fp32
     fp32 = Embedder(spec_for(embedder_name), device=device, precision="fp32")
     query32 = fp32.encode_queries_tensor(queries)
     del fp32
@@ -162,8 +168,8 @@ def bench_recall(embedder_name: str, device: str, db: Path, queries: list[str]) 
     def exact_top3(vectors) -> list[set[str]]:
         out = []
         for start in range(0, len(vectors), 256):
-            scores = vectors[start:start + 256].to(device) @ matrix.T
-            out += [{ids[j] for j in row} for row in torch.topk(scores, 3, dim=1).indices.tolist()]
+            rows, _ = exact.search(vectors[start:start + 256], 3)
+            out += [{exact.ids[j] for j in row} for row in rows]
         return out
 
     truth = exact_top3(query32)
@@ -183,8 +189,9 @@ def bench_recall(embedder_name: str, device: str, db: Path, queries: list[str]) 
     numbers["served"] = recall([{h.id for h in hits} for batch in served for hits in batch])
     index = "exact" if service.exact is not None else "hnsw"
     rows.append([f"the server's path ({service.embedder.precision} encoder, {index} index)", numbers["served"]])
-    del service, matrix
-    text = table(f"recall@3 against exact fp32 search ({len(queries)} queries, {len(ids):,} passages)",
+    passages = len(exact)
+    del service, exact
+    text = table(f"recall@3 against exact fp32 search ({len(queries)} queries, {passages:,} passages)",
                  ["search", "recall@3"], rows)
     return text, numbers
 
@@ -283,12 +290,12 @@ def main() -> int:
     report = [f"# retrieval benchmark, {time.strftime('%Y-%m-%d')}", "", "    " + " ".join(sys.argv),
               "", f"targets ({args.device}): {TARGETS[args.device]}"]
     numbers: dict = {}
-    records, queries = corpus_texts(args)
+    queries = benchmark_queries(args)
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         scratch = Path(scratch)
         steps = {
             "encoder": lambda: bench_encoder(embedder_name, args.device, queries),
-            "ingest": lambda: bench_ingest(args, embedder_name, records, db, scratch),
+            "ingest": lambda: bench_ingest(args, embedder_name, db, scratch),
             "recall": lambda: bench_recall(embedder_name, args.device, db, queries),
             "serving": lambda: bench_serving(args, db, queries, scratch),
         }

@@ -107,11 +107,12 @@ class RetrieveRequest(BaseModel):
 class RetrievalService:
     """The open collection, the query encoder that matches it, and the vector search (exact or HNSW)."""
 
-    def __init__(self, store: CorpusStore, embedder: Embedder, exact: ExactIndex | None = None):
+    def __init__(self, store: CorpusStore, embedder: Embedder, exact: ExactIndex | None = None,
+                 passages: int | None = None):
         self.store = store
         self.embedder = embedder
         self.exact = exact
-        self.passages = store.count()
+        self.passages = store.count() if passages is None else passages
 
     @classmethod
     def open(cls, cfg: RetrieverConfig) -> "RetrievalService":
@@ -130,11 +131,12 @@ class RetrievalService:
                 f"re-ingest the corpus with {canonical_name(cfg.embedder)}.")
         embedder = Embedder(recorded, device=cfg.device, precision=cfg.precision)  # prefixes from the collection
         store.check_embedder(recorded, embedder.dimension)
-        choice = choose_index(cfg.index, cfg.device, store.count(), embedder.dimension, cfg.exact_max_gib,
+        passages = store.count()
+        choice = choose_index(cfg.index, cfg.device, passages, embedder.dimension, cfg.exact_max_gib,
                               _free_gpu_bytes(cfg.device))
         log.info("vector search: %s; encoder in %s on %s", choice.reason, embedder.precision, cfg.device)
         exact = ExactIndex.from_store(store, cfg.device) if choice.kind == "exact" else None
-        return cls(store, embedder, exact)
+        return cls(store, embedder, exact, passages)
 
     def encode(self, queries: list[str]):
         """Query vectors: a tensor on the encoder's device for the exact index, numpy for Chroma."""

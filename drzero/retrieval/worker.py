@@ -23,7 +23,6 @@ import logging
 import multiprocessing
 import queue
 import threading
-from dataclasses import asdict
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def worker_main(conn, config: dict, log_level: str) -> None:
             except Exception as error:
                 send(("failed", number, f"{type(error).__name__}: {error}"))
                 continue
-            send(("done", number, [[tuple(asdict(h).values()) for h in per_query] for per_query in hits]))
+            send(("done", number, hits))  # Hits pickle as they are: no per-hit conversion on either side
 
     threads = [threading.Thread(target=encoder, name="encode", daemon=True)]
     threads += [threading.Thread(target=looker, name=f"lookup-{n}", daemon=True) for n in range(LOOKUP_THREADS)]
@@ -180,8 +179,6 @@ class WorkerClient:
         self._loop.call_soon_threadsafe(self._lost, f"the search worker exited (exit code {self.process.exitcode})")
 
     def _deliver(self, message) -> None:
-        from drzero.corpus.store import Hit
-
         kind, number = message[0], message[1]
         futures = self._pending.get(number)
         if futures is None:
@@ -197,7 +194,7 @@ class WorkerClient:
         if done.done():
             return
         if kind == "done":
-            done.set_result([[Hit(*fields) for fields in per_query] for per_query in message[2]])
+            done.set_result(message[2])
         else:
             done.set_exception(WorkerFailed(message[2]))
 
