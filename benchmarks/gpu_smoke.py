@@ -464,7 +464,7 @@ def main() -> int:
     parser.add_argument("--model", default="", help="the tiny agent (drzero tiny-model --trained)")
     parser.add_argument("--train-model", default="", help="train the tiny agent here (on the GPU) into this folder "
                                                           "instead of --model")
-    parser.add_argument("--train-steps", type=int, default=1500)
+    parser.add_argument("--train-steps", type=int, default=1500, help="optimizer steps for the tiny agent (default 1500)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/drzero-gpu-smoke"))
     parser.add_argument("--table", type=Path, default=None, help="also write the table here")
     parser.add_argument("--parts", default="solver,merge,challenger")

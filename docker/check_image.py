@@ -24,10 +24,10 @@ image - every SGLang symbol verl 0.7.1 imports (the API drift that broke earlier
 Expected versions default to the project pins and can be overridden by the environment
 (EXPECT_PYTHON, EXPECT_TORCH, EXPECT_VERL, EXPECT_FLASH_ATTN, EXPECT_SGLANG).
 
-Standard library only until ``relax-torch`` deletes torch's installed requirements on the CUDA libraries the base image
-replaced with newer builds (see relax_requirements), so that pip can install under the base's pins.
+``relax-torch`` deletes torch's installed requirements on the CUDA libraries the base image replaced
+with newer builds (see relax_requirements), so that pip can install under the base's pins.
 
-``check`` imports the stack; runs on Python >= 3.11.
+Standard library only until ``check`` imports the stack; runs on Python >= 3.11.
 """
 
 from __future__ import annotations

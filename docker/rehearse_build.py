@@ -254,10 +254,6 @@ class Rehearsal:
     venv: Path
     steps: list[StepResult] = field(default_factory=list)
 
-    @property
-    def passed(self) -> bool:
-        return all(step.returncode == 0 for step in self.steps)
-
     def failed(self) -> StepResult | None:
         return next((step for step in self.steps if step.returncode), None)
 

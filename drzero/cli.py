@@ -83,11 +83,12 @@ def _run_stage(plan, cfg) -> int:
     from drzero.train.stages import check_inputs, execute, resolved_config
 
     verl = plan.verl_overrides is not None
+    preflight_only = getattr(cfg, "preflight_only", False)
+    real_run = not (cfg.dry_run or preflight_only)
     step = finished_step(plan)
-    if step is not None and not (cfg.dry_run or getattr(cfg, "preflight_only", False)):
+    if step is not None and real_run:
         print(f"{plan.name}: its checkpoint already holds step {step}, the last; nothing to run")
         return 0  # resuming would make verl validate and train one step past the end
-    real_run = not (cfg.dry_run or getattr(cfg, "preflight_only", False))
     if verl:
         checks = run_checks(plan, allow_download=cfg.allow_download)
         if getattr(cfg, "ray_address", None):  # set by on_cluster: the nodes, their versions, shared paths
@@ -100,7 +101,7 @@ def _run_stage(plan, cfg) -> int:
         if any(not c.ok for c in checks):
             print("fix the problems above; nothing was started", file=sys.stderr)
             return 1
-    if getattr(cfg, "preflight_only", False):
+    if preflight_only:
         return 0
     if real_run and not verl:
         machine = machine_check([plan])  # gen-data, merge: no verl preflight, but SGLang may be needed

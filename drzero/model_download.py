@@ -170,9 +170,9 @@ def download(manifest: Manifest, target: Path, fetch: Fetch, *, commit: Callable
         log(f"  {human(have + fetched)} of {human(manifest.size)} ({100 * (have + fetched) / max(manifest.size, 1):.0f}%)"
             f", {human(rate)}/s; committed")
     log(f"verifying {len(manifest.files)} files against the hub's sizes and hashes")
-    problems = verify(target, manifest)
-    if problems:
-        bad = [f for f in manifest.files if file_problem(target, f) is not None]
+    found = [(f, p) for f in manifest.files if (p := file_problem(target, f))]  # hashes every file, once
+    if found:
+        bad, problems = [f for f, _ in found], [p for _, p in found]
         log(f"{len(bad)} file(s) did not match; fetching them again: " + "; ".join(problems))
         for entry in bad:
             (target / entry.path).unlink(missing_ok=True)

@@ -374,12 +374,13 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
     if not cfg.skip_preflight:
         from drzero.train.preflight import machine_check
 
-        machine = machine_check([plan for key, plan in plans if not state.is_done(key, plan)])
+        remaining = [plan for key, plan in plans if not state.is_done(key, plan)]
+        machine = machine_check(remaining)
         if not machine.ok:
             print_fn(machine.line())
         problems = (not machine.ok) + check_remaining(cfg, state, plans, print_fn, verbose=False, resolve=False)
         if cluster is not None:
-            problems += report_checks(cfg, [plan for key, plan in plans if not state.is_done(key, plan)], print_fn)
+            problems += report_checks(cfg, remaining, print_fn)
         if problems:
             print_fn(f"evolve: preflight found {problems} problem(s) in the stages still to run; nothing was "
                      f"started. Fix them (or look with --dry-run) and run the same command again.")

@@ -117,8 +117,7 @@ def run_adopt(cfg: AdoptConfig) -> AdoptResult:
         tried: dict[str, float] = {}
         similarities: dict[str, np.ndarray] = {}
         for prefix in passage_prefix_candidates(base, cfg.passage_prefix):
-            fresh = embedder.model.encode([prefix + d for d in documents], batch_size=embedder.batch_size,
-                                          normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            fresh = embedder.encode(documents, prefix)
             similarities[prefix] = np.sum(fresh * stored, axis=1)
             tried[prefix] = float(np.mean(similarities[prefix] >= cfg.min_similarity))
             if tried[prefix] >= cfg.min_fraction:

@@ -146,7 +146,8 @@ class Embedder:
         encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
-    def _encode(self, texts: list[str], prefix: str, as_tensor: bool = False):
+    def encode(self, texts: list[str], prefix: str, as_tensor: bool = False):
+        """``prefix + text`` for each text, L2-normalized in fp32 (numpy, or a tensor left on the device)."""
         with self._lock:
             vectors = self.model.encode(
                 [prefix + t for t in texts],
@@ -160,11 +161,11 @@ class Embedder:
         return vectors if as_tensor else vectors.cpu().numpy()
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
-        return self._encode(texts, self.spec.passage_prefix)
+        return self.encode(texts, self.spec.passage_prefix)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self._encode(texts, self.spec.query_prefix)
+        return self.encode(texts, self.spec.query_prefix)
 
     def encode_queries_tensor(self, texts: list[str]):
         """Query vectors as an fp32 torch tensor left on the embedder's device (for a search on that device)."""
-        return self._encode(texts, self.spec.query_prefix, as_tensor=True)
+        return self.encode(texts, self.spec.query_prefix, as_tensor=True)

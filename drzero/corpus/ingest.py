@@ -167,7 +167,7 @@ def passages_per_second(cfg: IngestConfig) -> int:
     """A rough embedding rate for the size warning: CPU vs GPU, small vs large model."""
     # Orders of magnitude, not measurements of this machine: MiniLM-L6 (22M parameters) encodes a few
     # hundred 200-word passages a second on a few CPU cores; e5-large (335M) is ~15x slower; a GPU ~50x faster.
-    small = (cfg.embedder or "").lower() in ("minilm", "all-minilm-l6-v2", TEST_EMBEDDER.lower()) or cfg.demo
+    small = canonical_name(cfg.embedder or "").lower() == TEST_EMBEDDER.lower() or cfg.demo
     rate = 200 if small else 15
     return rate * 50 if cfg.device == "cuda" else rate
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from drzero.prompts import proposer_messages, solver_messages
-from drzero.rollout.render import ChatRenderer, ToolOutputLimit, verl_tool_schemas  # noqa: F401
+from drzero.rollout.render import ChatRenderer, ToolOutputLimit, thinking_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,7 @@ def response_budget_for(config, tokenizer=None, manifest: dict | None = None) ->
     chars_per_token = float(measured.get("min") or DEFAULT_CHARS_PER_TOKEN)
     overhead, source = DEFAULT_TOOL_TURN_OVERHEAD, "measured constants (no tokenizer on disk)"
     if tokenizer is not None:
-        renderer = ChatRenderer(tokenizer, chat_template_kwargs={} if thinking is None else
-                                {"enable_thinking": bool(thinking)})
+        renderer = ChatRenderer(tokenizer, chat_template_kwargs=thinking_kwargs(thinking))
         overhead, source = tool_turn_overhead(renderer), "the model's tokenizer"
     if measured:
         source += f", corpus density from the seed manifest ({measured.get('samples')} results)"

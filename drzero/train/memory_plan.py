@@ -20,6 +20,7 @@ from typing import ClassVar
 from drzero.config import option, require
 from drzero.train.layout import env_default
 from drzero.train.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory, render
+from drzero.train import registry
 from drzero.train.registry import DEFAULT_MODEL, model_shape
 from drzero.train.shapes import GPU_MEMORY_GIB
 
@@ -96,9 +97,8 @@ class Change:
         return " ".join(parts)
 
 
-OFFLOAD = Change(("actor_rollout_ref.actor.fsdp_config.param_offload=True",
-                  "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True"))
-CPU_POLICY = Change(("actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.actor.fsdp_config.offload_policy=True"))
+OFFLOAD = Change(registry.OFFLOAD)
+CPU_POLICY = Change(registry.CPU_OFFLOAD_POLICY)
 MICRO_1 = Change(("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",))
 TP4 = Change(rollout_tp=4)
 SERVER_LOW = Change(server=(4, 2, 0.3))

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from drzero.train.layout import config_dir
+from drzero.train.layout import SEED_STEM, config_dir
 from drzero.train.registry import SGLANG_TOOL_PARSERS, VERL_TOOL_FORMATS
 from drzero.train.stages import CONFIG_NAME, StagePlan
 
@@ -211,7 +211,7 @@ def response_budget(config) -> Check:
     from drzero.data.budget import response_budget_for
 
     train = Path(str(OmegaConf.select(config, "data.train_files")))
-    manifest = _manifest_beside(train, train.parent / "zero_ratio4321.manifest.json")
+    manifest = _manifest_beside(train, train.parent / f"{SEED_STEM}.manifest.json")
     model = Path(str(config.actor_rollout_ref.model.path))
     tokenizer = _tokenizer_of(str(model)) if (model / "tokenizer_config.json").is_file() else None
     # the corpus density in the manifest holds for the tokenizer it was measured with, not another model's
