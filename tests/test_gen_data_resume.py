@@ -115,3 +115,18 @@ def test_server_failures_are_not_kept_for_the_resumed_run(seeds, retriever, tmp_
         with pytest.raises(NoQuestionsKept):
             run_gen_data(GenDataConfig(**_settings(seeds, url, retriever, out), limit=2))
     assert not [line for shard in shards_dir(out).glob("shard-*.jsonl") for line in shard.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("change", [{"thinking": True}, {"tokenizer": "/models/another-tokenizer"}])
+def test_shards_rendered_with_other_prompts_are_not_reused(change, tmp_path):
+    """--thinking and the tokenizer change every prompt's rendering: seeds finished under others are redone."""
+    import dataclasses
+
+    from drzero.data.gen_data import journal_key
+
+    (tmp_path / "seeds.parquet").write_bytes(b"")  # the config asks for an existing file; nothing reads it here
+    base = GenDataConfig(iteration=1, seeds=str(tmp_path / "seeds.parquet"), out=str(tmp_path / "out.parquet"),
+                         proposer_url="http://127.0.0.1:1", retriever_url="http://127.0.0.1:2/retrieve", api="chat")
+    manifest = {"files": {"seeds.parquet": "abc"}}
+    assert journal_key(base, manifest, 0, 40, 4) == journal_key(dataclasses.replace(base), manifest, 0, 40, 4)
+    assert journal_key(base, manifest, 0, 40, 4) != journal_key(dataclasses.replace(base, **change), manifest, 0, 40, 4)

@@ -562,7 +562,7 @@ def journal_key(cfg: GenDataConfig, seed_manifest: dict, start: int, end: int, v
     return {"seed_files": seed_manifest.get("files"), "iteration": cfg.iteration, "rows": [start, end],
             "val_rows": val_count, **{name: getattr(cfg, name) for name in (
                 "samples", "max_question_words", "verify", "verify_probes", "proposer_model", "solver_model",
-                "api", "max_turns", "max_response_tokens", "temperature")}}
+                "api", "max_turns", "max_response_tokens", "temperature", "thinking", "tokenizer")}}
 
 
 def outcome_record(outcome: SeedOutcome) -> dict:
