@@ -100,7 +100,7 @@ CORPUS_DB = f"{CORPUS_DIR}/chromadb"
 DATA_DIR = f"{CORPUS_DIR}/data"
 MODELS_DIR = f"{CORPUS_DIR}/models"
 SOURCES_DIR = f"{CORPUS_DIR}/sources"  # what `upload-corpus` puts there when it is not a Chroma store
-SEEDS = f"{DATA_DIR}/zero_ratio4321.parquet"  # drzero.train.layout's seed file name
+SEEDS = f"{DATA_DIR}/zero_ratio4321.parquet"  # drzero.layout's seed file name
 RUNS_DIR = "runs"  # on the checkpoints volume
 # ChromaDB keeps its index in SQLite, which is unreliable on a network file system: every Function
 # that reads the corpus works on a copy on the container's local disk.
@@ -383,14 +383,14 @@ def list_models(*argv: str) -> dict:
     return run_drzero("list-models", argv)
 
 
-# A download runs where the bandwidth is, on a CPU container: drzero.model_download fetches the
+# A download runs where the bandwidth is, on a CPU container: drzero.models.download fetches the
 # files in batches with Hugging Face's accelerators, commits the volume after each batch, and
 # verifies every file against the hub's hashes. A preempted or timed-out attempt is retried and
 # continues from what the last commit kept; a model already verified on the volume is skipped.
 @app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=8.0, memory=16 * 1024, timeout=6 * HOURS, retries=RETRIES)
 def download_model(hub_name: str, local_dir: str) -> dict:
     """Weights from the Hugging Face hub into /corpus/models/<local_dir>, so no GPU ever waits on a download."""
-    from drzero.model_download import download_from_hub
+    from drzero.models.download import download_from_hub
 
     result = download_from_hub(hub_name, Path(MODELS_DIR) / local_dir, commit=corpus_volume.commit,
                                log=lambda line: print(f"[download-model] {line}", flush=True))
@@ -476,7 +476,7 @@ class Launch:
 
 def hub_name(model: str) -> str:
     """A `drzero list-models` key -> its hub name (whose last part is its directory under /corpus/models)."""
-    from drzero.train.registry import REGISTRY
+    from drzero.models.registry import REGISTRY
 
     entry = REGISTRY.get(model.lower())
     return entry.hub_name if entry else model
@@ -484,7 +484,7 @@ def hub_name(model: str) -> str:
 
 def model_directory(model: str) -> str:
     """A `drzero list-models` key or hub name -> its directory under /corpus/models, where the stages look."""
-    from drzero.train.registry import REGISTRY
+    from drzero.models.registry import REGISTRY
 
     entry = REGISTRY.get(model.lower())
     return entry.local_dir if entry else PurePosixPath(model).name
@@ -495,7 +495,7 @@ def gpu_kind(spec: str) -> str | None:
 
     The stage picks the model's recipe by it ($DRZERO_GPU otherwise defaults to H100, and an H200 run would
     get the H100 recipe). An `H100` that Modal serves as an H200 keeps the H100 recipe: it fits there too."""
-    from drzero.train.shapes import GPU_MEMORY_GIB
+    from drzero.models.shapes import GPU_MEMORY_GIB
 
     kind = parse_gpu(spec)[0].rstrip("!")
     return kind if kind in GPU_MEMORY_GIB else None
@@ -729,7 +729,7 @@ def show_status(request: Request) -> int:
         if text:
             metrics[key] = modal_run.summary_text(json.loads(text))
     print(render_status(state_text, runs, request.price_per_gpu_hour, steps, metrics))
-    from drzero.train.registry import REGISTRY
+    from drzero.models.registry import REGISTRY
 
     print("models on dr-zero-corpus (`python -m backends.modal download-model KEY` fetches one):")
     print("\n".join(modal_run.model_lines(corpus_volume, REGISTRY)))

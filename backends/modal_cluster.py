@@ -8,15 +8,15 @@ a workspace without it is told so in one sentence and nothing starts. With `--no
 nothing in this file is used.
 
 A clustered Function starts N containers together, each with all GPUs of its node and RDMA
-between them. Each runs the same line, `python -m drzero.cluster_launch` with its rank and every
+between them. Each runs the same line, `python -m drzero.cluster.launch` with its rank and every
 container's address: rank 0 starts the Ray head and runs the `drzero` command on the cluster once
-all N nodes have joined; the others join and serve until it ends (drzero/cluster_launch.py). Only
+all N nodes have joined; the others join and serve until it ends (drzero/cluster/launch.py). Only
 rank 0's result counts, so retries and resume are the single-node path's: a failure on rank 0
 raises, Modal runs the whole cluster again, and the command resumes from the checkpoint volume.
 
 Modal Volumes are not a network file system: a container sees what others wrote only after they
 commit and it reloads. Every node commits and reloads both volumes every half minute, and drzero's
-shared-path check (drzero.cluster) gives that `DRZERO_SHARED_PATH_WAIT` seconds before each stage,
+shared-path check (drzero.cluster.ray) gives that `DRZERO_SHARED_PATH_WAIT` seconds before each stage,
 so a stage starts only once every node sees what the stage before wrote.
 
 The clustered Functions are defined in an app of their own, one per cluster size, so that a
@@ -54,7 +54,7 @@ def cluster_info():
 
 
 def node_command(rank: int, ips: list[str], gpus: int, command: str, argv: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", "drzero.cluster_launch", "--rank", str(rank), "--ips", ",".join(ips),
+    return [sys.executable, "-m", "drzero.cluster.launch", "--rank", str(rank), "--ips", ",".join(ips),
             "--gpus", str(gpus), "--", command, *argv]
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import modal
 
-from drzero import log_doctor
+from drzero.tools import log_doctor
 
 LAUNCHES_DIR = "launches"   # on the checkpoints volume
 

@@ -12,14 +12,14 @@ What it runs, each part timed, with the GPU's peak memory (nvidia-smi, all proce
               at greedy decoding, which the solver trains on first: a 2-layer model cannot earn a
               reward otherwise
   retriever   the demo corpus served on loopback in the retriever's wire format (POST /retrieve); ranked by
-              drzero.tiny_agent.keyword_search — the real retriever's embedder weights (83 MB) do not fit
+              drzero.tools.tiny_agent.keyword_search — the real retriever's embedder weights (83 MB) do not fit
               the 64 MiB a GPU command may carry
   solver      `drzero solver --engine hf` for 2 steps (rollouts calling the search tool, EM reward, GRPO,
               FSDP update, a checkpoint per step); kill -9 of the whole process group once step 1 is saved,
               while step 2 runs; the same command again resumes from global_step_1 and finishes step 2
   merge       `drzero merge` of the last checkpoint, then the merged model loaded and asked one question
   challenger  `drzero challenger --engine hf` for 1 step (HRPO), the proposer reward's solver probes answered
-              by `python -m drzero.rollout.hf_server` over the merged solver (SGLang's API shape); the
+              by `python -m drzero.verl.hf.server` over the merged solver (SGLang's API shape); the
               step's hop groups (the HRPO summary line) are checked: groups are hop counts, and each
               group's advantages average to zero
 
@@ -138,7 +138,7 @@ def stop_ray() -> None:
 
 
 def latest(checkpoint: Path) -> int | None:
-    from drzero.train.layout import latest_step
+    from drzero.layout import latest_step
 
     return latest_step(checkpoint)
 
@@ -152,7 +152,7 @@ def start_retriever(port: int) -> str:
     from aiohttp import web
 
     from drzero.corpus.demo import build_demo_world
-    from drzero.tiny_agent import keyword_search
+    from drzero.tools.tiny_agent import keyword_search
 
     passages = build_demo_world().passages()
 
@@ -188,13 +188,13 @@ def start_retriever(port: int) -> str:
 def write_data(data_dir: Path, preferred: list[str] = ()) -> dict:
     """Solver rows (one-hop demo questions, those in ``preferred`` first) and proposer seed rows (demo
     passages, hops 1-2). ``preferred``: questions the tiny agent answers at greedy decoding (found on a
-    CPU with drzero.tiny_agent.episode), so that a model this small can earn a non-zero reward."""
+    CPU with drzero.tools.tiny_agent.episode), so that a model this small can earn a non-zero reward."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from drzero.corpus.demo import build_demo_world
     from drzero.data.seed import SeedDocument, seed_row
-    from drzero.eval_set import demo_rows
+    from drzero.tools.eval_set import demo_rows
     from drzero.prompts import render_document
 
     world = build_demo_world()
@@ -219,9 +219,9 @@ def write_data(data_dir: Path, preferred: list[str] = ()) -> dict:
 
 
 def tiny_agent_part(args) -> Part:
-    """`drzero tiny-model --trained`'s training (drzero.tiny_agent) on this GPU, then the one-hop questions
+    """`drzero tiny-model --trained`'s training (drzero.tools.tiny_agent) on this GPU, then the one-hop questions
     it answers at greedy decoding (at most ``SCAN_SECONDS`` of looking)."""
-    from drzero.tiny_agent import AgentTrainingConfig, build_trained_agent
+    from drzero.tools.tiny_agent import AgentTrainingConfig, build_trained_agent
 
     started = time.monotonic()
     stats = build_trained_agent(args.train_model, AgentTrainingConfig(steps=args.train_steps, batch_size=16,
@@ -240,7 +240,7 @@ def answered_questions(model_dir: str, limit_s: float) -> tuple[list[str], int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from drzero.corpus.demo import build_demo_world
-    from drzero.tiny_agent import episode
+    from drzero.tools.tiny_agent import episode
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to("cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -384,7 +384,7 @@ def challenger_part(args, retriever_url: str) -> Part:
     merged = args.work / "checkpoints" / "solver_iter1_hf"
     port = 8011
     server_log = args.work / "hf_server.log"
-    server = subprocess.Popen([sys.executable, "-m", "drzero.rollout.hf_server", "--model", str(merged), "--port",
+    server = subprocess.Popen([sys.executable, "-m", "drzero.verl.hf.server", "--model", str(merged), "--port",
                                str(port), "--served-model-name", "solver"], stdout=open(server_log, "ab"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -407,7 +407,7 @@ def challenger_part(args, retriever_url: str) -> Part:
         os.killpg(server.pid, signal.SIGKILL)
     part.seconds = time.monotonic() - started
     step = read_metrics(metrics_path).get(1, {})
-    from drzero.train.hrpo import SUMMARY_PREFIX
+    from drzero.verl.hrpo import SUMMARY_PREFIX
 
     summaries = [json.loads(line.split(SUMMARY_PREFIX, 1)[1]) for line in log.read_text(errors="replace").splitlines()
                  if SUMMARY_PREFIX in line]

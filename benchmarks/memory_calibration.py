@@ -8,7 +8,7 @@ training step as an FSDP rank does it, without the sharding: fp32 master weights
 autocast, torch's AdamW (foreach), micro batch 2 x 4,096 tokens, log-probabilities by verl's
 row-wise log-softmax, gradient checkpointing on and off. After a warm-up step (so AdamW's
 moments exist), ``torch.cuda.max_memory_allocated()`` is read for the forward + backward and
-for the optimizer step, and compared with ``drzero.train.memory.single_gpu_peak`` for the same
+for the optimizer step, and compared with ``drzero.models.memory.single_gpu_peak`` for the same
 setup. The shapes come from drzero's own table of published config.json values.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from drzero.train.memory import (BF16_ACTIVATIONS, LOGIT_BYTES, TrainSetup, activation_bytes,  # noqa: E402
+from drzero.models.memory import (BF16_ACTIVATIONS, LOGIT_BYTES, TrainSetup, activation_bytes,  # noqa: E402
                                  single_gpu_peak)
-from drzero.train.shapes import GIB, KNOWN_SHAPES, ModelShape  # noqa: E402
+from drzero.models.shapes import GIB, KNOWN_SHAPES, ModelShape  # noqa: E402
 
 SIZES = ["Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B"]
 TINY = ModelShape("tiny-qwen3", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, tied=True,
@@ -184,7 +184,7 @@ def main() -> int:
         free, total = torch.cuda.mem_get_info()
         env = f"{torch.cuda.get_device_name()} ({total / GIB:.1f} GiB as CUDA reports it), " + env
     text = table(rows, f"Peak torch.cuda.max_memory_allocated() of one training step, GiB ({env}); micro batch "
-                       f"{args.batch} x {seq} tokens; prediction: drzero.train.memory.single_gpu_peak")
+                       f"{args.batch} x {seq} tokens; prediction: drzero.models.memory.single_gpu_peak")
     text += ("\n\nActivations + logits kept at the forward's end with bf16 weights (FSDP's compute dtype), no "
              "checkpointing, GiB; prediction: activation_bytes(BF16_ACTIVATIONS) + LOGIT_BYTES x tokens x vocab\n\n"
              "| model | measured | predicted | error |\n|---|---|---|---|\n")

@@ -30,7 +30,7 @@ from retrieval import build_corpus, table  # noqa: E402
 
 from drzero.data.budget import PromptBudget  # noqa: E402
 from drzero.data.seed import PrepareDataConfig, run_prepare_data  # noqa: E402
-from drzero.tiny_model import TinyModelConfig, run_tiny_model  # noqa: E402
+from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model  # noqa: E402
 
 
 def main() -> int:

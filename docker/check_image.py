@@ -92,7 +92,7 @@ LAUNCH_KWARGS_SINCE_057 = ("init_tokenizer_manager_func", "run_scheduler_process
 VERL_SGLANG_MODULES = ("verl.workers.rollout.sglang_rollout.sglang_rollout",
                        "verl.workers.rollout.sglang_rollout.async_sglang_server",
                        "verl.workers.rollout.sglang_rollout.http_server_engine")
-TOOL_CALL_PARSER = "qwen25"  # what drzero.train.registry gives every Qwen model
+TOOL_CALL_PARSER = "qwen25"  # what drzero.models.registry gives every Qwen model
 CONFIG_FILES = ("search_multiturn_grpo.yaml", "search_tool_config.yaml")
 
 
@@ -521,7 +521,7 @@ def check(profile: str, sglang_tag: str | None) -> int:
     try:
         import drzero
         import drzero.cli  # noqa: F401
-        from drzero.train.layout import config_dir
+        from drzero.layout import config_dir
 
         report.ok("drzero", getattr(drzero, "__version__", "?"))
         if shutil.which("drzero"):

@@ -60,7 +60,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from drzero.tiny_model import TinyModelConfig, run_tiny_model
+    from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
 
     run_tiny_model(config_from_args(TinyModelConfig, args))
     return 0
@@ -79,8 +79,8 @@ PREFLIGHT_STAGES = ("challenger", "solver")
 def _run_stage(plan, cfg) -> int:
     """Dry run / preflight / real run of one planned stage; verl stages are preflighted first."""
     from drzero.pipeline import finished_step
-    from drzero.train.preflight import machine_check, report, run_checks
-    from drzero.train.stages import check_inputs, execute, resolved_config
+    from drzero.verl.preflight import machine_check, report, run_checks
+    from drzero.stages.base import check_inputs, execute, resolved_config
 
     verl = plan.verl_overrides is not None
     preflight_only = getattr(cfg, "preflight_only", False)
@@ -92,7 +92,7 @@ def _run_stage(plan, cfg) -> int:
     if verl:
         checks = run_checks(plan, allow_download=cfg.allow_download)
         if getattr(cfg, "ray_address", None):  # set by on_cluster: the nodes, their versions, shared paths
-            from drzero.cluster import stage_cluster_checks
+            from drzero.cluster.ray import stage_cluster_checks
 
             checks += stage_cluster_checks(cfg, [plan])
         if real_run:  # does this machine have what the stage needs (CUDA, SGLang)? asked before anything starts
@@ -113,7 +113,7 @@ def _run_stage(plan, cfg) -> int:
             check_inputs(plan)  # gen-data, merge: a dry run of a stage whose input is missing would not run
         print(plan.describe())
         if verl:
-            print("resolved verl config (drzero.train.entry --cfg job):")
+            print("resolved verl config (drzero.verl.entry --cfg job):")
             print(resolved_config(plan))
         return 0
     execute(plan)
@@ -121,8 +121,8 @@ def _run_stage(plan, cfg) -> int:
 
 
 def on_cluster(cfg):
-    """A stage's config on the Ray cluster of --ray-address / $RAY_ADDRESS, when there is one (drzero.cluster)."""
-    from drzero.cluster import attach
+    """A stage's config on the Ray cluster of --ray-address / $RAY_ADDRESS, when there is one (drzero.cluster.ray)."""
+    from drzero.cluster.ray import attach
 
     cluster = attach(cfg)
     if cluster is not None:
@@ -131,14 +131,14 @@ def on_cluster(cfg):
 
 
 def _challenger(args: argparse.Namespace) -> int:
-    from drzero.train.stages import ChallengerConfig, plan_challenger
+    from drzero.stages.base import ChallengerConfig, plan_challenger
 
     cfg = on_cluster(config_from_args(ChallengerConfig, args))
     return _run_stage(plan_challenger(cfg), cfg)
 
 
 def _solver(args: argparse.Namespace) -> int:
-    from drzero.train.stages import SolverConfig, plan_solver
+    from drzero.stages.base import SolverConfig, plan_solver
 
     cfg = on_cluster(config_from_args(SolverConfig, args))
     return _run_stage(plan_solver(cfg), cfg)
@@ -152,7 +152,7 @@ def _gen_data(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from drzero.train.stages import MergeConfig, plan_merge
+    from drzero.stages.base import MergeConfig, plan_merge
 
     cfg = config_from_args(MergeConfig, args)
     return _run_stage(plan_merge(cfg), cfg)
@@ -165,7 +165,7 @@ def _evolve(args: argparse.Namespace) -> int:
 
 
 def _list_models(args: argparse.Namespace) -> int:
-    from drzero.train.registry import REGISTRY, ListModelsConfig, render_registry
+    from drzero.models.registry import REGISTRY, ListModelsConfig, render_registry
 
     cfg = config_from_args(ListModelsConfig, args)
     if cfg.json:
@@ -179,34 +179,34 @@ def _list_models(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from drzero.train.memory_plan import MemoryConfig, run_memory
+    from drzero.verl.memory_plan import MemoryConfig, run_memory
 
     return run_memory(config_from_args(MemoryConfig, args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from drzero.evaluation import EvaluateConfig, run_evaluate, summary_lines
+    from drzero.stages.evaluate import EvaluateConfig, run_evaluate, summary_lines
 
     print(summary_lines(run_evaluate(config_from_args(EvaluateConfig, args))))
     return 0
 
 
 def _make_eval_set(args: argparse.Namespace) -> int:
-    from drzero.eval_set import MakeEvalSetConfig, run_make_eval_set, summary_lines
+    from drzero.tools.eval_set import MakeEvalSetConfig, run_make_eval_set, summary_lines
 
     print(summary_lines(run_make_eval_set(config_from_args(MakeEvalSetConfig, args))))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from drzero.report import ReportConfig, run_report, summary_lines
+    from drzero.tools.report import ReportConfig, run_report, summary_lines
 
     print(summary_lines(run_report(config_from_args(ReportConfig, args))))
     return 0
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from drzero.smoke import SmokeConfig, run_smoke, summary_lines
+    from drzero.tools.smoke import SmokeConfig, run_smoke, summary_lines
 
     result = run_smoke(config_from_args(SmokeConfig, args))
     print(summary_lines(result))
@@ -218,16 +218,16 @@ def _commands() -> dict[str, tuple[str, type, Callable[[argparse.Namespace], int
     from drzero.corpus.ingest import IngestConfig
     from drzero.retrieval.search_cli import SearchConfig
     from drzero.data.seed import PrepareDataConfig
-    from drzero.eval_set import MakeEvalSetConfig
-    from drzero.evaluation import EvaluateConfig
-    from drzero.report import ReportConfig
+    from drzero.tools.eval_set import MakeEvalSetConfig
+    from drzero.stages.evaluate import EvaluateConfig
+    from drzero.tools.report import ReportConfig
     from drzero.pipeline import EvolveConfig, GenDataStageConfig
     from drzero.retrieval.server import RetrieverConfig
-    from drzero.smoke import SmokeConfig
-    from drzero.tiny_model import TinyModelConfig
-    from drzero.train.memory_plan import MemoryConfig
-    from drzero.train.registry import ListModelsConfig
-    from drzero.train.stages import ChallengerConfig, MergeConfig, SolverConfig
+    from drzero.tools.smoke import SmokeConfig
+    from drzero.tools.tiny_model import TinyModelConfig
+    from drzero.verl.memory_plan import MemoryConfig
+    from drzero.models.registry import ListModelsConfig
+    from drzero.stages.base import ChallengerConfig, MergeConfig, SolverConfig
 
     return {
         "ingest": ("read, split, embed and store documents in the ChromaDB corpus", IngestConfig, _ingest),
@@ -340,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    from drzero.cluster import ClusterError
+    from drzero.cluster.ray import ClusterError
     from drzero.corpus.store import StoreError
     from drzero.data.budget import TokenBudgetError
-    from drzero.models import ModelNotFound
+    from drzero.models.files import ModelNotFound
     from drzero.services import ServiceError
 
     try:

@@ -28,8 +28,8 @@ from typing import ClassVar
 
 from drzero.atomic import verify_set, write_json_atomically
 from drzero.config import option, require
-from drzero.train.layout import checkpointed_step
-from drzero.train.stages import (ChallengerConfig, MergeConfig, SolverConfig, StageConfig, StagePlan, plan_challenger,
+from drzero.layout import checkpointed_step
+from drzero.stages.base import (ChallengerConfig, MergeConfig, SolverConfig, StageConfig, StagePlan, plan_challenger,
                                  plan_merge, plan_solver)
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,11 @@ def _thinking_word(thinking: bool | None) -> str:
 
 def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
     from drzero.data.seed import PrepareDataConfig, run_prepare_data
-    from drzero.train.registry import resolve_model
+    from drzero.models.registry import resolve_model
 
     layout = cfg.layout
 
-    from drzero.train.stages import thinking_setting
+    from drzero.stages.base import thinking_setting
 
     thinking = thinking_setting(cfg)
 
@@ -178,8 +178,8 @@ def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
 
 def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
     from drzero.data.gen_data import GenDataConfig, run_gen_data, summary_lines
-    from drzero.train.registry import resolve_model
-    from drzero.train.stages import SGLANG_PORT, retriever_for
+    from drzero.models.registry import resolve_model
+    from drzero.stages.base import SGLANG_PORT, retriever_for
 
     layout = cfg.layout
     proposer = layout.merged("challenger", cfg.iteration)
@@ -195,7 +195,7 @@ def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
         services.append(spec)
         proposer_url = spec.url
 
-    from drzero.train.stages import thinking_setting
+    from drzero.stages.base import thinking_setting
 
     thinking = thinking_setting(cfg)
 
@@ -219,15 +219,15 @@ def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
 
 def plan_evaluate(cfg: EvolveConfig, iteration: int) -> StagePlan:
     """The merged solver of this iteration on the QA set; SGLang is started by `drzero evaluate` itself."""
-    from drzero.evaluation import EvaluateConfig, run_evaluate
-    from drzero.train.stages import retriever_for
+    from drzero.stages.evaluate import EvaluateConfig, run_evaluate
+    from drzero.stages.base import retriever_for
 
     layout = cfg.layout
     services, retriever_url = retriever_for(cfg)
     model = layout.merged("solver", iteration)
     out = layout.checkpoints / "eval" / f"iter{iteration}"
 
-    from drzero.train.stages import thinking_setting
+    from drzero.stages.base import thinking_setting
 
     thinking = thinking_setting(cfg)
 
@@ -313,8 +313,8 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
     Run before the first stage starts, so a solver mistake is found before hours of proposer
     training, not after. Returns the number of problems found.
     """
-    from drzero.train.preflight import report, run_checks
-    from drzero.train.stages import resolved_config
+    from drzero.verl.preflight import report, run_checks
+    from drzero.stages.base import resolved_config
 
     planned: set[Path] = set()
     problems = 0
@@ -334,7 +334,7 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
                 print_fn(report(plan, checks))
             if resolve:
                 try:
-                    print_fn("  verl --cfg job (through drzero.train.entry):\n" + _digest(resolved_config(plan)))
+                    print_fn("  verl --cfg job (through drzero.verl.entry):\n" + _digest(resolved_config(plan)))
                 except RuntimeError as error:
                     problems += 1
                     print_fn(f"  {error}")
@@ -347,7 +347,7 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
 
 
 def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
-    from drzero.cluster import report_checks
+    from drzero.cluster.ray import report_checks
 
     plans = all_plans(cfg)
     problems = check_remaining(cfg, state, plans, print_fn, verbose=True, resolve=True)
@@ -358,8 +358,8 @@ def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
 
 
 def evolve(cfg: EvolveConfig, print_fn=print) -> int:
-    from drzero.cluster import attach, before_stage, report_checks
-    from drzero.train.stages import execute
+    from drzero.cluster.ray import attach, before_stage, report_checks
+    from drzero.stages.base import execute
 
     cluster = attach(cfg)  # on a Ray cluster: nodes and GPUs from it, the services at this node's address
     if cluster is not None:
@@ -372,7 +372,7 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
     if state.rebuilt:
         state.rebuild(plans, print_fn)
     if not cfg.skip_preflight:
-        from drzero.train.preflight import machine_check
+        from drzero.verl.preflight import machine_check
 
         remaining = [plan for key, plan in plans if not state.is_done(key, plan)]
         machine = machine_check(remaining)

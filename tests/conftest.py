@@ -50,7 +50,7 @@ def demo_db(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """The offline ChatML tokenizer `drzero tiny-model` builds (no weights)."""
-    from drzero.tiny_model import TinyModelConfig, run_tiny_model
+    from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
 
     return run_tiny_model(TinyModelConfig(out=str(tmp_path_factory.mktemp("tiny") / "model"), no_weights=True))
 

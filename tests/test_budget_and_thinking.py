@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from drzero.config import ConfigError
 from drzero.data.budget import ResponseBudget, response_budget_for
 from drzero.rollout.render import THINKING_RESPONSE_LENGTH, ToolOutputLimit
-from drzero.train.preflight import compose, run_checks
-from drzero.train.stages import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+from drzero.verl.preflight import compose, run_checks
+from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
 
 STAGE = {"db": "/tmp/drzero-test/db", "data_dir": "/tmp/drzero-test/data", "checkpoints": "/tmp/drzero-test/ckpt",
          "logger": "console", "retriever_url": "http://127.0.0.1:8000/retrieve"}

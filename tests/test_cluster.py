@@ -2,7 +2,7 @@
 
 The head and the worker are two Ray nodes on loopback, each in its own temp dir, told apart by a
 custom resource; the worker is started the way every non-head node of a Modal or SkyPilot launch is,
-by `python -m drzero.cluster_launch --rank 1`, and must end by itself once the head is gone. A stage
+by `python -m drzero.cluster.launch --rank 1`, and must end by itself once the head is gone. A stage
 attached to the cluster plans both nodes, puts its retriever on the head, and a Ray task pinned to
 the worker, given the runtime_env verl would get from the plan, finds the retriever's address and
 gets a real search result from it. The nodes are stopped by their process ids (never `ray stop`,
@@ -58,7 +58,7 @@ def _ray_start(temp_dir: str, *args: str) -> subprocess.Popen:
 
 def _launcher(temp_dir: str, rank: int, ips: str, port: int, *args: str, command: tuple[str, ...] = ()) -> list[str]:
     ray_args = " ".join(_node_args(temp_dir) + list(args))
-    return [sys.executable, "-m", "drzero.cluster_launch", "--rank", str(rank), "--ips", ips, "--port", str(port),
+    return [sys.executable, "-m", "drzero.cluster.launch", "--rank", str(rank), "--ips", ips, "--port", str(port),
             "--gpus", "1", "--cpus", "1", f"--ray-args={ray_args}", *(["--", *command] if command else [])]
 
 
@@ -145,7 +145,7 @@ def stage_dirs(tmp_path, demo_db, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("DRZERO_RUN_DIR", str(tmp_path / "run"))
     # the plan's retriever on a free port: 8000 may be taken by another test run on this machine
-    monkeypatch.setattr("drzero.train.stages.RETRIEVER_PORT", free_port())
+    monkeypatch.setattr("drzero.stages.base.RETRIEVER_PORT", free_port())
     return dict(db=str(demo_db), data_dir=str(tmp_path / "data"), checkpoints=str(tmp_path / "checkpoints"),
                 logger="console")
 
@@ -156,7 +156,7 @@ def _search_on_worker(url_variable: str, query: str) -> dict:
     import yaml
 
     from drzero.rollout.search_tool import SearchTool
-    from drzero.train.layout import config_dir
+    from drzero.layout import config_dir
 
     tool_config = yaml.safe_load((config_dir() / "search_tool_config.yaml").read_text())["tools"][0]["config"]
     tool = SearchTool(tool_config)
@@ -175,11 +175,11 @@ def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_
                                                                                           tiny_tokenizer_dir):
     import ray
 
-    from drzero.cluster import attach, stage_cluster_checks
+    from drzero.cluster.ray import attach, stage_cluster_checks
     from drzero.rollout.search import RETRIEVER_URL_ENV
     from drzero.services import Supervisor
-    from drzero.train.preflight import compose
-    from drzero.train.stages import SolverConfig, plan_solver
+    from drzero.verl.preflight import compose
+    from drzero.stages.base import SolverConfig, plan_solver
 
     address, _, _ = two_nodes
     cfg = SolverConfig(ray_address=address, model=str(tiny_tokenizer_dir), **stage_dirs)
@@ -236,8 +236,8 @@ def test_the_evolve_dry_run_checks_the_cluster(two_nodes, stage_dirs, tiny_token
 
 
 def test_without_a_cluster_nothing_changes(stage_dirs):
-    from drzero.cluster import attach
-    from drzero.train.stages import SolverConfig, plan_solver
+    from drzero.cluster.ray import attach
+    from drzero.stages.base import SolverConfig, plan_solver
 
     cfg = SolverConfig(**stage_dirs)
     assert attach(cfg) is None
@@ -248,8 +248,8 @@ def test_without_a_cluster_nothing_changes(stage_dirs):
 
 
 def test_a_cluster_that_is_not_there_is_one_sentence(stage_dirs):
-    from drzero.cluster import ClusterError, attach
-    from drzero.train.stages import SolverConfig
+    from drzero.cluster.ray import ClusterError, attach
+    from drzero.stages.base import SolverConfig
 
     with pytest.raises(ClusterError, match="could not join the Ray cluster at 127.0.0.1:"):
         attach(SolverConfig(ray_address=f"127.0.0.1:{free_port()}", **stage_dirs))
@@ -259,7 +259,7 @@ def test_a_cluster_that_is_not_there_is_one_sentence(stage_dirs):
 
 
 def _cluster(*gpus, here=0):
-    from drzero.cluster import Cluster, Node
+    from drzero.cluster.ray import Cluster, Node
 
     nodes = tuple(Node(f"n{i}", f"10.0.0.{i + 1}", g, 8.0, i == 0) for i, g in enumerate(gpus))
     return Cluster("10.0.0.1:6385", nodes, nodes[here].node_id)
@@ -272,7 +272,7 @@ def _report(versions=None, shared=None):
 
 
 def test_a_node_with_other_versions_or_a_path_it_does_not_share_fails_the_preflight():
-    from drzero.cluster import Probe, cluster_checks
+    from drzero.cluster.ray import Probe, cluster_checks
 
     cluster = _cluster(8, 8, 8)
     found = Probe({"n0": _report(), "n1": _report({"verl": "0.7.0"}),
@@ -290,7 +290,7 @@ def test_a_node_with_other_versions_or_a_path_it_does_not_share_fails_the_prefli
 
 
 def test_nodes_with_different_gpu_counts_a_missing_node_and_gpu_less_services_fail():
-    from drzero.cluster import ClusterError, Probe, cluster_checks
+    from drzero.cluster.ray import ClusterError, Probe, cluster_checks
 
     with pytest.raises(ClusterError, match=r"different GPU counts \(10.0.0.1: 8, 10.0.0.2: 4\)"):
         _cluster(8, 4).gpus_per_node
@@ -302,7 +302,7 @@ def test_nodes_with_different_gpu_counts_a_missing_node_and_gpu_less_services_fa
 
 
 def test_a_model_directory_missing_on_a_node_is_named():
-    from drzero.cluster import Probe, cluster_checks
+    from drzero.cluster.ray import Probe, cluster_checks
 
     found = Probe({"n0": _report(), "n1": {**_report(), "missing": ["/models/Qwen3-32B"]}}, {})
     checks = [c for c in cluster_checks(_cluster(8, 8), found, {}) if c.name == "model on every node"]
@@ -313,7 +313,7 @@ def test_a_model_directory_missing_on_a_node_is_named():
 def test_the_challengers_reward_server_listens_where_the_workers_reach_it(stage_dirs, tiny_tokenizer_dir, engine,
                                                                            server):
     """On a cluster (as attach leaves the config) the probes' server binds the services node's address."""
-    from drzero.train.stages import ChallengerConfig, plan_challenger
+    from drzero.stages.base import ChallengerConfig, plan_challenger
 
     cfg = ChallengerConfig(ray_address="10.0.0.1:6385", services_host="10.0.0.1", nnodes=2, engine=engine,
                            model=str(tiny_tokenizer_dir), **stage_dirs)
@@ -328,7 +328,7 @@ def test_the_challengers_reward_server_listens_where_the_workers_reach_it(stage_
 
 def test_the_launchers_head_starts_ray_runs_the_command_on_it_and_stops_only_its_own_ray(stage_dirs,
                                                                                          tiny_tokenizer_dir):
-    """Rank 0 of `python -m drzero.cluster_launch`, as every Modal and SkyPilot launch runs it (one node here)."""
+    """Rank 0 of `python -m drzero.cluster.launch`, as every Modal and SkyPilot launch runs it (one node here)."""
     head_dir, port = tempfile.mkdtemp(prefix="dzl"), free_port()
     command = ("solver", "--preflight", "--model", str(tiny_tokenizer_dir), "--db", stage_dirs["db"],
                "--data-dir", stage_dirs["data_dir"], "--checkpoints", stage_dirs["checkpoints"], "--logger", "console")

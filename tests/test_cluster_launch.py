@@ -1,4 +1,4 @@
-"""`python -m drzero.cluster_launch` (every node of a Modal cluster or SkyPilot task) and backends/skypilot.yaml.
+"""`python -m drzero.cluster.launch` (every node of a Modal cluster or SkyPilot task) and backends/skypilot.yaml.
 
 The YAML is read by SkyPilot's own parser (`sky.Task.from_yaml_config`, offline) in a venv of its own:
 SkyPilot 0.14 pins click and uvicorn below what drzero runs with, so it does not go into .venv. That
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drzero.cluster_launch import RAY_PORT, NodeRole, role_from_args
+from drzero.cluster.launch import RAY_PORT, NodeRole, role_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 SKYPILOT_YAML = REPO / "backends" / "skypilot.yaml"
@@ -75,12 +75,12 @@ def test_the_task_runs_the_launcher_on_every_node_with_drzeros_own_evolve_option
     task = _task()
     assert task["num_nodes"] >= 2 and task["resources"]["accelerators"].endswith(":8")
     assert set(task["file_mounts"]) == {"/corpus", "/checkpoints"}  # what every node must share
-    line = [ln for ln in task["run"].replace("\\\n", " ").splitlines() if "drzero.cluster_launch" in ln]
+    line = [ln for ln in task["run"].replace("\\\n", " ").splitlines() if "drzero.cluster.launch" in ln]
     assert len(line) == 1
     words = shlex.split(line[0])
     for name, value in task["envs"].items():  # the envs as SkyPilot sets them
         words = [w.replace(f"${name}", str(value)) for w in words]
-    launcher = words[words.index("drzero.cluster_launch") + 1:]
+    launcher = words[words.index("drzero.cluster.launch") + 1:]
     assert launcher[0] == "--"  # rank, addresses and GPUs from SkyPilot's variables
     command = launcher[1:] + ["--ray-address", f"10.0.0.1:{RAY_PORT}"]
     args = build_parser().parse_args(command)   # a drzero command line that parses, as typed
@@ -117,13 +117,13 @@ print(json.dumps({{"nodes": task.num_nodes, "accelerators": resources.accelerato
     assert task["envs"]["DRZERO_MODEL"] == "qwen3-32b" and task["secrets"] == ["WANDB_API_KEY"]
     # the buckets' names come from DRZERO_BUCKET, substituted by SkyPilot
     assert task["mounts"] == {"/corpus": "drzero-run-corpus", "/checkpoints": "drzero-run-checkpoints"}
-    assert "python3 -m drzero.cluster_launch -- evolve" in task["run"]
+    assert "python3 -m drzero.cluster.launch -- evolve" in task["run"]
 
 
 def test_a_head_whose_ray_does_not_start_fails_at_once(capsys):
     import time
 
-    from drzero.cluster_launch import run
+    from drzero.cluster.launch import run
 
     role = NodeRole(0, ("127.0.0.1",), 0, ("list-models",), port=1, ray_args=("--ray-client-server-port=1",))
     started = time.monotonic()

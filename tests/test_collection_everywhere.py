@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from drzero.train.preflight import run_checks
-from drzero.train.stages import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+from drzero.verl.preflight import run_checks
+from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
 
 
 def _corpus_check(plan):

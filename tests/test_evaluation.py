@@ -13,9 +13,9 @@ import pytest
 from conftest import free_port
 from drzero.config import ConfigError, add_config_arguments, config_from_args
 from drzero.corpus.demo import build_demo_world
-from drzero.eval_set import MakeEvalSetConfig, QaItem, read_qa_file, run_make_eval_set
-from drzero.eval_set import summary_lines as eval_set_summary
-from drzero.evaluation import EvaluateConfig, cover_em, em, f1, run_evaluate, summary_lines
+from drzero.tools.eval_set import MakeEvalSetConfig, QaItem, read_qa_file, run_make_eval_set
+from drzero.tools.eval_set import summary_lines as eval_set_summary
+from drzero.stages.evaluate import EvaluateConfig, cover_em, em, f1, run_evaluate, summary_lines
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import normalize_answer
 from drzero.services import ServiceError

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from drzero.train.hf_engine import Generation, HFEngine, ResponseLimits, Sampling, cut_at_stop
+from drzero.verl.hf.engine import Generation, HFEngine, ResponseLimits, Sampling, cut_at_stop
 
 VOCAB, PAD = 97, 0
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": False}

@@ -1,4 +1,4 @@
-"""`python -m drzero.rollout.hf_server`: a real server process answering drzero's own rollout client.
+"""`python -m drzero.verl.hf.server`: a real server process answering drzero's own rollout client.
 
 The proposer reward probes the solver through ``AgentRolloutClient``; with ``--engine hf`` this server
 stands where SGLang stands. The model is the offline tiny ChatML model (random weights), so the test
@@ -23,7 +23,7 @@ from conftest import free_port
 def hf_server(tiny_tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from drzero.tiny_model import build_tiny_model
+    from drzero.tools.tiny_model import build_tiny_model
 
     model_dir = tmp_path_factory.mktemp("tiny-model")
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -31,7 +31,7 @@ def hf_server(tiny_tokenizer_dir, tmp_path_factory):
     build_tiny_model(tokenizer, hidden_size=32, layers=1).save_pretrained(model_dir)
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "hf_server.log"
-    process = subprocess.Popen([sys.executable, "-m", "drzero.rollout.hf_server", "--model", str(model_dir),
+    process = subprocess.Popen([sys.executable, "-m", "drzero.verl.hf.server", "--model", str(model_dir),
                                 "--port", str(port), "--device", "cpu"], stdout=open(log, "wb"),
                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from drzero.train import hrpo
+from drzero.verl import hrpo
 from verl_harness import compose_ppo_config
 
 EPS = 1e-6  # verl's GRPO epsilon
@@ -206,7 +206,7 @@ def tiny_run_inputs(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from drzero.tiny_model import TinyModelConfig, run_tiny_model
+    from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
 
     root = tmp_path_factory.mktemp("hrpo_run")
     model = run_tiny_model(TinyModelConfig(out=str(root / "model")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drzero import log_doctor as doctor
+from drzero.tools import log_doctor as doctor
 
 EXCERPTS = {
     "micro batch size": """\

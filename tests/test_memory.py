@@ -6,10 +6,10 @@ import re
 import pytest
 
 from drzero.cli import main
-from drzero.train.memory import (AUTOCAST_ACTIVATIONS, BF16_ACTIVATIONS, SGLANG_CONTEXT_GIB, Engine, StageSetup,
+from drzero.models.memory import (AUTOCAST_ACTIVATIONS, BF16_ACTIVATIONS, SGLANG_CONTEXT_GIB, Engine, StageSetup,
                                  TrainSetup, actor_resident, activation_bytes, plan_memory, single_gpu_peak)
-from drzero.train.registry import REGISTRY, model_shape
-from drzero.train.shapes import GIB, GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
+from drzero.models.registry import REGISTRY, model_shape
+from drzero.models.shapes import GIB, GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
 
 QWEN3_32B = KNOWN_SHAPES["Qwen/Qwen3-32B"]
 SEED_GUIDE = dict(use_recipe=False)  # the shipped config: full FT, no offload, rollout tp2 @0.5, reward dp4xtp2 @0.5
@@ -117,13 +117,13 @@ def _stage(cls, **kwargs):
 
 
 def _memory_check(plan):
-    from drzero.train.preflight import run_checks
+    from drzero.verl.preflight import run_checks
 
     return {c.name: c for c in run_checks(plan, allow_download=True)}["memory"]
 
 
 def test_preflight_refuses_the_seed_guides_qwen3_32b_settings_and_accepts_the_recipe():
-    from drzero.train.stages import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+    from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
 
     check = _memory_check(plan_challenger(_stage(ChallengerConfig, model="qwen3-32b", **SEED_GUIDE)))
     assert not check.ok
@@ -142,8 +142,8 @@ def test_preflight_refuses_the_seed_guides_qwen3_32b_settings_and_accepts_the_re
 
 
 def test_user_settings_win_over_the_recipe():
-    from drzero.train.preflight import compose
-    from drzero.train.stages import ChallengerConfig, plan_challenger
+    from drzero.verl.preflight import compose
+    from drzero.stages.base import ChallengerConfig, plan_challenger
 
     plan = plan_challenger(_stage(ChallengerConfig, model="qwen3-32b", sglang_mem=0.4, rollout_tp=8,
                                   overrides=["actor_rollout_ref.rollout.gpu_memory_utilization=0.6"]))

@@ -79,7 +79,7 @@ def test_the_challenger_on_modal_gets_the_models_recipe_for_the_gpu_it_runs_on(g
     """What the Function runs, parsed by drzero itself: on a full node the registry's recipe for that GPU shapes
     the reward server (qwen3-32b: dp 2 x tp 4); off it the launch sizes dp x tp to the GPUs."""
     from drzero.config import add_config_arguments, config_from_args
-    from drzero.train.stages import ChallengerConfig
+    from drzero.stages.base import ChallengerConfig
     import argparse
 
     plan = mb.plan_launch(mb.Request("challenger", model="qwen3-32b", gpu=gpu))
@@ -437,7 +437,7 @@ def test_download_model_is_a_retried_cpu_function_with_the_hub_token_and_the_cor
 
 
 def test_download_model_downloads_into_the_models_directory_and_commits_the_corpus_volume(monkeypatch):
-    from drzero import model_download
+    from drzero.models import download as model_download
 
     seen = {}
 

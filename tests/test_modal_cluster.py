@@ -189,7 +189,7 @@ def node(monkeypatch):
 def test_every_node_runs_the_launcher_with_its_rank_and_the_ipv4_addresses(node):
     seen = node(0)
     assert mc.cluster_2.local("evolve", "--iterations", "2") == {"command": "evolve", "exit_code": 0}
-    assert seen["command"] == [sys.executable, "-m", "drzero.cluster_launch", "--rank", "0", "--ips",
+    assert seen["command"] == [sys.executable, "-m", "drzero.cluster.launch", "--rank", "0", "--ips",
                                "10.0.0.1,10.0.0.2", "--gpus", "8", "--", "evolve", "--iterations", "2"]
     assert seen["env"]["DRZERO_DB"] == mb.LOCAL_DB  # the retriever runs on rank 0, from a local copy
     assert seen["env"]["DRZERO_SHARED_PATH_WAIT"] == str(mc.SHARED_PATH_WAIT)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from drzero import model_download as md
+from drzero.models import download as md
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -146,7 +146,7 @@ def test_local_state_tells_missing_present_incomplete_and_verified(tmp_path, hub
 
 
 def test_list_models_shows_each_models_state_and_stages_do_not_load_a_download_under_way(tmp_path, hub, monkeypatch):
-    from drzero.train.registry import render_registry, resolve_model
+    from drzero.models.registry import render_registry, resolve_model
 
     manifest, _ = hub
     monkeypatch.setenv("DRZERO_MODELS_DIR", str(tmp_path / "models"))

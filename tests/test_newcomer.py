@@ -10,8 +10,9 @@ import pytest
 from conftest import drzero_command
 from drzero.cli import PREFLIGHT_DESCRIPTION, _commands, command_description, main
 from drzero.pipeline import EvolveConfig, evolve
-from drzero.train import preflight, stages
-from drzero.train.stages import MergeConfig, plan_merge
+from drzero.stages import base as stages
+from drzero.verl import preflight
+from drzero.stages.base import MergeConfig, plan_merge
 
 
 @pytest.mark.parametrize("command", sorted(_commands()) + ["preflight"])

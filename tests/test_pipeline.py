@@ -8,7 +8,7 @@ import pytest
 from drzero import pipeline
 from drzero.atomic import commit_set, parquet_writer
 from drzero.pipeline import EvolveConfig, all_plans, evolve
-from drzero.train import stages
+from drzero.stages import base as stages
 
 STAGES = ["prepare-data", "iter1/challenger", "iter1/merge-challenger", "iter1/gen-data", "iter1/solver",
           "iter1/merge-solver"]

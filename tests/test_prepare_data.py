@@ -169,7 +169,7 @@ def test_missing_or_empty_collection_and_unwritable_output(tmp_path, tiny_tokeni
 
 
 def test_a_model_name_without_local_files_says_where_to_put_them(demo_db, tmp_path, monkeypatch):
-    from drzero.models import ModelNotFound
+    from drzero.models.files import ModelNotFound
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFound, match="no tokenizer found for 'Qwen/Qwen2.5-3B-Instruct'.*--tokenizer DIR"):

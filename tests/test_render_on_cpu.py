@@ -25,7 +25,7 @@ THINKING_OFF = {"enable_thinking": False}
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory):
-    from drzero.tiny_model import TinyModelConfig, run_tiny_model
+    from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
 
     return run_tiny_model(TinyModelConfig(out=str(tmp_path_factory.mktemp("qwen3") / "model"), no_weights=True,
                                           chat_template="qwen3"))
@@ -41,8 +41,8 @@ def qwen3(qwen3_dir):
 def _verl_config(overrides=()):
     from omegaconf import OmegaConf
 
-    from drzero.train.layout import config_dir
-    from drzero.train.preflight import compose
+    from drzero.layout import config_dir
+    from drzero.verl.preflight import compose
 
     config = compose([f"actor_rollout_ref.rollout.multi_turn.tool_config_path={config_dir() / 'search_tool_config.yaml'}",
                       "+data.apply_chat_template_kwargs.enable_thinking=false", *overrides])
@@ -226,7 +226,7 @@ def test_search_tool_fits_every_passage_into_the_cap():
 def test_tool_caps_agree_between_verl_config_and_search_tool():
     import yaml
 
-    from drzero.train.layout import config_dir
+    from drzero.layout import config_dir
 
     base = yaml.safe_load((config_dir() / "search_multiturn_grpo.yaml").read_text())
     tool = yaml.safe_load((config_dir() / "search_tool_config.yaml").read_text())["tools"][0]["config"]

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from drzero.config import ConfigError, add_config_arguments, config_from_args
-from drzero.evaluation import EvaluateConfig, QuestionResult, build_summary
-from drzero.report import ReportConfig, flat_metrics, load_run, run_report, summary_lines
+from drzero.stages.evaluate import EvaluateConfig, QuestionResult, build_summary
+from drzero.tools.report import ReportConfig, flat_metrics, load_run, run_report, summary_lines
 
 STAGES = ("challenger", "merge-challenger", "gen-data", "solver", "merge-solver")
 SEED_HOPS = {"1": 800, "2": 600, "3": 400, "4": 200}

@@ -18,7 +18,7 @@ from backends import modal as mb  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 # A user's checkout after a while: code, and everything that must stay on the machine.
-CODE = ["drzero/corpus/store.py", "drzero/data/seed.py", "drzero/models.py", "config/search_tool_config.yaml",
+CODE = ["drzero/corpus/store.py", "drzero/data/seed.py", "drzero/models/files.py", "config/search_tool_config.yaml",
         "backends/modal.py", "pyproject.toml", "README.md", ".env.example"]
 PRIVATE = [".env", ".env.local", "sub/.env", "checkpoints/solver_iter1/global_step_50/actor/model.pt",
            "chromadb/chroma.sqlite3", "my-run/chromadb/abc/data_level0.bin", "corpus/papers/a.jsonl",

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from drzero.smoke import (SMOKE_SERVED_NAME, SmokeConfig, check_rollout, run_smoke, run_verl_step, sglang_spec,
+from drzero.tools.smoke import (SMOKE_SERVED_NAME, SmokeConfig, check_rollout, run_smoke, run_verl_step, sglang_spec,
                           summary_lines, verl_step_command, write_solver_data)
 
 torch = pytest.importorskip("torch")
@@ -16,12 +16,12 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CP
 
 
 def _smoke_command(*args: str) -> list[str]:
-    """`drzero smoke` once it is wired into the CLI; `python -m drzero.smoke` (the same code) until then."""
+    """`drzero smoke` once it is wired into the CLI; `python -m drzero.tools.smoke` (the same code) until then."""
     from drzero.cli import _commands
 
     if "smoke" in _commands():
         return [sys.executable, "-m", "drzero.cli", "smoke", *args]
-    return [sys.executable, "-m", "drzero.smoke", *args]
+    return [sys.executable, "-m", "drzero.tools.smoke", *args]
 
 
 def test_cpu_path_passes_and_names_the_gpu_parts_it_skipped(demo_db):
@@ -66,9 +66,9 @@ def test_the_one_step_verl_run_passes_the_solver_preflight(tmp_path, demo_db):
     from drzero.cli import build_parser
     from drzero.config import config_from_args
     from drzero.corpus.demo import build_demo_world
-    from drzero.tiny_model import TinyModelConfig, run_tiny_model
-    from drzero.train.preflight import run_checks
-    from drzero.train.stages import SolverConfig, plan_solver
+    from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
+    from drzero.verl.preflight import run_checks
+    from drzero.stages.base import SolverConfig, plan_solver
 
     model = run_tiny_model(TinyModelConfig(out=str(tmp_path / "model")))  # a model directory with weights
     train, val = write_solver_data(tmp_path / "data", build_demo_world(papers=60))
@@ -123,11 +123,11 @@ def test_the_verl_step_reports_a_crash_and_a_hang_with_the_reason(tmp_path):
 
 def test_engine_hf_needs_no_sglang_and_serves_with_transformers(tmp_path):
     """--engine hf: SGLang and flash-attn are not needed, the server is drzero's, the verl step uses hf."""
-    from drzero.smoke import inference_spec, server_part
+    from drzero.tools.smoke import inference_spec, server_part
 
     cfg = SmokeConfig(engine="hf")
     spec = inference_spec(cfg, "/models/tiny", "qwen25", 8123)
-    assert server_part(cfg) == "hf server" and "drzero.rollout.hf_server --model /models/tiny" in spec.command_line
+    assert server_part(cfg) == "hf server" and "drzero.verl.hf.server --model /models/tiny" in spec.command_line
     command = verl_step_command(cfg, "/models/tiny", tmp_path / "db", tmp_path, "http://127.0.0.1:9/retrieve")
     assert command[command.index("--engine") + 1] == "hf"
     result = run_smoke(SmokeConfig(db=str(tmp_path / "none"), engine="hf"), log=lambda line: None)

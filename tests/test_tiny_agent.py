@@ -1,4 +1,4 @@
-"""drzero.tiny_agent: the scripted trajectories the trained tiny model learns from, and --trained's options."""
+"""drzero.tools.tiny_agent: the scripted trajectories the trained tiny model learns from, and --trained's options."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from drzero.tiny_agent import encode_conversation, hits_text, keyword_search, proposer_conversation, \
+from drzero.tools.tiny_agent import encode_conversation, hits_text, keyword_search, proposer_conversation, \
     solver_conversation
 
 
@@ -62,7 +62,7 @@ def test_loss_covers_assistant_turns_only(world, tiny_tokenizer_dir):
 
 def test_trained_refuses_a_corpus():
     from drzero.config import ConfigError
-    from drzero.tiny_model import TinyModelConfig
+    from drzero.tools.tiny_model import TinyModelConfig
 
     with pytest.raises(ConfigError, match="trained"):
         TinyModelConfig(out="x", trained=True, db="some-db")

@@ -5,13 +5,13 @@ import shutil
 import pytest
 
 from drzero.cli import main
-from drzero.train.preflight import run_checks
-from drzero.train.stages import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+from drzero.verl.preflight import run_checks
+from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from drzero.tiny_model import TinyModelConfig, run_tiny_model
+    from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
 
     return run_tiny_model(TinyModelConfig(out=str(tmp_path_factory.mktemp("tinymodel") / "model")))
 
@@ -83,7 +83,7 @@ def test_dry_run_prints_the_resolved_verl_config_and_starts_nothing(stage, workd
     args = [stage, "--dry-run"] + [f"--{k.replace('_', '-')}={v}" for k, v in workdir.items()]
     assert main(args + ["--", "trainer.save_freq=10"]) == 0
     out = capsys.readouterr().out
-    assert "drzero.train.entry" in out and "all checks passed" in out
+    assert "drzero.verl.entry" in out and "all checks passed" in out
     assert "save_freq: 10" in out  # the pass-through override reached verl's resolved config
     assert f"adv_estimator: {'hrpo' if stage == 'challenger' else 'grpo'}" in out
 

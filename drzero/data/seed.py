@@ -38,7 +38,7 @@ from drzero.config import ConfigError, option, require
 from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore
 from drzero.data.budget import PromptBudget, TokenBudgetError, chars_per_token_of_results
 from drzero.rollout.render import template_thinking_kwargs
-from drzero.models import DEFAULT_BASE_MODEL, load_tokenizer
+from drzero.models.files import DEFAULT_BASE_MODEL, load_tokenizer
 from drzero.prompts import PROPOSER_TEMPLATE_ID, SEARCH_TOOL_NAME, proposer_messages, render_document
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ that say whether training trains what it should, logged per step as ``drzero/<ke
     format, difficulty, think, answered
 
 ``install_training_metrics()`` wraps ``ray_trainer.compute_data_metrics`` inside the TaskRunner
-actor (``drzero.train.hrpo.HRPOTaskRunner``), the process that runs ``fit()``, which looks the
+actor (``drzero.verl.hrpo.HRPOTaskRunner``), the process that runs ``fit()``, which looks the
 function up by name when it logs a step.
 """
 

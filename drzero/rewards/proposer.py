@@ -162,7 +162,7 @@ def _probe_client(base_url: str, model_name: str, api: str, retriever_url: str |
         max_turns, max_prompt_tokens, max_response_tokens, tool_chars, side, thinking = limits
         loaded_tokenizer = None
         if api == "generate":
-            from drzero.models import load_tokenizer
+            from drzero.models.files import load_tokenizer
 
             loaded_tokenizer = load_tokenizer(tokenizer or model_name)
         search = SearchSettings.from_config({"retrieval_service_url": retriever_url, "topk": topk,

@@ -192,7 +192,7 @@ class RolloutLimits:
                              thinking: bool | None = None) -> "RolloutLimits":
         import yaml
 
-        from drzero.train.layout import config_dir
+        from drzero.layout import config_dir
 
         config = yaml.safe_load((config_dir() / "search_multiturn_grpo.yaml").read_text())
         multi_turn = config["actor_rollout_ref"]["rollout"]["multi_turn"]

@@ -1,13 +1,13 @@
 """Form a Ray cluster from a launcher's node rank and addresses, then run one drzero command on it.
 
-    python -m drzero.cluster_launch --rank 0 --ips 10.0.0.1,10.0.0.2 --gpus 8 -- evolve --iterations 3
-    python -m drzero.cluster_launch --rank 1 --ips 10.0.0.1,10.0.0.2 --gpus 8 -- evolve --iterations 3
+    python -m drzero.cluster.launch --rank 0 --ips 10.0.0.1,10.0.0.2 --gpus 8 -- evolve --iterations 3
+    python -m drzero.cluster.launch --rank 1 --ips 10.0.0.1,10.0.0.2 --gpus 8 -- evolve --iterations 3
 
 Every node of a multi-node launch (a Modal cluster, a SkyPilot task with ``num_nodes``) runs the
 same line; on SkyPilot ``--rank``, ``--ips`` and ``--gpus`` default to its ``SKYPILOT_NODE_RANK``,
 ``SKYPILOT_NODE_IPS`` and ``SKYPILOT_NUM_GPUS_PER_NODE``. The node of rank 0 starts the Ray head,
 waits until every node has joined, and runs ``drzero COMMAND ... --ray-address HEAD:PORT`` (which
-reads the cluster's shape and checks it, drzero.cluster); its exit status is the command's. Every
+reads the cluster's shape and checks it, drzero.cluster.ray); its exit status is the command's. Every
 other node waits for the head, joins it, and stays a Ray node until the head goes away, then
 exits 0. Each node runs its Ray in the foreground (``ray start --block``) as a child of this
 process, and stops only that child: ``ray stop`` would also stop a launcher's own Ray (SkyPilot runs
@@ -109,7 +109,7 @@ def wait_for_nodes(role: NodeRole, timeout: float = JOIN_TIMEOUT, poll: float = 
     """Block until ``role.nodes`` nodes are alive in the cluster; the count."""
     import ray
 
-    from drzero.cluster import connected
+    from drzero.cluster.ray import connected
 
     deadline = time.monotonic() + timeout
     with connected(role.address):
@@ -162,7 +162,7 @@ def role_from_args(argv: Sequence[str], environ: dict | None = None) -> NodeRole
     argv = list(argv)
     command = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m drzero.cluster_launch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m drzero.cluster.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=environ.get("SKYPILOT_NODE_RANK"),
                         help="this node's rank, 0 for the head ($SKYPILOT_NODE_RANK)")
     parser.add_argument("--ips", default=environ.get("SKYPILOT_NODE_IPS", ""),
@@ -187,7 +187,7 @@ def role_from_args(argv: Sequence[str], environ: dict | None = None) -> NodeRole
 def main(argv: Sequence[str] | None = None) -> int:
     role = role_from_args(sys.argv[1:] if argv is None else argv)
     if role.head and not role.command:
-        print("python -m drzero.cluster_launch: no drzero command after `--` for rank 0, e.g. `-- evolve`",
+        print("python -m drzero.cluster.launch: no drzero command after `--` for rank 0, e.g. `-- evolve`",
               file=sys.stderr)
         return 2
     return run(role, log=lambda line: print(line, flush=True))

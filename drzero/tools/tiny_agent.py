@@ -248,7 +248,7 @@ def evaluate_agent(model, tokenizer, questions: list) -> dict:
 def build_trained_agent(out: str | Path, cfg: AgentTrainingConfig = AgentTrainingConfig(),
                         vocab_size: int = 4096) -> dict:
     """Tokenizer + tiny model from the demo world, trained on scripted trajectories, saved to ``out``."""
-    from drzero.tiny_model import build_chatml_tokenizer, build_tiny_model, corpus_texts
+    from drzero.tools.tiny_model import build_chatml_tokenizer, build_tiny_model, corpus_texts
 
     out = Path(out)
     tokenizer = build_chatml_tokenizer(corpus_texts(None, "corpus"), vocab_size)

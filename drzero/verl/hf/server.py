@@ -1,6 +1,6 @@
-"""`python -m drzero.rollout.hf_server`: a model served in SGLang's OpenAI-compatible shape with ``transformers``.
+"""`python -m drzero.verl.hf.server`: a model served in SGLang's OpenAI-compatible shape with ``transformers``.
 
-    python -m drzero.rollout.hf_server --model /checkpoints/solver_iter1_hf --port 8001 --served-model-name solver
+    python -m drzero.verl.hf.server --model /checkpoints/solver_iter1_hf --port 8001 --served-model-name solver
 
 The proposer reward probes the current solver through SGLang's native ``/generate`` (token ids in and out,
 rendered as verl renders them), and other clients use ``/v1/chat/completions`` (or ``/v1/completions``).
@@ -10,7 +10,7 @@ same requests: ``GET /health``, ``GET /v1/models``, ``POST /generate`` (``input_
 (messages and tools rendered with the model's chat template, as SGLang does) and ``POST /v1/completions``
 (a raw prompt). Replies carry ``choices[0].message.content`` / ``choices[0].text``, ``finish_reason``
 (``stop`` / ``length``) and ``usage``; tool calls stay in the text (SGLang without a tool-call parser), which
-our rollout client parses. Generation is ``drzero.train.hf_engine.HFEngine``: concurrent requests are batched,
+our rollout client parses. Generation is ``drzero.verl.hf.engine.HFEngine``: concurrent requests are batched,
 sampling follows SGLang (``top_k`` -1 = none, temperature 0 = greedy, ``max_tokens`` clamped to the context).
 Runs on aiohttp alone (no FastAPI), so it starts wherever torch and transformers are installed.
 """
@@ -32,7 +32,7 @@ def build_app(model_path: str, served_name: str, device: str | None = None, max_
     from aiohttp import web
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from drzero.train.hf_engine import HFEngine, ResponseLimits, stop_token_ids_of
+    from drzero.verl.hf.engine import HFEngine, ResponseLimits, stop_token_ids_of
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -120,7 +120,7 @@ def build_app(model_path: str, served_name: str, device: str | None = None, max_
 def main(argv: list[str] | None = None) -> None:
     from aiohttp import web
 
-    parser = argparse.ArgumentParser(prog="python -m drzero.rollout.hf_server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m drzero.verl.hf.server", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory (a merged checkpoint)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
@@ -143,7 +143,7 @@ def hf_server_service(model_path: str, port: int, served_model_name: str = "solv
 
     from drzero.services import ServiceSpec
 
-    command = [sys.executable, "-m", "drzero.rollout.hf_server", "--model", str(model_path), "--host", host,
+    command = [sys.executable, "-m", "drzero.verl.hf.server", "--model", str(model_path), "--host", host,
                "--port", str(port), "--served-model-name", served_model_name]
     return ServiceSpec("hf-server", command, port, host=host, startup_timeout=600)
 

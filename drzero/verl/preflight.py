@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from drzero.train.layout import SEED_STEM, config_dir
-from drzero.train.registry import SGLANG_TOOL_PARSERS, VERL_TOOL_FORMATS
-from drzero.train.stages import CONFIG_NAME, StagePlan
+from drzero.layout import SEED_STEM, config_dir
+from drzero.models.registry import SGLANG_TOOL_PARSERS, VERL_TOOL_FORMATS
+from drzero.stages.base import CONFIG_NAME, StagePlan
 
 
 @dataclass
@@ -46,7 +46,7 @@ class PreflightFailed(RuntimeError):
 
 
 def compose(overrides: list[str]):
-    """Our config + overrides, composed and migrated as ``drzero.train.entry`` will; Hydra errors raised."""
+    """Our config + overrides, composed and migrated as ``drzero.verl.entry`` will; Hydra errors raised."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -372,7 +372,7 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
     except Exception as error:
         checks.append(Check("verl validate_config", False, _root_message(error)))
 
-    from drzero.train.hrpo import assert_estimator_resolves
+    from drzero.verl.hrpo import assert_estimator_resolves
 
     try:
         assert_estimator_resolves(str(config.algorithm.adv_estimator))
@@ -406,8 +406,8 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
 
 
 def _memory(config, plan: StagePlan) -> Check:
-    """Per-GPU memory of every phase (drzero.train.memory) against the GPU, with the smallest fix."""
-    from drzero.train.memory_plan import memory_check
+    """Per-GPU memory of every phase (drzero.models.memory) against the GPU, with the smallest fix."""
+    from drzero.verl.memory_plan import memory_check
 
     stage = plan.name.split(" ")[0]
     ok, message, skipped = memory_check(config, plan.memory, stage)

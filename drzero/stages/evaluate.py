@@ -10,7 +10,7 @@ or a model - a directory, a `drzero list-models` key or a hub name - for which t
 starts SGLang on ``--port`` (8001) and stops it at the end. Every question is asked with our
 solver prompt (the prompt stored in the file is not used: the model was trained on ours) through
 the same agent loop as training (``drzero.rollout.client``), at temperature 0, with at most
-``--max-turns`` assistant turns. The data file is read by ``drzero.eval_set.read_qa_file``:
+``--max-turns`` assistant turns. The data file is read by ``drzero.tools.eval_set.read_qa_file``:
 Search-R1 benchmark files, verl rows, our solver data and `drzero make-eval-set` output.
 
 Scores, all after SQuAD normalization of the last ``<answer>``: EM (equals a gold answer), token
@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 from drzero import __version__
 from drzero.config import option, require
-from drzero.eval_set import QA_SUFFIXES, QaItem, read_qa_file
+from drzero.tools.eval_set import QA_SUFFIXES, QaItem, read_qa_file
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import exact_match, normalize_answer
 from drzero.rollout.client import APIS, Trajectory
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout.search import DEFAULT_RETRIEVER_URL, RETRIEVER_URL_ENV
-from drzero.train.layout import env_default
+from drzero.layout import env_default
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def _serve_and_roll_out(cfg: EvaluateConfig, items: list[QaItem], tokenizer, tim
         _check_served_name(base_url, cfg.served_model_name)
         timings["startup_seconds"] = round(time.perf_counter() - started, 2)
         return asyncio.run(_rollouts(cfg, base_url, items, tokenizer))
-    from drzero.train.registry import resolve_model
+    from drzero.models.registry import resolve_model
 
     model = resolve_model(cfg.model)
     spec = sglang_service(model.path, port=cfg.port, dp=cfg.dp, tp=cfg.tp, mem_fraction=cfg.mem_fraction,
@@ -366,8 +366,8 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     check_writable(out_dir)  # before any server time is spent
     tokenizer = None
     if cfg.api == "generate":
-        from drzero.models import load_tokenizer
-        from drzero.train.registry import resolve_model
+        from drzero.models.files import load_tokenizer
+        from drzero.models.registry import resolve_model
 
         tokenizer = load_tokenizer(cfg.tokenizer or resolve_model(cfg.model).path)
     _check_retriever(cfg.retriever_url)

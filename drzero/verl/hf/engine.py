@@ -22,7 +22,7 @@ Concurrent requests are batched: ``generate`` queues a request, a collector task
 milliseconds for more, groups them by sampling parameters, and runs one left-padded
 ``model.generate`` per group in a worker thread, so the event loop keeps taking requests. Slow next to
 SGLang (no paged KV cache, no continuous batching): it exists for debugging on any GPU and for tests.
-The verl wiring (worker, replica) is in ``drzero.train.hf_worker``.
+The verl wiring (worker, replica) is in ``drzero.verl.hf.worker``.
 """
 
 from __future__ import annotations

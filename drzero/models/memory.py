@@ -3,8 +3,8 @@
     drzero memory --model qwen3-32b --gpus 8 --gpu H100
 
 This module is the arithmetic only (stdlib; no torch, verl or Hydra), so the calibration
-benchmark can import it anywhere. Shapes and GPU sizes live in ``drzero.train.shapes``; verl's
-config becomes a ``StageSetup`` in ``drzero.train.memory_plan``. Three things share a GPU in a
+benchmark can import it anywhere. Shapes and GPU sizes live in ``drzero.models.shapes``; verl's
+config becomes a ``StageSetup`` in ``drzero.verl.memory_plan``. Three things share a GPU in a
 drzero stage —
 
 * the FSDP actor while it trains: fp32 master weights, fp32 gradients and AdamW's two fp32
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from drzero.train.shapes import GIB, ModelShape
+from drzero.models.shapes import GIB, ModelShape
 
 # -- constants ---------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@
     drzero memory --model qwen3-14b --gpu-mem 44 --no-recipe
 
 Each stage is planned as it would run (the model's recipe for the GPU, then your ``--``
-overrides), verl's config is composed as the stage composes it, and ``drzero.train.memory``
+overrides), verl's config is composed as the stage composes it, and ``drzero.models.memory``
 estimates every phase on one GPU: the reward or gen-data SGLang server, verl's rollout engine
 (created after the FSDP actor), the actor's update. Exit status 1 when a stage does not fit;
 the same check runs in every training stage's preflight, which names the smallest change that
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from drzero.config import option, require
-from drzero.train.layout import env_default
-from drzero.train.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory, render
-from drzero.train import registry
-from drzero.train.registry import DEFAULT_MODEL, model_shape
-from drzero.train.shapes import GPU_MEMORY_GIB
+from drzero.layout import env_default
+from drzero.models.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory, render
+from drzero.models import registry
+from drzero.models.registry import DEFAULT_MODEL, model_shape
+from drzero.models.shapes import GPU_MEMORY_GIB
 
 STAGES = ("challenger", "solver", "gen-data", "evaluate")
 SERVER_ALONE = (4, 2, 0.8)  # gen-data and evaluate under `drzero evolve`: dp, tp, --mem-fraction-static
@@ -185,9 +185,9 @@ class MemoryConfig:
 
 def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
     """Plan each asked-for stage as `drzero <stage>` would and estimate its memory."""
-    from drzero.models import ModelNotFound
-    from drzero.train.preflight import compose
-    from drzero.train.stages import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+    from drzero.models.files import ModelNotFound
+    from drzero.verl.preflight import compose
+    from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
 
     shape = model_shape(cfg.model)
     if shape is None:

@@ -1,14 +1,14 @@
-"""verl's trainer behind drzero: ``python -m drzero.train.entry`` is ``verl.trainer.main_ppo`` with HRPO.
+"""verl's trainer behind drzero: ``python -m drzero.verl.entry`` is ``verl.trainer.main_ppo`` with HRPO.
 
-    python -m drzero.train.entry --config-path=/abs/config --config-name=search_multiturn_grpo key=value ...
-    python -m drzero.train.entry --config-path=/abs/config --config-name=search_multiturn_grpo --cfg job ...
+    python -m drzero.verl.entry --config-path=/abs/config --config-name=search_multiturn_grpo key=value ...
+    python -m drzero.verl.entry --config-path=/abs/config --config-name=search_multiturn_grpo --cfg job ...
 
 The stage commands (`drzero challenger`, `drzero solver`) build the command line; a user never
 needs to. It does what verl's own ``main`` does — migrate the legacy reward keys, then
 ``run_ppo`` — with our TaskRunner, which installs the hop-grouped advantage (HRPO) inside the
 process that trains. Every other estimator passes through unchanged. With
 ``actor_rollout_ref.rollout.name=hf`` (``--engine hf``) the TaskRunner is ``HFTaskRunner``, which adds the
-``transformers`` rollout engine of ``drzero.train.hf_worker``.
+``transformers`` rollout engine of ``drzero.verl.hf.worker``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import hydra
 def main(config) -> None:
     from verl.experimental.reward_loop.reward_loop import migrate_legacy_reward_impl
 
-    from drzero.train.hrpo import run_ppo_with_hrpo
+    from drzero.verl.hrpo import run_ppo_with_hrpo
 
     migrate_legacy_reward_impl(config)
     if config.actor_rollout_ref.rollout.name == "hf":
-        from drzero.train.hf_worker import HFTaskRunner
+        from drzero.verl.hf.worker import HFTaskRunner
 
         run_ppo_with_hrpo(config, HFTaskRunner)
     else:

@@ -1,7 +1,7 @@
 """`drzero tiny-model`: a tiny ChatML chat model built offline, for CPU dry runs, tests and the demo.
 
     drzero tiny-model --db .drzero/demo-db --out .drzero/tiny-model
-    drzero tiny-model --trained --out .drzero/tiny-agent      # taught to search: drzero.tiny_agent
+    drzero tiny-model --trained --out .drzero/tiny-agent      # taught to search: drzero.tools.tiny_agent
 
 It writes a byte-level BPE tokenizer trained on the corpus, with ChatML special tokens and a
 chat template that renders tools and tool turns the way Qwen-family templates do
@@ -10,7 +10,7 @@ chat template that renders tools and tool turns the way Qwen-family templates do
 trained to be useful: it exists so that every code path that needs a real tokenizer and a real
 model — token budgets, verl's dataset, the agent loop — runs on a machine with no model hub.
 ``--trained`` instead trains it for a few CPU minutes to call the search tool and answer (see
-``drzero.tiny_agent``), for runs that must really search and earn rewards (the GPU smoke).
+``drzero.tools.tiny_agent``), for runs that must really search and earn rewards (the GPU smoke).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class TinyModelConfig:
         "chat template: 'chatml' (Qwen2.5 style, default system turn) or 'qwen3' (honours enable_thinking)"))
     trained: bool = option(False, help=(
         "teach the model to search and answer (a few CPU minutes on scripted demo-world trajectories; "
-        "drzero.tiny_agent) instead of leaving its weights random"))
+        "drzero.tools.tiny_agent) instead of leaving its weights random"))
 
     def __post_init__(self) -> None:
         require(self.vocab_size >= 512, "vocab_size", self.vocab_size, "an integer >= 512")
@@ -168,7 +168,7 @@ def corpus_texts(db: str | None, collection: str) -> list[str]:
 def run_tiny_model(cfg: TinyModelConfig) -> Path:
     out = Path(cfg.out)
     if cfg.trained:
-        from drzero.tiny_agent import AgentTrainingConfig, build_trained_agent
+        from drzero.tools.tiny_agent import AgentTrainingConfig, build_trained_agent
 
         build_trained_agent(out, AgentTrainingConfig(seed=cfg.seed), vocab_size=cfg.vocab_size)
         return out

@@ -290,7 +290,7 @@ def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
 
 def cluster_checks(cluster: Cluster, found: Probe, paths: dict[str, str], needs_gpu_services: bool = False) -> list:
     """The preflight lines for a cluster: its shape, the same versions everywhere, shared paths, the services node."""
-    from drzero.train.preflight import Check
+    from drzero.verl.preflight import Check
 
     ip = {n.node_id: n.ip for n in cluster.nodes}
     checks = []

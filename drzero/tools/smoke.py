@@ -13,7 +13,7 @@ It runs, in order, and prints one line per part:
                directory, started under the service supervisor and healthy
   search       one query through the search tool's own client (drzero.rollout.search)
   sglang       an SGLang server for --model on one GPU, healthy                        [GPU]
-               (with --engine hf: "hf server", drzero.rollout.hf_server in SGLang's API shape)
+               (with --engine hf: "hf server", drzero.verl.hf.server in SGLang's API shape)
   rollout      agent rollouts against it until one calls the search tool              [GPU]
   verl step    `drzero solver` for one step on one GPU: 8 demo-world questions, batch 4 x n=2,
                --steps 1 (trainer.total_training_steps=1), console logger, its own preflight first  [GPU]
@@ -48,8 +48,8 @@ from typing import Callable
 
 from drzero.config import option, require
 from drzero.services import SGLANG_PORT
-from drzero.train.preflight import Check
-from drzero.train.stages import engine_option
+from drzero.verl.preflight import Check
+from drzero.stages.base import engine_option
 
 # The registry's one-GPU debugging model: small enough to load in a minute and train one step on one H100.
 SMOKE_MODEL = "qwen2.5-0.5b-instruct"
@@ -140,7 +140,7 @@ def server_part(cfg: "SmokeConfig") -> str:
 def inference_spec(cfg: "SmokeConfig", model_path: str, tool_call_parser: str, port: int):
     if cfg.engine == "sglang":
         return sglang_spec(model_path, tool_call_parser, port)
-    from drzero.rollout.hf_server import hf_server_service
+    from drzero.verl.hf.server import hf_server_service
 
     return hf_server_service(model_path, port, SMOKE_SERVED_NAME)
 
@@ -166,7 +166,7 @@ def verl_step_command(cfg: SmokeConfig, model_path: str, db: Path, work: Path, r
 
 def solver_rows(questions: list, split: str) -> list[dict]:
     """Solver rows (the format gen-data writes) for demo-world questions with their known answers."""
-    from drzero.eval_set import demo_rows
+    from drzero.tools.eval_set import demo_rows
 
     return demo_rows(questions, split)
 
@@ -398,7 +398,7 @@ def _corpus(cfg: SmokeConfig, work: Path, log: Callable[[str], None]) -> tuple[P
 def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Check],
                    log: Callable[[str], None]) -> None:
     from drzero.services import ServiceError, Supervisor, retriever_service
-    from drzero.train.registry import resolve_model
+    from drzero.models.registry import resolve_model
 
     gpu_parts = (server_part(cfg), "rollout") + (() if cfg.skip_verl else ("verl step",))
 
@@ -452,7 +452,7 @@ def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Che
 def _gpu_parts(cfg: SmokeConfig, db: Path, work: Path, world, question: str, retriever_url: str,
                checks: list[Check], log: Callable[[str], None]) -> None:
     from drzero.services import ServiceError, Supervisor
-    from drzero.train.registry import resolve_model
+    from drzero.models.registry import resolve_model
 
     model = resolve_model(cfg.model)
     if not model.local and not cfg.allow_download:
@@ -488,7 +488,7 @@ def _gpu_parts(cfg: SmokeConfig, db: Path, work: Path, world, question: str, ret
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m drzero.smoke`: the same as `drzero smoke`, for environments without the CLI entry."""
+    """`python -m drzero.tools.smoke`: the same as `drzero smoke`, for environments without the CLI entry."""
     from drzero.config import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="drzero smoke", description=__doc__,

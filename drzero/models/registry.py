@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.config import option
-from drzero.model_download import local_state
-from drzero.train.shapes import GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
+from drzero.models.download import local_state
+from drzero.models.shapes import GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
 
 OFFLOAD = ("actor_rollout_ref.actor.fsdp_config.param_offload=True",
            "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drzero.report import NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, RunView, kept_share
+from drzero.tools.report import NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, RunView, kept_share
 
 FIGURE_INCHES = (12, 9)
 DPI = 100

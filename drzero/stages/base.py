@@ -25,10 +25,10 @@ from typing import Callable, ClassVar
 from drzero.config import option, require
 from drzero.rewards.wiring import reward_overrides
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, THINKING_RESPONSE_LENGTH
-from drzero.train.layout import Layout, config_dir, env_default, latest_step
-from drzero.train.memory import Placement
-from drzero.train.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model
-from drzero.train.shapes import GPU_MEMORY_GIB
+from drzero.layout import Layout, config_dir, env_default, latest_step
+from drzero.models.memory import Placement
+from drzero.models.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model
+from drzero.models.shapes import GPU_MEMORY_GIB
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class StagePlan:
 
 
 def verl_command(overrides: list[str], extra: list[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "drzero.train.entry", f"--config-path={config_dir()}",
+    return [sys.executable, "-m", "drzero.verl.entry", f"--config-path={config_dir()}",
             f"--config-name={CONFIG_NAME}", *overrides, *extra]
 
 
@@ -242,7 +242,7 @@ def on_cluster(cfg: StageConfig, env: dict[str, str]) -> tuple[list[str], dict[s
     through runtime_env (``ray start`` workers do not inherit ours), and RAY_ADDRESS for verl's ``ray.init()``."""
     if not cfg.ray_address:
         return [], env
-    from drzero.cluster import RAY_ADDRESS_ENV, worker_env_overrides
+    from drzero.cluster.ray import RAY_ADDRESS_ENV, worker_env_overrides
 
     return worker_env_overrides(env), {**env, RAY_ADDRESS_ENV: cfg.ray_address}
 
@@ -326,7 +326,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     if cfg.sglang_url:
         sglang_url = cfg.sglang_url
     elif cfg.engine == "hf":   # the probes' server in SGLang's API shape, on transformers
-        from drzero.rollout.hf_server import hf_server_service
+        from drzero.verl.hf.server import hf_server_service
 
         spec = hf_server_service(solver_path, port=SGLANG_PORT, served_model_name="solver", host=listen_host(cfg))
         services.append(spec)

@@ -24,7 +24,7 @@ def env_default(variable: str, fallback: str) -> str:
 def config_dir() -> Path:
     """The repo's ``config/`` (verl Hydra configs), or ``$DRZERO_CONFIG_DIR`` in an installed image."""
     override = os.environ.get("DRZERO_CONFIG_DIR")
-    return Path(override).resolve() if override else Path(__file__).resolve().parents[2] / "config"
+    return Path(override).resolve() if override else Path(__file__).resolve().parents[1] / "config"
 
 
 @dataclass(frozen=True)

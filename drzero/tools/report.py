@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.config import option, require
-from drzero.train.layout import SEED_STEM, env_default
+from drzero.layout import SEED_STEM, env_default
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def missing_pieces(run: RunView) -> list[str]:
 
 def run_report(cfg: ReportConfig) -> ReportResult:
     from drzero.atomic import check_writable, write_text_atomically
-    from drzero.report_figure import write_png
+    from drzero.tools.report_figure import write_png
 
     out = cfg.output_dir()
     check_writable(out)
