@@ -29,7 +29,8 @@ for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZ
 from retrieval import build_corpus, table  # noqa: E402
 
 from drzero.data.budget import PromptBudget  # noqa: E402
-from drzero.data.seed import PrepareDataConfig, run_prepare_data  # noqa: E402
+from drzero.stages.prepare_data import PrepareDataConfig
+from drzero.data.seed import run_prepare_data  # noqa: E402
 from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model  # noqa: E402
 
 

@@ -17,10 +17,6 @@ from pathlib import Path
 SEED_STEM = "zero_ratio4321"
 
 
-def env_default(variable: str, fallback: str) -> str:
-    return os.environ.get(variable, fallback)
-
-
 def config_dir() -> Path:
     """The repo's ``config/`` (verl Hydra configs), or ``$DRZERO_CONFIG_DIR`` in an installed image."""
     override = os.environ.get("DRZERO_CONFIG_DIR")

@@ -27,28 +27,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from drzero.atomic import verify_set, write_json_atomically
+from drzero.checks import report
+from drzero.cluster.ray import attach, before_stage, report_checks
 from drzero.config import option, require
-from drzero.layout import checkpointed_step
-from drzero.stages.base import (ChallengerConfig, MergeConfig, SolverConfig, StageConfig, StagePlan, plan_challenger,
-                                 plan_merge, plan_solver)
+from drzero.plan import StagePlan
+from drzero.stages.base import StageConfig, execute, finished_step, resolved_config
+from drzero.stages.registry import STAGES
+from drzero.verl.preflight import machine_check, run_checks
 
 log = logging.getLogger(__name__)
-
-ITERATION_STAGES = ("challenger", "merge-challenger", "gen-data", "solver", "merge-solver", "evaluate")
-
-
-@dataclass(kw_only=True)
-class GenDataStageConfig(StageConfig):
-    samples: int = option(5, help="proposer samples per seed; the best-formatted valid one is kept")
-    limit: int | None = option(None, help="only the first N seeds of the partition (smoke runs)")
-    verify: bool = option(False, help="reject questions the solver answers without searching or never answers "
-                                      "(needs --solver-url)")
-    solver_url: str | None = option(None, metavar="URL", help="SGLang serving the current solver, for --verify")
-    sglang_url: str | None = option(None, metavar="URL", help=(
-        "SGLang already serving the merged proposer; default: start one on :8001"))
-    sglang_dp: int = option(4, help="data parallel size of the proposer SGLang server")
-    sglang_tp: int = option(2, help="tensor parallel size of the proposer SGLang server")
-    sglang_mem: float = option(0.8, help="--mem-fraction-static of the proposer SGLang server (nothing else runs)")
 
 
 @dataclass(kw_only=True)
@@ -142,126 +129,25 @@ class RunState:
 
 # -- plans -------------------------------------------------------------------------------------------
 
-def _shared(cfg: StageConfig, iteration: int) -> dict:
-    names = ("model", "db", "collection", "data_dir", "checkpoints", "gpus", "nnodes", "steps", "train_batch_size", "rollout_tp",
-             "gpu", "gpu_mem", "use_recipe", "retriever_url", "logger", "allow_download", "overrides", "thinking",
-             "ray_address", "services_host")
-    return {**{n: getattr(cfg, n) for n in names}, "iteration": iteration}
-
-
-def _thinking_word(thinking: bool | None) -> str:
-    return "n/a" if thinking is None else "on" if thinking else "off"
-
-
-def plan_prepare_data(cfg: EvolveConfig) -> StagePlan:
-    from drzero.data.seed import PrepareDataConfig, run_prepare_data
-    from drzero.models.registry import resolve_model
-
-    layout = cfg.layout
-
-    from drzero.stages.base import thinking_setting
-
-    thinking = thinking_setting(cfg)
-
-    def prepare():  # configured when it runs: planning must not fail on a model that a later step provides
-        run_prepare_data(PrepareDataConfig(db=cfg.db, collection=cfg.collection, out=str(layout.seeds), rows=cfg.seed_rows,
-                                           tokenizer=cfg.tokenizer or resolve_model(cfg.model).path,
-                                           thinking=bool(thinking)))
-
-    rows = f" --rows {cfg.seed_rows}" if cfg.seed_rows else ""
-    return StagePlan(name="prepare-data", run=prepare, inputs=[layout.db],
-                     run_label=f"drzero prepare-data --db {layout.db} --out {layout.seeds}{rows} (thinking "
-                               f"{_thinking_word(thinking)})",
-                     outputs=[layout.seeds, layout.seeds_val], manifest=layout.seeds_manifest,
-                     done_when_outputs_exist=True)
-
-
-def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
-    from drzero.data.gen_data import GenDataConfig, run_gen_data, summary_lines
-    from drzero.models.registry import resolve_model
-    from drzero.stages.base import SGLANG_PORT, retriever_for
-
-    layout = cfg.layout
-    proposer = layout.merged("challenger", cfg.iteration)
-    services, retriever_url = retriever_for(cfg)
-    if cfg.sglang_url:
-        proposer_url = cfg.sglang_url
-    else:
-        from drzero.services import sglang_service
-
-        spec = sglang_service(str(proposer), port=SGLANG_PORT, dp=cfg.sglang_dp, tp=cfg.sglang_tp,
-                              mem_fraction=cfg.sglang_mem, tool_call_parser=resolve_model(cfg.model).tool_call_parser,
-                              served_model_name="proposer")
-        services.append(spec)
-        proposer_url = spec.url
-
-    from drzero.stages.base import thinking_setting
-
-    thinking = thinking_setting(cfg)
-
-    def generate():  # configured when it runs: the seed data may come from an earlier stage of this run
-        result = run_gen_data(GenDataConfig(
-            iteration=cfg.iteration, seeds=str(layout.seeds), out=str(layout.solver_data(cfg.iteration)),
-            samples=cfg.samples, verify=cfg.verify, solver_url=cfg.solver_url, limit=cfg.limit,
-            proposer_url=proposer_url, proposer_model="proposer", retriever_url=retriever_url,
-            tokenizer=str(proposer), thinking=bool(thinking)))
-        print(summary_lines(result), flush=True)
-        return result
-
-    return StagePlan(name=f"gen-data (iteration {cfg.iteration})", run=generate,
-                     run_label=f"drzero gen-data --iteration {cfg.iteration} (proposer at {proposer_url}, "
-                               f"{cfg.samples} samples per seed of partition {cfg.iteration - 1}, thinking "
-                               f"{_thinking_word(thinking)})",
-                     services=services, inputs=[layout.seeds, proposer],
-                     outputs=[layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)],
-                     manifest=layout.solver_manifest(cfg.iteration))
-
-
-def plan_evaluate(cfg: EvolveConfig, iteration: int) -> StagePlan:
-    """The merged solver of this iteration on the QA set; SGLang is started by `drzero evaluate` itself."""
-    from drzero.stages.evaluate import EvaluateConfig, run_evaluate
-    from drzero.stages.base import retriever_for
-
-    layout = cfg.layout
-    services, retriever_url = retriever_for(cfg)
-    model = layout.merged("solver", iteration)
-    out = layout.checkpoints / "eval" / f"iter{iteration}"
-
-    from drzero.stages.base import thinking_setting
-
-    thinking = thinking_setting(cfg)
-
-    def evaluate():  # configured when it runs: the model is written by the merge before it
-        return run_evaluate(EvaluateConfig(model=str(model), data=cfg.eval_data, out=str(out),
-                                           retriever_url=retriever_url, dp=cfg.sglang_dp or 4, tp=cfg.sglang_tp or 2,
-                                           thinking=bool(thinking)))
-
-    return StagePlan(name=f"evaluate (iteration {iteration})", run=evaluate, services=services,
-                     run_label=f"drzero evaluate --model {model} --data {cfg.eval_data} --out {out} (thinking "
-                               f"{_thinking_word(thinking)})",
-                     inputs=[model, Path(cfg.eval_data)], outputs=[out / "summary.json"])
+# One iteration of the loop: (state.json key, the registry's stage, what the stage's plan_in_run takes beyond the run
+# and the iteration). evaluate runs only with --eval-data.
+ITERATION = (("challenger", "challenger", {}), ("merge-challenger", "merge", {"stage": "challenger"}),
+             ("gen-data", "gen-data", {}), ("solver", "solver", {}), ("merge-solver", "merge", {"stage": "solver"}),
+             ("evaluate", "evaluate", {}))
+ITERATION_STAGES = tuple(key for key, _, _ in ITERATION)
 
 
 def iteration_plans(cfg: EvolveConfig, iteration: int) -> dict[str, StagePlan]:
-    shared = _shared(cfg, iteration)
-    servers = {k: getattr(cfg, k) for k in ("sglang_dp", "sglang_tp") if getattr(cfg, k) is not None}
-    merge = dict(iteration=iteration, checkpoints=cfg.checkpoints)
-    plans = {
-        "challenger": plan_challenger(ChallengerConfig(**shared, probes=cfg.probes, **servers)),
-        "merge-challenger": plan_merge(MergeConfig(stage="challenger", **merge)),
-        "gen-data": plan_gen_data(GenDataStageConfig(**shared, samples=cfg.samples, **servers)),
-        "solver": plan_solver(SolverConfig(**shared, rollout_n=cfg.rollout_n)),
-        "merge-solver": plan_merge(MergeConfig(stage="solver", **merge)),
-    }
-    if cfg.eval_data:
-        plans["evaluate"] = plan_evaluate(cfg, iteration)
-    return plans
+    """The stages of one iteration, planned, by their key in state.json."""
+    return {key: STAGES[stage].plan_in_run(cfg, iteration, **extra) for key, stage, extra in ITERATION
+            if stage != "evaluate" or cfg.eval_data}
 
 
 def all_plans(cfg: EvolveConfig) -> list[tuple[str, StagePlan]]:
-    plans = [("prepare-data", plan_prepare_data(cfg))]
+    """Every stage of the run, planned once, in order: prepare-data, then each iteration's stages."""
+    plans = [("prepare-data", STAGES["prepare-data"].plan_in_run(cfg))]
     for iteration in range(1, cfg.iterations + 1):
-        plans += [(f"iter{iteration}/{name}", plan) for name, plan in iteration_plans(cfg, iteration).items()]
+        plans += [(f"iter{iteration}/{key}", plan) for key, plan in iteration_plans(cfg, iteration).items()]
     return plans
 
 
@@ -277,6 +163,7 @@ DIGEST_KEYS = ("algorithm.adv_estimator", "actor_rollout_ref.model.path", "actor
 
 def _digest(resolved: str) -> str:
     """The keys of verl's resolved config that say what this stage will train."""
+    # lazy: only a dry run reads verl's resolved config, and the CLI starts faster without them
     import yaml
     from omegaconf import OmegaConf
 
@@ -289,23 +176,6 @@ def _digest(resolved: str) -> str:
     return "\n".join(lines)
 
 
-def finished_step(plan: StagePlan) -> int | None:
-    """The step of the plan's own complete verl checkpoint when it already holds total_training_steps.
-
-    Resuming such a stage is not a no-op: verl 0.7.1's ``fit`` loads the checkpoint, validates,
-    and trains step total+1 before it checks the step count, leaving a ``global_step_{total+1}``
-    that merge would then pick. So the pipeline records the stage as done instead.
-    """
-    if plan.verl_overrides is None:
-        return None
-    values = dict(o.lstrip("+").split("=", 1) for o in plan.verl_overrides if "=" in o)  # the last one wins
-    total, directory = values.get("trainer.total_training_steps"), values.get("trainer.default_local_dir")
-    if not total or not total.isdigit() or not directory:
-        return None
-    step = checkpointed_step(Path(directory))
-    return step if step is not None and step >= int(total) else None
-
-
 def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, StagePlan]], print_fn=print, *,
                     verbose: bool, resolve: bool) -> int:
     """Preflight every stage that is not done yet, counting on what earlier stages will write.
@@ -313,9 +183,6 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
     Run before the first stage starts, so a solver mistake is found before hours of proposer
     training, not after. Returns the number of problems found.
     """
-    from drzero.verl.preflight import report, run_checks
-    from drzero.stages.base import resolved_config
-
     planned: set[Path] = set()
     problems = 0
     for key, plan in plans:
@@ -347,8 +214,6 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
 
 
 def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
-    from drzero.cluster.ray import report_checks
-
     plans = all_plans(cfg)
     problems = check_remaining(cfg, state, plans, print_fn, verbose=True, resolve=True)
     if cfg.ray_address:
@@ -358,9 +223,6 @@ def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
 
 
 def evolve(cfg: EvolveConfig, print_fn=print) -> int:
-    from drzero.cluster.ray import attach, before_stage, report_checks
-    from drzero.stages.base import execute
-
     cluster = attach(cfg)  # on a Ray cluster: nodes and GPUs from it, the services at this node's address
     if cluster is not None:
         print_fn(cluster.describe())
@@ -372,8 +234,6 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
     if state.rebuilt:
         state.rebuild(plans, print_fn)
     if not cfg.skip_preflight:
-        from drzero.verl.preflight import machine_check
-
         remaining = [plan for key, plan in plans if not state.is_done(key, plan)]
         machine = machine_check(remaining)
         if not machine.ok:
@@ -385,10 +245,9 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
             print_fn(f"evolve: preflight found {problems} problem(s) in the stages still to run; nothing was "
                      f"started. Fix them (or look with --dry-run) and run the same command again.")
             return 1
-    for key, _ in plans:
-        # Planned again now, not at start: a merge's step and a resumed proposer's checkpoint
-        # exist only once the stage before has run.
-        plan = dict(all_plans(cfg))[key]
+    for key, plan in plans:
+        if plan.replan is not None:  # a merge of the latest step: that step exists only once the stage before ran
+            plan = plan.replan()
         if state.is_done(key, plan):
             print_fn(f"[skip] {key}: done")
             continue

@@ -17,8 +17,9 @@ from conftest import drzero_command
 from drzero.atomic import (commit_set, parquet_writer, remove_temporaries, verify_set, write_json_atomically,
                            write_text_atomically)
 from drzero.config import ConfigError
-from drzero.data.gen_data import GenDataConfig, check_seed_set
-from drzero.pipeline import EvolveConfig, RunState, plan_prepare_data
+from drzero.data.gen_data import GenDataJob, check_seed_set
+from drzero.pipeline import EvolveConfig, RunState
+from drzero.stages.prepare_data import plan_in_run as plan_prepare_data
 
 # Runs a drzero command and SIGKILLs it right after it renames a file to the name in $KILL_AFTER_RENAME:
 # a real kill -9 at the one point a set of renames can be interrupted.
@@ -117,7 +118,7 @@ def test_prepare_data_killed_between_renames_is_never_taken_for_done(demo_db, ti
 
     # gen-data refuses the seeds, and evolve does not count prepare-data as done
     with pytest.raises(ConfigError, match="seed files and their manifest do not agree.*prepare-data"):
-        check_seed_set(GenDataConfig(iteration=1, seeds=str(out), tokenizer=str(tiny_tokenizer_dir)))
+        check_seed_set(GenDataJob(iteration=1, seeds=str(out), tokenizer=str(tiny_tokenizer_dir)))
     evolve = EvolveConfig(db=str(demo_db), data_dir=str(out.parent), checkpoints=str(tmp_path / "ckpt"),
                           model=str(tiny_tokenizer_dir), logger="console")
     assert not RunState(tmp_path / "ckpt" / "state.json").is_done("prepare-data", plan_prepare_data(evolve))

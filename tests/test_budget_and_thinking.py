@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 from drzero.config import ConfigError
 from drzero.data.budget import ResponseBudget, response_budget_for
 from drzero.rollout.render import THINKING_RESPONSE_LENGTH, ToolOutputLimit
-from drzero.verl.preflight import compose, run_checks
-from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+from drzero.verl.overrides import compose
+from drzero.verl.preflight import run_checks
+from drzero.stages.challenger import ChallengerConfig, plan_challenger
+from drzero.stages.solver import SolverConfig, plan_solver
 
 STAGE = {"db": "/tmp/drzero-test/db", "data_dir": "/tmp/drzero-test/data", "checkpoints": "/tmp/drzero-test/ckpt",
          "logger": "console", "retriever_url": "http://127.0.0.1:8000/retrieve"}

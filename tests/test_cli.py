@@ -8,10 +8,10 @@ from drzero.retrieval.server import RetrieverConfig
 from drzero.config import ConfigError
 
 
-from drzero.cli import _commands
+from drzero.cli import commands
 
 
-@pytest.mark.parametrize("command", sorted(_commands()))
+@pytest.mark.parametrize("command", sorted(commands()))
 def test_every_command_explains_its_options(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])

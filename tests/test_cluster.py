@@ -178,8 +178,8 @@ def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_
     from drzero.cluster.ray import attach, stage_cluster_checks
     from drzero.rollout.search import RETRIEVER_URL_ENV
     from drzero.services import Supervisor
-    from drzero.verl.preflight import compose
-    from drzero.stages.base import SolverConfig, plan_solver
+    from drzero.verl.overrides import compose
+    from drzero.stages.solver import SolverConfig, plan_solver
 
     address, _, _ = two_nodes
     cfg = SolverConfig(ray_address=address, model=str(tiny_tokenizer_dir), **stage_dirs)
@@ -237,7 +237,7 @@ def test_the_evolve_dry_run_checks_the_cluster(two_nodes, stage_dirs, tiny_token
 
 def test_without_a_cluster_nothing_changes(stage_dirs):
     from drzero.cluster.ray import attach
-    from drzero.stages.base import SolverConfig, plan_solver
+    from drzero.stages.solver import SolverConfig, plan_solver
 
     cfg = SolverConfig(**stage_dirs)
     assert attach(cfg) is None
@@ -249,7 +249,7 @@ def test_without_a_cluster_nothing_changes(stage_dirs):
 
 def test_a_cluster_that_is_not_there_is_one_sentence(stage_dirs):
     from drzero.cluster.ray import ClusterError, attach
-    from drzero.stages.base import SolverConfig
+    from drzero.stages.solver import SolverConfig
 
     with pytest.raises(ClusterError, match="could not join the Ray cluster at 127.0.0.1:"):
         attach(SolverConfig(ray_address=f"127.0.0.1:{free_port()}", **stage_dirs))
@@ -313,7 +313,7 @@ def test_a_model_directory_missing_on_a_node_is_named():
 def test_the_challengers_reward_server_listens_where_the_workers_reach_it(stage_dirs, tiny_tokenizer_dir, engine,
                                                                            server):
     """On a cluster (as attach leaves the config) the probes' server binds the services node's address."""
-    from drzero.stages.base import ChallengerConfig, plan_challenger
+    from drzero.stages.challenger import ChallengerConfig, plan_challenger
 
     cfg = ChallengerConfig(ray_address="10.0.0.1:6385", services_host="10.0.0.1", nnodes=2, engine=engine,
                            model=str(tiny_tokenizer_dir), **stage_dirs)

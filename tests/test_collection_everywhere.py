@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from drzero.verl.preflight import run_checks
-from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+from drzero.stages.challenger import ChallengerConfig, plan_challenger
+from drzero.stages.solver import SolverConfig, plan_solver
 
 
 def _corpus_check(plan):

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from drzero.config import ConfigError
-from drzero.data.gen_data import (GenDataConfig, NoQuestionsKept, best_candidate, response_text, run_gen_data,
-                                  summary_lines)
-from drzero.data.seed import PrepareDataConfig, run_prepare_data
+from drzero.data.gen_data import GenDataJob, NoQuestionsKept, run_gen_data, summary_lines
+from drzero.data.questions import best_candidate, response_text
+from drzero.stages.prepare_data import PrepareDataConfig, run_prepare_data
 from drzero.prompts import SOLVER_TEMPLATE_ID, extract_source_document, solver_messages
 from drzero.rewards.proposer import FormatScore, format_score, split_turns
 from drzero.rewards.solver import normalize_answer
@@ -129,11 +129,11 @@ class ScriptedSolver:
         return Reply(f"<answer>{'no idea' if question in self.unsolvable else answer}</answer>")
 
 
-def _config(seeds, proposer_url, retriever, out, **overrides) -> GenDataConfig:
+def _config(seeds, proposer_url, retriever, out, **overrides) -> GenDataJob:
     settings = {"iteration": ITERATION, "seeds": str(seeds.train_path), "out": str(out) if out else None,
                 "proposer_url": proposer_url, "retriever_url": f"{retriever.url}/retrieve", "retries": 1,
                 "timeout": 10.0, "api": "chat", **overrides}
-    return GenDataConfig(**settings)
+    return GenDataJob(**settings)
 
 
 def _cut(question: str) -> str:
@@ -306,7 +306,7 @@ def test_a_proposer_server_that_fails_every_request_drops_every_seed_with_a_clea
 
 
 def test_an_iteration_past_the_last_partition_names_the_field(seeds, tmp_path):
-    cfg = GenDataConfig(iteration=3, seeds=str(seeds.train_path), out=str(tmp_path / "x.parquet"), api="chat")
+    cfg = GenDataJob(iteration=3, seeds=str(seeds.train_path), out=str(tmp_path / "x.parquet"), api="chat")
     with pytest.raises(ConfigError, match=r"iteration=3 is not valid: expected an integer from 1 to 2"):
         run_gen_data(cfg)
 
@@ -329,7 +329,7 @@ def test_an_iteration_past_the_last_partition_names_the_field(seeds, tmp_path):
 ])
 def test_config_validation_names_the_field(seeds, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        GenDataConfig(**{"iteration": 1, "seeds": str(seeds.train_path), "tokenizer": "tok", **overrides})
+        GenDataJob(**{"iteration": 1, "seeds": str(seeds.train_path), "tokenizer": "tok", **overrides})
 
 
 def test_a_seed_parquet_without_its_manifest_says_what_to_run(tmp_path):
@@ -337,7 +337,7 @@ def test_a_seed_parquet_without_its_manifest_says_what_to_run(tmp_path):
     pq.write_table(pa.table({"x": [1]}), lonely)
     with pytest.raises(ConfigError, match=r"has no manifest seeds\.manifest\.json beside it; run `drzero "
                                           r"prepare-data`"):
-        run_gen_data(GenDataConfig(iteration=1, seeds=str(lonely), out=str(tmp_path / "out.parquet"), api="chat"))
+        run_gen_data(GenDataJob(iteration=1, seeds=str(lonely), out=str(tmp_path / "out.parquet"), api="chat"))
 
 
 # -- the pieces ----------------------------------------------------------------------------------

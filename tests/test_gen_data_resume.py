@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from drzero.atomic import verify_set
-from drzero.data.gen_data import GenDataConfig, run_gen_data, shards_dir, summary_lines
-from drzero.data.seed import PrepareDataConfig, run_prepare_data
+from drzero.data.gen_data import GenDataJob, run_gen_data, shards_dir, summary_lines
+from drzero.stages.prepare_data import PrepareDataConfig, run_prepare_data
 from drzero.prompts import extract_source_document
 from fake_sglang import FakeSGLang, Faults
 from test_gen_data import ScriptedProposer
@@ -43,8 +43,8 @@ def test_a_killed_gen_data_resumes_with_the_seeds_it_had_not_finished(seeds, ret
     with first.serve() as url:
         settings = _settings(seeds, url, retriever, out)
         run = textwrap.dedent(f"""
-            from drzero.data.gen_data import GenDataConfig, run_gen_data
-            run_gen_data(GenDataConfig(**{settings!r}))
+            from drzero.data.gen_data import GenDataJob, run_gen_data
+            run_gen_data(GenDataJob(**{settings!r}))
         """)
         process = subprocess.Popen([sys.executable, "-c", run], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    text=True)
@@ -70,7 +70,7 @@ def test_a_killed_gen_data_resumes_with_the_seeds_it_had_not_finished(seeds, ret
     second_proposer = ScriptedProposer()
     second = FakeSGLang(second_proposer, model="proposer")
     with second.serve() as url:
-        result = run_gen_data(GenDataConfig(**{**_settings(seeds, url, retriever, out)}))
+        result = run_gen_data(GenDataJob(**{**_settings(seeds, url, retriever, out)}))
     # nothing a shard holds is asked again; everything else is, exactly once
     start, end = result.manifest["seed_partition"]["rows"]  # the gen-data region, after the proposer's rows
     assert end - start == SEEDS
@@ -100,7 +100,7 @@ def test_shards_from_other_settings_are_discarded(seeds, retriever, tmp_path):
     (shards / "shard-000000.jsonl").write_text(json.dumps({"item": "train/0", "record": {"verdict": "kept"}}) + "\n")
     proposer = ScriptedProposer()
     with FakeSGLang(proposer, model="proposer").serve() as url:
-        result = run_gen_data(GenDataConfig(**_settings(seeds, url, retriever, out), limit=3))
+        result = run_gen_data(GenDataJob(**_settings(seeds, url, retriever, out), limit=3))
     assert result.manifest["resumed_seeds"] == {"train": 0, "val": 0}
     assert len(proposer.documents_seen()) == 3 + 3  # three seeds and three validation seeds, all sampled
     assert not shards.exists()
@@ -113,7 +113,7 @@ def test_server_failures_are_not_kept_for_the_resumed_run(seeds, retriever, tmp_
     out = tmp_path / "solver_iter1.parquet"
     with FakeSGLang(ScriptedProposer(), model="proposer", faults=Faults(fail_first=10_000)).serve() as url:
         with pytest.raises(NoQuestionsKept):
-            run_gen_data(GenDataConfig(**_settings(seeds, url, retriever, out), limit=2))
+            run_gen_data(GenDataJob(**_settings(seeds, url, retriever, out), limit=2))
     assert not [line for shard in shards_dir(out).glob("shard-*.jsonl") for line in shard.read_text().splitlines()]
 
 
@@ -125,7 +125,7 @@ def test_shards_rendered_with_other_prompts_are_not_reused(change, tmp_path):
     from drzero.data.gen_data import journal_key
 
     (tmp_path / "seeds.parquet").write_bytes(b"")  # the config asks for an existing file; nothing reads it here
-    base = GenDataConfig(iteration=1, seeds=str(tmp_path / "seeds.parquet"), out=str(tmp_path / "out.parquet"),
+    base = GenDataJob(iteration=1, seeds=str(tmp_path / "seeds.parquet"), out=str(tmp_path / "out.parquet"),
                          proposer_url="http://127.0.0.1:1", retriever_url="http://127.0.0.1:2/retrieve", api="chat")
     manifest = {"files": {"seeds.parquet": "abc"}}
     assert journal_key(base, manifest, 0, 40, 4) == journal_key(dataclasses.replace(base), manifest, 0, 40, 4)

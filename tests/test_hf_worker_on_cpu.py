@@ -87,7 +87,7 @@ def test_task_runner_puts_the_hf_worker_in_the_actor_rollout_role():
 
 
 def test_engine_hf_stage_overrides(tmp_path):
-    from drzero.stages.base import SolverConfig, plan_solver
+    from drzero.stages.solver import SolverConfig, plan_solver
 
     common = dict(db=str(tmp_path / "db"), data_dir=str(tmp_path / "data"), checkpoints=str(tmp_path / "ck"),
                   model=str(tmp_path / "model"), retriever_url="http://127.0.0.1:1/retrieve", gpus=1)
@@ -102,7 +102,7 @@ def test_engine_hf_stage_overrides(tmp_path):
 
 
 def test_challenger_engine_hf_serves_probes_without_sglang(tmp_path):
-    from drzero.stages.base import ChallengerConfig, plan_challenger
+    from drzero.stages.challenger import ChallengerConfig, plan_challenger
 
     plan = plan_challenger(ChallengerConfig(engine="hf", db=str(tmp_path / "db"), data_dir=str(tmp_path / "d"),
                                             checkpoints=str(tmp_path / "ck"), model=str(tmp_path / "m"),
@@ -113,8 +113,9 @@ def test_challenger_engine_hf_serves_probes_without_sglang(tmp_path):
 
 
 def test_preflight_gpu_checks_need_neither_sglang_nor_flash_attn_with_engine_hf(tmp_path):
-    from drzero.verl.preflight import compose, gpu_only_checks
-    from drzero.stages.base import engine_overrides
+    from drzero.verl.overrides import compose
+    from drzero.verl.preflight import gpu_only_checks
+    from drzero.verl.overrides import engine_overrides
 
     checks = gpu_only_checks(compose(engine_overrides("hf")), enabled=True)   # as on a GPU machine
     assert [(c.name, c.ok, c.skipped) for c in checks] == [("sglang API", True, True), ("flash-attn", True, True)]
@@ -122,7 +123,7 @@ def test_preflight_gpu_checks_need_neither_sglang_nor_flash_attn_with_engine_hf(
 
 def test_challenger_with_a_running_server_skips_sglangs_own_checks(tmp_path):
     """--sglang-url: no SGLang is started, so its dp x tp = GPUs check must not refuse a 1-GPU run."""
-    from drzero.stages.base import ChallengerConfig, plan_challenger
+    from drzero.stages.challenger import ChallengerConfig, plan_challenger
 
     plan = plan_challenger(ChallengerConfig(sglang_url="http://127.0.0.1:8001", db=str(tmp_path / "db"),
                                             data_dir=str(tmp_path / "d"), checkpoints=str(tmp_path / "ck"),

@@ -123,7 +123,8 @@ def _memory_check(plan):
 
 
 def test_preflight_refuses_the_seed_guides_qwen3_32b_settings_and_accepts_the_recipe():
-    from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+    from drzero.stages.challenger import ChallengerConfig, plan_challenger
+    from drzero.stages.solver import SolverConfig, plan_solver
 
     check = _memory_check(plan_challenger(_stage(ChallengerConfig, model="qwen3-32b", **SEED_GUIDE)))
     assert not check.ok
@@ -142,8 +143,8 @@ def test_preflight_refuses_the_seed_guides_qwen3_32b_settings_and_accepts_the_re
 
 
 def test_user_settings_win_over_the_recipe():
-    from drzero.verl.preflight import compose
-    from drzero.stages.base import ChallengerConfig, plan_challenger
+    from drzero.verl.overrides import compose
+    from drzero.stages.challenger import ChallengerConfig, plan_challenger
 
     plan = plan_challenger(_stage(ChallengerConfig, model="qwen3-32b", sglang_mem=0.4, rollout_tp=8,
                                   overrides=["actor_rollout_ref.rollout.gpu_memory_utilization=0.6"]))

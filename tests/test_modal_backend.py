@@ -79,7 +79,7 @@ def test_the_challenger_on_modal_gets_the_models_recipe_for_the_gpu_it_runs_on(g
     """What the Function runs, parsed by drzero itself: on a full node the registry's recipe for that GPU shapes
     the reward server (qwen3-32b: dp 2 x tp 4); off it the launch sizes dp x tp to the GPUs."""
     from drzero.config import add_config_arguments, config_from_args
-    from drzero.stages.base import ChallengerConfig
+    from drzero.stages.challenger import ChallengerConfig
     import argparse
 
     plan = mb.plan_launch(mb.Request("challenger", model="qwen3-32b", gpu=gpu))

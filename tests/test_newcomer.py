@@ -8,17 +8,18 @@ import time
 import pytest
 
 from conftest import drzero_command
-from drzero.cli import PREFLIGHT_DESCRIPTION, _commands, command_description, main
+from drzero.cli import PREFLIGHT_DESCRIPTION, commands, command_description, main
 from drzero.pipeline import EvolveConfig, evolve
-from drzero.stages import base as stages
+from drzero import pipeline
 from drzero.verl import preflight
-from drzero.stages.base import MergeConfig, plan_merge
+from drzero.stages.merge import MergeConfig, plan_merge
+from drzero.stages.solver import SolverConfig, plan_solver
 
 
-@pytest.mark.parametrize("command", sorted(_commands()) + ["preflight"])
+@pytest.mark.parametrize("command", sorted(commands()) + ["preflight"])
 def test_every_command_help_exits_0_with_its_own_description(command, capsys):
     description = (PREFLIGHT_DESCRIPTION if command == "preflight"
-                   else command_description(command, _commands()[command][1]))
+                   else command_description(commands()[command][1]))
     first = description.splitlines()[0]
     own = "evolve" if command == "train" else command  # `drzero evolve` (alias `drzero train`)
     assert f"`drzero {own}`" in first, first
@@ -26,7 +27,9 @@ def test_every_command_help_exits_0_with_its_own_description(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
     assert done.value.code == 0
-    assert first in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert first in out
+    assert "``" not in out, "--help is plain text, not reStructuredText"
 
 
 def test_top_level_help_lists_preflight_and_tells_the_truth_about_search(capsys):
@@ -102,7 +105,7 @@ def evolve_config(tmp_path):
 
 def test_evolve_without_sglang_is_refused_by_preflight(evolve_config, monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr(stages, "execute", ran.append)
+    monkeypatch.setattr(pipeline, "execute", ran.append)
     monkeypatch.setattr(preflight, "_cuda_available", lambda: True)
     monkeypatch.setattr(preflight, "_sglang_installed", lambda: False)
     assert evolve(evolve_config) == 1
@@ -124,10 +127,9 @@ def test_gpu_only_stages_need_cuda_and_sglang_unless_the_engine_is_hf(evolve_con
     assert preflight.machine_check([plan_merge(MergeConfig(checkpoints=str(evolve_config.checkpoints)))]).ok
 
     monkeypatch.setattr(preflight, "_cuda_available", lambda: True)
-    hf = stages.plan_solver(stages.SolverConfig(engine="hf", model=evolve_config.model, db=evolve_config.db,
-                                                data_dir=evolve_config.data_dir,
-                                                checkpoints=evolve_config.checkpoints, logger="console",
-                                                retriever_url=evolve_config.retriever_url))
+    hf = plan_solver(SolverConfig(engine="hf", model=evolve_config.model, db=evolve_config.db,
+                                  data_dir=evolve_config.data_dir, checkpoints=evolve_config.checkpoints,
+                                  logger="console", retriever_url=evolve_config.retriever_url))
     assert preflight.machine_check([hf]).ok  # --engine hf: CUDA only
 
 

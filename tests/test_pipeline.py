@@ -8,7 +8,6 @@ import pytest
 from drzero import pipeline
 from drzero.atomic import commit_set, parquet_writer
 from drzero.pipeline import EvolveConfig, all_plans, evolve
-from drzero.stages import base as stages
 
 STAGES = ["prepare-data", "iter1/challenger", "iter1/merge-challenger", "iter1/gen-data", "iter1/solver",
           "iter1/merge-solver"]
@@ -60,7 +59,7 @@ def test_stages_come_in_the_loops_order(config):
                                          "merge solver"])
 def test_a_crash_in_any_stage_resumes_there(config, monkeypatch, crash_stage, capsys):
     runner = GPUStandIn(crash_at=crash_stage)
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     with pytest.raises(RuntimeError, match="preempted"):
         evolve(config)
     state = json.loads(Path(config.checkpoints, "state.json").read_text())["stages"]
@@ -94,7 +93,7 @@ def test_evaluation_joins_each_iteration_when_an_eval_set_is_given(config, tmp_p
 
 def test_a_stage_whose_outputs_vanished_runs_again(config, monkeypatch):
     runner = GPUStandIn()
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     evolve(config)
     solver_data = dict(all_plans(config))["iter1/gen-data"].outputs[0]
     solver_data.unlink()
@@ -105,7 +104,7 @@ def test_a_stage_whose_outputs_vanished_runs_again(config, monkeypatch):
 
 def test_committed_seed_data_counts_as_prepared(config, monkeypatch):
     runner = GPUStandIn()
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     plan = dict(all_plans(config))["prepare-data"]
     commit_set({output: parquet_writer([{"made by": "another run"}]) for output in plan.outputs}, plan.manifest, {})
     evolve(config)
@@ -115,7 +114,7 @@ def test_committed_seed_data_counts_as_prepared(config, monkeypatch):
 def test_seed_files_without_their_manifest_are_prepared_again(config, monkeypatch):
     """Files that exist prove nothing: a run killed between renames leaves exactly that."""
     runner = GPUStandIn()
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     for output in dict(all_plans(config))["prepare-data"].outputs:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text("half of a set")
@@ -125,7 +124,7 @@ def test_seed_files_without_their_manifest_are_prepared_again(config, monkeypatc
 
 def test_solver_data_whose_files_disagree_with_the_manifest_is_generated_again(config, monkeypatch):
     runner = GPUStandIn()
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     evolve(config)
     plan = dict(all_plans(config))["iter1/gen-data"]
     plan.outputs[1].write_text("a validation file from another run")
@@ -139,7 +138,7 @@ def test_a_verl_stage_whose_checkpoint_holds_its_last_step_is_done_not_resumed(c
     """The crash fell between verl saving global_step_50 and state.json recording the stage:
     resuming would make verl validate, train step 51 and save global_step_51."""
     runner = GPUStandIn(crash_at=dict(all_plans(config))[key].name)
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     with pytest.raises(RuntimeError):
         evolve(config)
     checkpoint = dict(all_plans(config))[key].outputs[0]
@@ -155,7 +154,7 @@ def test_a_verl_stage_whose_checkpoint_holds_its_last_step_is_done_not_resumed(c
 
 def test_a_verl_stage_short_of_its_last_step_resumes(config, monkeypatch):
     runner = GPUStandIn(crash_at="solver")
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     with pytest.raises(RuntimeError):
         evolve(config)
     checkpoint = dict(all_plans(config))["iter1/solver"].outputs[0]
@@ -170,7 +169,7 @@ def test_a_verl_stage_short_of_its_last_step_resumes(config, monkeypatch):
 @pytest.mark.parametrize("content", ["", "{\"stages\": {\"prepare-data\": {\"sta", "[]", "not json"])
 def test_an_empty_or_corrupt_state_file_is_set_aside_and_rebuilt_from_disk(config, monkeypatch, capsys, content):
     runner = GPUStandIn(crash_at="gen-data")
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     with pytest.raises(RuntimeError):
         evolve(config)
     state_path = Path(config.checkpoints, "state.json")
@@ -212,7 +211,7 @@ def test_state_is_written_atomically_and_durably(config, monkeypatch, tmp_path):
 def test_evolve_checks_every_remaining_stage_before_starting_any(config, monkeypatch, capsys):
     """A mistake that would only bite the solver stops the run before the challenger spends GPU hours."""
     runner = GPUStandIn()
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     checked = EvolveConfig(**{**config.__dict__, "skip_preflight": False})
     assert evolve(checked) == 1
     assert runner.ran == []
@@ -224,7 +223,7 @@ def test_evolve_checks_every_remaining_stage_before_starting_any(config, monkeyp
 def test_each_stage_is_planned_when_it_runs(config, monkeypatch):
     """A merge planned at start would not know the step its training stage is about to write."""
     runner = GPUStandIn()
-    monkeypatch.setattr(stages, "execute", runner)
+    monkeypatch.setattr(pipeline, "execute", runner)
     evolve(EvolveConfig(**{**config.__dict__, "iterations": 2}))
     merge = runner.commands["merge solver (iteration 1)"]
     assert merge[merge.index("--local_dir") + 1].endswith("solver_iter1/global_step_50/actor")

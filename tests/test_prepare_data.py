@@ -11,7 +11,8 @@ import pytest
 from conftest import drzero_command
 from drzero.config import ConfigError
 from drzero.data.budget import TokenBudgetError
-from drzero.data.seed import PrepareDataConfig, document_order, run_prepare_data
+from drzero.stages.prepare_data import PrepareDataConfig, run_prepare_data
+from drzero.data.seed import document_order
 from drzero.prompts import PROPOSER_TEMPLATE_ID, extract_source_document
 
 

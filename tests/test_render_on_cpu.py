@@ -42,7 +42,7 @@ def _verl_config(overrides=()):
     from omegaconf import OmegaConf
 
     from drzero.layout import config_dir
-    from drzero.verl.preflight import compose
+    from drzero.verl.overrides import compose
 
     config = compose([f"actor_rollout_ref.rollout.multi_turn.tool_config_path={config_dir() / 'search_tool_config.yaml'}",
                       "+data.apply_chat_template_kwargs.enable_thinking=false", *overrides])

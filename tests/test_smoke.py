@@ -17,9 +17,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CP
 
 def _smoke_command(*args: str) -> list[str]:
     """`drzero smoke` once it is wired into the CLI; `python -m drzero.tools.smoke` (the same code) until then."""
-    from drzero.cli import _commands
+    from drzero.cli import commands
 
-    if "smoke" in _commands():
+    if "smoke" in commands():
         return [sys.executable, "-m", "drzero.cli", "smoke", *args]
     return [sys.executable, "-m", "drzero.tools.smoke", *args]
 
@@ -68,7 +68,7 @@ def test_the_one_step_verl_run_passes_the_solver_preflight(tmp_path, demo_db):
     from drzero.corpus.demo import build_demo_world
     from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model
     from drzero.verl.preflight import run_checks
-    from drzero.stages.base import SolverConfig, plan_solver
+    from drzero.stages.solver import SolverConfig, plan_solver
 
     model = run_tiny_model(TinyModelConfig(out=str(tmp_path / "model")))  # a model directory with weights
     train, val = write_solver_data(tmp_path / "data", build_demo_world(papers=60))

@@ -6,7 +6,8 @@ import pytest
 
 from drzero.cli import main
 from drzero.verl.preflight import run_checks
-from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
+from drzero.stages.challenger import ChallengerConfig, plan_challenger
+from drzero.stages.solver import SolverConfig, plan_solver
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def workdir(tmp_path_factory, demo_db, tiny_model_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from drzero.data.seed import PrepareDataConfig, run_prepare_data
+    from drzero.stages.prepare_data import PrepareDataConfig, run_prepare_data
     from drzero.prompts import solver_messages
 
     root = tmp_path_factory.mktemp("run")

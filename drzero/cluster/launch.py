@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from drzero.cluster.ray import connected
+
 # SkyPilot's own Ray listens on 6379/6380 on its nodes; verl's and SkyPilot's examples put a job's Ray beside it.
 RAY_PORT = 6385
 JOIN_TIMEOUT = 600.0  # seconds for the head to come up and every node to join: containers start minutes apart
@@ -107,9 +109,7 @@ def wait_for_head(role: NodeRole, timeout: float = JOIN_TIMEOUT, poll: float = 2
 
 def wait_for_nodes(role: NodeRole, timeout: float = JOIN_TIMEOUT, poll: float = 2.0) -> int:
     """Block until ``role.nodes`` nodes are alive in the cluster; the count."""
-    import ray
-
-    from drzero.cluster.ray import connected
+    import ray  # lazy: Ray is heavy, and only a node of a cluster needs it
 
     deadline = time.monotonic() + timeout
     with connected(role.address):

@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from drzero.checks import Check
+from drzero.rewards.wiring import hydra_value
+
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 SHARED_WAIT_ENV = "DRZERO_SHARED_PATH_WAIT"
 # What must match on every node: a mismatch fails minutes into a run, in a worker's log.
@@ -110,7 +113,7 @@ def address_of(explicit: str | None) -> str | None:
 @contextlib.contextmanager
 def connected(address: str) -> Iterator[None]:
     """This process as a Ray driver of the cluster at ``address``, for as long as the block runs."""
-    import ray
+    import ray  # lazy: Ray is heavy, and only a run on a cluster needs it
 
     if ray.is_initialized():
         yield
@@ -147,7 +150,7 @@ def _unreachable(address: str, timeout: float = 5.0) -> str | None:
 
 def read_nodes(address: str) -> Cluster:
     """The live nodes of the cluster this process is connected to."""
-    import ray
+    import ray  # lazy: Ray is heavy, and only a run on a cluster needs it
 
     nodes = []
     for entry in ray.nodes():
@@ -181,7 +184,6 @@ def attach(cfg) -> Cluster | None:
 def worker_env_overrides(env: dict[str, str]) -> list[str]:
     """Hydra overrides that hand ``env`` to every Ray worker verl starts, through ``ray.init(runtime_env=...)``
     (verl 0.7.1 merges ``ray_kwargs.ray_init.runtime_env`` into its own)."""
-    from drzero.rewards.wiring import hydra_value
 
     return [f"+ray_kwargs.ray_init.runtime_env.env_vars.{key}={hydra_value(value)}"
             for key, value in sorted(env.items())]
@@ -216,7 +218,7 @@ def _wait_for(path: Path, text: str, wait: float) -> bool:
 def node_report(paths: Sequence[str], token: str, wait: float, files: Sequence[str] = ()) -> dict:
     """Run on one node: its versions, for each path whether it sees this run's marker (then it adds its own),
     and which of ``files`` (model directories) it has."""
-    import ray
+    import ray  # lazy: Ray is heavy, and only a run on a cluster needs it
 
     node_id = ray.get_runtime_context().get_node_id()
     shared = {}
@@ -249,7 +251,7 @@ def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
           timeout: float = PROBE_TIMEOUT, files: Sequence[str] = ()) -> Probe:
     """Ask every node for its versions, to read and write a marker in each of ``paths``, and whether it has
     ``files`` (connected to Ray)."""
-    import ray
+    import ray  # lazy: Ray is heavy, and only a run on a cluster needs it
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     wait = float(os.environ.get(SHARED_WAIT_ENV, "0")) if wait is None else wait
@@ -290,7 +292,6 @@ def probe(cluster: Cluster, paths: Sequence[str], wait: float | None = None,
 
 def cluster_checks(cluster: Cluster, found: Probe, paths: dict[str, str], needs_gpu_services: bool = False) -> list:
     """The preflight lines for a cluster: its shape, the same versions everywhere, shared paths, the services node."""
-    from drzero.verl.preflight import Check
 
     ip = {n.node_id: n.ip for n in cluster.nodes}
     checks = []

@@ -1,23 +1,22 @@
-"""`drzero gen-data`: the solver's training data for iteration K, sampled from the trained proposer.
+"""The gen-data engine: the solver's training data for iteration K, sampled from the trained proposer.
 
-    drzero gen-data --iteration 1 --seeds /corpus/data/zero_ratio4321.parquet
-    drzero gen-data --iteration 2 --seeds /corpus/data/zero_ratio4321.parquet --verify \\
-        --solver-url http://127.0.0.1:8002
+    run_gen_data(GenDataJob(iteration=1, seeds="/corpus/data/zero_ratio4321.parquet", tokenizer=..., ...))
+    drzero gen-data --iteration 1            # the stage (drzero.stages.gen_data) starts the servers and runs this
 
-Runs after the proposer of iteration K was trained and merged; the pipeline starts an SGLang
-server with that proposer and passes its URL here (``--proposer-url``). For every seed row of
+Runs after the proposer of iteration K was trained and merged; the stage starts an SGLang
+server with that proposer and passes its URL here (``proposer_url``). For every seed row of
 partition K-1 (the seed manifest beside the seed parquet lists each partition's row range) it
-samples ``--samples`` proposer rollouts of the row's prompt (T=1.0, <= 5 turns, the same search
+samples ``samples`` proposer rollouts of the row's prompt (T=1.0, <= 5 turns, the same search
 tool the proposer was trained with), scores each with the proposer format score on the text
 verl would have decoded, keeps the best-formatted valid one (ties: the first), drops seeds with
-none, and cuts the question to ``--max-question-words``. With ``--verify`` it asks the solver
-server ``--verify-probes`` times per question and rejects questions answered correctly without a
+none, and cuts the question to ``max_question_words``. With ``verify`` it asks the solver
+server ``verify_probes`` times per question and rejects questions answered correctly without a
 single search (the answer leaks, or it is common knowledge) and questions no probe answers
 (unsolvable or wrong).
 
 It writes the solver parquet (verl RLHFDataset format: solver prompt, EM ground truth,
 ``data_source`` kept so the reward routes by hop count), a validation parquet made the same way
-from the first ``--val-rows`` held-out seed rows, and a JSON manifest of counts and timings, written
+from the first ``val_rows`` held-out seed rows, and a JSON manifest of counts and timings, written
 last as the commit marker (drzero.atomic.commit_set). When no question survives, it writes nothing.
 Finished seeds are kept in shards beside the output (``solver_iterK.shards/``) as they finish, so
 a run killed part way resumes with the seeds it had not finished; the shards go once the output
@@ -31,38 +30,30 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
 from drzero import __version__
-from drzero.config import ConfigError, option, require
 from drzero.atomic import check_writable, commit_set, parquet_writer, remove_temporaries, verify_set
+from drzero.config import DEFAULT_RETRIEVER_URL, ROLLOUT_APIS, ConfigError, require
 from drzero.data.journal import ShardJournal
-from drzero.data.seed import AGENT_NAME, hop_histogram_of
-from drzero.prompts import (MAX_QUESTION_WORDS, SOLVER_TEMPLATE_ID, cut_question, extract_source_document,
-                            solver_messages)
+from drzero.data.questions import (DROPPED_NO_VALID, KEPT, PROBE_TEMPERATURE, REJECTED_NO_SEARCH,
+                                   REJECTED_PROBES_FAILED, REJECTED_UNSOLVED, VERDICTS, SeedOutcome, best_candidate,
+                                   generate_calls, outcome_from_record, outcome_record, response_text, seed_document,
+                                   solver_row, split_counts, verification_verdict)
+from drzero.models.files import load_tokenizer
+from drzero.prompts import MAX_QUESTION_WORDS, SOLVER_TEMPLATE_ID, cut_question, solver_messages
 from drzero.rewards.proposer import REASONS, FormatScore, format_score, hops_of
 from drzero.rewards.solver import exact_match
-from drzero.rollout.client import APIS, AgentRolloutClient, GenerationSettings, Trajectory
+from drzero.rollout.client import AgentRolloutClient, GenerationSettings
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout import search
-from drzero.rollout.search import DEFAULT_RETRIEVER_URL, RETRIEVER_URL_ENV, SearchSettings
-from drzero.layout import env_default
+from drzero.rollout.search import SearchSettings
 
 log = logging.getLogger(__name__)
-
-# What became of a seed; the manifest counts each.
-KEPT = "kept"
-DROPPED_NO_VALID = "dropped_no_valid"              # no sample passed the format gate
-REJECTED_NO_SEARCH = "rejected_no_search"          # a probe answered correctly without searching
-REJECTED_UNSOLVED = "rejected_unsolved"            # no probe answered (k = 0)
-REJECTED_PROBES_FAILED = "rejected_probes_failed"  # every probe ended in a server error: not verifiable
-VERDICTS = (KEPT, DROPPED_NO_VALID, REJECTED_NO_SEARCH, REJECTED_UNSOLVED, REJECTED_PROBES_FAILED)
-
-PROBE_TEMPERATURE = 1.0  # the proposer reward probes at T=1.0 (Dr. Zero); verification measures the same thing
 
 
 class NoQuestionsKept(ConfigError):
@@ -70,45 +61,33 @@ class NoQuestionsKept(ConfigError):
 
 
 @dataclass(kw_only=True)
-class GenDataConfig:
-    iteration: int = option(help="iteration K >= 1: reads seed partition K-1 and names the outputs solver_iterK")
-    seeds: str = option(metavar="FILE", help=(
-        "seed parquet written by `drzero prepare-data`; its _val.parquet and .manifest.json must lie beside it"))
-    out: str | None = option(None, metavar="FILE", help=(
-        "solver train parquet to write; the validation parquet and manifest go beside it. "
-        "Default: solver_iter<K>.parquet beside the seed parquet"))
-    samples: int = option(5, help="proposer rollouts per seed; the best-formatted valid one is kept (Dr. Zero: 5)")
-    max_question_words: int = option(MAX_QUESTION_WORDS, help="cut every kept question to this many words "
-                                                              "(Dr. Zero: 50)")
-    verify: bool = option(False, help=(
-        "probe each question with the solver; reject ones answered without searching or never answered"))
-    verify_probes: int = option(5, help="solver rollouts per question when --verify is on")
-    val_rows: int = option(64, help="first rows of the seed validation parquet to turn into solver validation data")
-    proposer_url: str = option("http://127.0.0.1:8001", metavar="URL",
-                               help="base URL of the SGLang server that serves the trained proposer")
-    proposer_model: str = option("proposer", help="model name the proposer server was started with")
-    solver_url: str | None = option(None, metavar="URL",
-                                    help="base URL of the SGLang server that serves the solver (needed for --verify)")
-    solver_model: str = option("solver", help="model name the solver server was started with")
-    api: str = option("generate", choices=APIS, help=(
-        "'generate': token ids through SGLang's /generate, rendered and budgeted exactly as verl does "
-        "(needs --tokenizer); 'chat': the servers apply their own chat template (does not match training)"))
-    tokenizer: str | None = option(None, metavar="PATH", help="the proposer's tokenizer (name or directory)")
-    thinking: bool = option(False, help=(
-        "render with Qwen3 thinking on, as a proposer trained with --thinking (off: enable_thinking=false "
-        "for every template that has the switch)"))
-    retriever_url: str = option(env_default(RETRIEVER_URL_ENV, DEFAULT_RETRIEVER_URL), metavar="URL",
-                                help="the retriever's /retrieve endpoint ($DRZERO_RETRIEVER_URL)")
-    concurrency: int = option(64, help="generate requests in flight at once, per server")
-    max_turns: int = option(5, help="assistant turns per rollout (Dr. Zero: 5, i.e. <= 4 searches and an answer)")
-    max_response_tokens: int | None = option(None, help=(
-        "response budget of one rollout, tool tokens included (default: data.max_response_length of "
-        "config/search_multiturn_grpo.yaml, as the proposer trained)"))
-    temperature: float = option(1.0, help="proposer sampling temperature (solver probes always use 1.0)")
-    timeout: float = option(300.0, help="seconds one generate request may take before it is retried")
-    retries: int = option(4, help="extra attempts of a generate request after a 5xx, timeout or connection error")
-    limit: int | None = option(None, help="only the first N seeds of the partition and of validation (smoke runs)")
-    shard_seeds: int = option(64, help="finished seeds per shard kept on disk while it runs (at most what a kill loses)")
+class GenDataJob:
+    """One gen-data run, as `drzero gen-data` (drzero.stages.gen_data) resolves it: paths, servers, limits."""
+
+    iteration: int                     # K >= 1: reads seed partition K-1 and names the outputs solver_iterK
+    seeds: str                         # seed parquet of `drzero prepare-data`; its _val.parquet and manifest beside it
+    out: str | None = None             # solver train parquet (default: solver_iter<K>.parquet beside the seeds)
+    samples: int = 5                   # proposer rollouts per seed; the best-formatted valid one is kept (Dr. Zero: 5)
+    max_question_words: int = MAX_QUESTION_WORDS  # every kept question cut to this (Dr. Zero: 50)
+    verify: bool = False               # probe each question with the solver; reject the unsearched and the unsolved
+    verify_probes: int = 5             # solver rollouts per question when verifying
+    val_rows: int = 64                 # first rows of the seed validation parquet turned into solver validation data
+    proposer_url: str = "http://127.0.0.1:8001"
+    proposer_model: str = "proposer"   # the served model name of the proposer server
+    solver_url: str | None = None      # the solver server, for verify
+    solver_model: str = "solver"
+    api: str = "generate"              # drzero.config.ROLLOUT_APIS
+    tokenizer: str | None = None       # the proposer's tokenizer (needed by api='generate')
+    thinking: bool = False             # render with Qwen3 thinking on, as a proposer trained with --thinking
+    retriever_url: str = DEFAULT_RETRIEVER_URL
+    concurrency: int = 64              # generate requests in flight at once, per server
+    max_turns: int = 5                 # assistant turns per rollout (Dr. Zero: 5)
+    max_response_tokens: int | None = None  # default: data.max_response_length of our verl config
+    temperature: float = 1.0           # proposer sampling temperature (solver probes always use 1.0)
+    timeout: float = 300.0             # seconds one generate request may take before it is retried
+    retries: int = 4                   # extra attempts of a generate request after a 5xx, timeout or connection error
+    limit: int | None = None           # only the first N seeds of the partition and of validation (smoke runs)
+    shard_seeds: int = 64              # finished seeds per shard kept on disk while it runs (at most what a kill loses)
 
     def __post_init__(self) -> None:
         require(self.iteration >= 1, "iteration", self.iteration, "an integer >= 1 (iteration K reads partition K-1)")
@@ -123,7 +102,7 @@ class GenDataConfig:
             require(url is None or url.startswith(("http://", "https://")), name, url, "an http:// or https:// URL")
         require(not self.verify or bool(self.solver_url), "solver_url", self.solver_url,
                 "the solver server's URL when verify is on (the probes need a server)")
-        require(self.api in APIS, "api", self.api, " or ".join(repr(a) for a in APIS))
+        require(self.api in ROLLOUT_APIS, "api", self.api, " or ".join(repr(a) for a in ROLLOUT_APIS))
         require(self.api != "generate" or bool(self.tokenizer), "tokenizer", self.tokenizer,
                 "a tokenizer name or directory when api='generate' (prompts are rendered as verl renders them)")
         require(self.concurrency >= 1, "concurrency", self.concurrency, "an integer >= 1")
@@ -165,122 +144,11 @@ class GenDataResult:
     manifest: dict = field(default_factory=dict)
 
 
-@dataclass
-class SeedOutcome:
-    """What became of one seed row: its verdict, the kept question if any, and what the rollouts did."""
-
-    seed: dict                              # the seed parquet row
-    verdict: str
-    question: str | None = None             # cut to max_question_words
-    answer: str | None = None
-    proposer_format: float = 0.0
-    question_cut: bool = False
-    stop_reasons: Counter = field(default_factory=Counter)   # of the proposer samples
-    invalid_reasons: Counter = field(default_factory=Counter)  # why samples failed the format gate
-    rollout_errors: int = 0
-    first_error: str | None = None
-    probes: int = 0
-    probe_errors: int = 0
-    probes_correct: int = 0
-    calls: int = 0                          # generate requests made: proposer turns and probe turns
-
-
-# -- the text verl would have decoded ----------------------------------------------------------
-
-
-def response_text(trajectory: Trajectory) -> str:
-    """The rollout's response as verl decodes it: assistant turns with the tool results in between.
-
-    With ``api="generate"`` the client already holds exactly that (``Trajectory.response_text``).
-    Otherwise: the ChatML template renders tool results as a user turn of ``<tool_response>`` blocks followed
-    by the next assistant header; with special tokens skipped, that leaves ``\\nuser\\n<blocks>\\n
-    assistant\\n`` between two assistant turns, which is what ``split_turns`` expects. Tool calls
-    that the server parsed out of a turn (SGLang with a tool-call parser) are put back as the
-    template renders them, so the format score counts them either way.
-    """
-    if trajectory.response_text is not None:
-        return trajectory.response_text
-    messages = trajectory.messages
-    # The response is everything after the prompt: walk back over as many assistant turns as the rollout made.
-    start, seen = len(messages), 0
-    while start > 0 and seen < len(trajectory.assistant_turns):
-        start -= 1
-        seen += messages[start]["role"] == "assistant"
-    parts: list[str] = []
-    tool_results: list[str] = []
-    for message in messages[start:]:
-        if message["role"] == "tool":
-            tool_results.append(message.get("content") or "")
-            continue
-        if tool_results:
-            parts.append(_tool_turn(tool_results))
-            tool_results = []
-        parts.append((message.get("content") or "") + _rendered_tool_calls(message.get("tool_calls") or []))
-    if tool_results:  # the rollout ran out of turns right after a search
-        parts.append(_tool_turn(tool_results))
-    return "".join(parts)
-
-
-def _tool_turn(results: list[str]) -> str:
-    blocks = "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
-    return f"\nuser\n{blocks}\nassistant\n"
-
-
-def _rendered_tool_calls(calls: list[dict]) -> str:
-    rendered = []
-    for call in calls:
-        function = call.get("function") or {}
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                pass  # keep it as the model wrote it; the format score will call it invalid
-        payload = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
-        rendered.append(f"\n<tool_call>\n{payload}\n</tool_call>")
-    return "".join(rendered)
-
-
-# -- choosing and checking ---------------------------------------------------------------------
-
-
-def best_candidate(scores: list[FormatScore]) -> int | None:
-    """Index of the highest format score above 0; the first one on ties; None when none is valid."""
-    best = None
-    for index, score in enumerate(scores):
-        if score.score > 0 and (best is None or score.score > scores[best].score):
-            best = index
-    return best
-
-
-def verification_verdict(probes: list[Trajectory], answer: str) -> str:
-    """KEPT, or why the solver probes reject the question (see the verdict constants)."""
-    if all(probe.stop_reason == "error" for probe in probes):
-        return REJECTED_PROBES_FAILED
-    correct = [probe for probe in probes if exact_match(probe.final_answer, [answer])]
-    if any(probe.valid_tool_calls == 0 for probe in correct):
-        return REJECTED_NO_SEARCH
-    return KEPT if correct else REJECTED_UNSOLVED
-
-
-def generate_calls(trajectories: list[Trajectory]) -> int:
-    """Generate requests the rollouts made: one per assistant turn, and the one that failed."""
-    return sum(len(t.assistant_turns) + (t.stop_reason == "error") for t in trajectories)
-
-
-def _seed_document(seed: dict) -> str:
-    """The document the proposer saw; older seed parquets carry it only inside the prompt."""
-    info = seed.get("extra_info") or {}
-    if info.get("seed_document"):
-        return info["seed_document"]
-    return extract_source_document(seed["prompt"][-1]["content"])
-
-
-async def _process_seed(seed: dict, cfg: GenDataConfig, proposer: AgentRolloutClient,
+async def _process_seed(seed: dict, cfg: GenDataJob, proposer: AgentRolloutClient,
                         solver: AgentRolloutClient | None) -> SeedOutcome:
     hops = hops_of(seed["data_source"], seed.get("extra_info"))
     samples = await asyncio.gather(*(proposer.run(seed["prompt"]) for _ in range(cfg.samples)))
-    document = _seed_document(seed)
+    document = seed_document(seed)
     outcome = SeedOutcome(seed=seed, verdict=DROPPED_NO_VALID, calls=generate_calls(samples))
     scores = []
     for trajectory in samples:
@@ -314,7 +182,8 @@ async def _process_seed(seed: dict, cfg: GenDataConfig, proposer: AgentRolloutCl
     return outcome
 
 
-def _client(cfg: GenDataConfig, base_url: str, model: str, temperature: float, tokenizer,
+
+def _client(cfg: GenDataJob, base_url: str, model: str, temperature: float, tokenizer,
             max_prompt_tokens: int | None = None) -> AgentRolloutClient:
     """A client under the limits the proposer (or, for verification, the solver) trains under."""
     limits = RolloutLimits.from_training_config(max_prompt_tokens, cfg.thinking)
@@ -329,7 +198,7 @@ def _client(cfg: GenDataConfig, base_url: str, model: str, temperature: float, t
     return AgentRolloutClient(generation, search_settings, tokenizer=tokenizer)
 
 
-async def _generate(cfg: GenDataConfig, splits: dict[str, list[dict]], tokenizer,
+async def _generate(cfg: GenDataJob, splits: dict[str, list[dict]], tokenizer,
                     on_done: Callable[[str, int, SeedOutcome], None] | None = None) -> dict[str, list[SeedOutcome]]:
     """Every seed of every split at once, through one client per server (each bounds its own requests);
     ``on_done(split, index, outcome)`` hears of each seed as it finishes."""
@@ -365,7 +234,7 @@ async def _generate(cfg: GenDataConfig, splits: dict[str, list[dict]], tokenizer
 # -- reading the seeds and writing the data ------------------------------------------------------
 
 
-def _read_seed_manifest(cfg: GenDataConfig) -> dict:
+def _read_seed_manifest(cfg: GenDataJob) -> dict:
     _, manifest_path = cfg.seed_paths()
     if not manifest_path.is_file():
         raise ConfigError(f"seeds={cfg.seeds!r} has no manifest {manifest_path.name} beside it; run `drzero "
@@ -377,7 +246,7 @@ def _read_seed_manifest(cfg: GenDataConfig) -> dict:
     return manifest
 
 
-def check_seed_set(cfg: GenDataConfig) -> None:
+def check_seed_set(cfg: GenDataJob) -> None:
     """The seed parquet files are the ones their manifest committed (not a half-replaced set)."""
     _, manifest_path = cfg.seed_paths()
     problem = verify_set(manifest_path)
@@ -387,7 +256,7 @@ def check_seed_set(cfg: GenDataConfig) -> None:
                           f"`drzero prepare-data` again.")
 
 
-def _partition_range(cfg: GenDataConfig, seed_manifest: dict) -> tuple[int, int]:
+def _partition_range(cfg: GenDataJob, seed_manifest: dict) -> tuple[int, int]:
     partitions = {p["partition"]: p["rows"] for p in seed_manifest["partitions"]}
     require(cfg.partition in partitions, "iteration", cfg.iteration,
             f"an integer from 1 to {len(partitions)}: the seed parquet has {len(partitions)} partition(s), "
@@ -411,57 +280,7 @@ def _read_rows(path: Path, start: int, end: int | None, what: str) -> list[dict]
     return table.slice(start, end - start).to_pylist()
 
 
-def _solver_row(outcome: SeedOutcome, index: int, split: str, iteration: int) -> dict:
-    seed = outcome.seed
-    seed_info = seed["extra_info"]
-    hops = hops_of(seed["data_source"], seed_info)
-    return {
-        "data_source": seed["data_source"],  # search_zero_{h}: routes the EM reward and HRPO's hop groups
-        "prompt": solver_messages(outcome.question),
-        "ability": seed["ability"],
-        "reward_model": {"style": "rule", "ground_truth": {"target": [outcome.answer]}},
-        "extra_info": {
-            "index": index,
-            "split": split,
-            "need_tools_kwargs": True,
-            # the seed row's own (non-empty: parquet cannot store an empty struct; same keys on every row)
-            "tools_kwargs": seed_info["tools_kwargs"],
-            "hops": hops,
-            "seed_id": seed_info["seed_id"],
-            "question": outcome.question,
-            "answer": outcome.answer,
-            "template_id": SOLVER_TEMPLATE_ID,
-            "proposer_format": float(outcome.proposer_format),
-            "iteration": iteration,
-        },
-        "agent_name": AGENT_NAME,
-    }
-
-
-def _split_counts(outcomes: list[SeedOutcome], samples: int, hop_levels: int) -> dict:
-    kept = [o for o in outcomes if o.verdict == KEPT]
-    verdicts = Counter(o.verdict for o in outcomes)
-    stop_reasons = sum((o.stop_reasons for o in outcomes), Counter())
-    invalid_reasons = sum((o.invalid_reasons for o in outcomes), Counter())
-    return {
-        "seeds": len(outcomes),
-        "candidates": len(outcomes) * samples,
-        **{verdict: verdicts[verdict] for verdict in VERDICTS},
-        "questions_cut": sum(o.question_cut for o in kept),
-        "hop_histogram": hop_histogram_of([hops_of(o.seed["data_source"], o.seed.get("extra_info")) for o in kept],
-                                    hop_levels),
-        "mean_proposer_format": round(sum(o.proposer_format for o in kept) / len(kept), 4) if kept else 0.0,
-        "candidate_stop_reasons": dict(stop_reasons),
-        "invalid_candidate_reasons": dict(invalid_reasons),
-        "rollout_errors": sum(o.rollout_errors for o in outcomes),
-        "probes": sum(o.probes for o in outcomes),
-        "probe_errors": sum(o.probe_errors for o in outcomes),
-        "probes_correct": sum(o.probes_correct for o in outcomes),
-        "generate_calls": sum(o.calls for o in outcomes),
-    }
-
-
-def _nothing_kept_message(cfg: GenDataConfig, split: str, counts: dict, outcomes: list[SeedOutcome]) -> str:
+def _nothing_kept_message(cfg: GenDataJob, split: str, counts: dict, outcomes: list[SeedOutcome]) -> str:
     first_error = next((o.first_error for o in outcomes if o.first_error), None)
     if counts["rollout_errors"] == counts["candidates"]:
         check = (f"the proposer server failed every request ({first_error}): check that --proposer-url "
@@ -483,7 +302,7 @@ def _nothing_kept_message(cfg: GenDataConfig, split: str, counts: dict, outcomes
             f"{counts[REJECTED_PROBES_FAILED]} not verifiable); {check}. Nothing was written.")
 
 
-def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
+def run_gen_data(cfg: GenDataJob) -> GenDataResult:
     started = time.perf_counter()
     train_path, val_path, manifest_path = cfg.output_paths()
     check_writable(train_path.parent)  # before any server time is spent
@@ -500,8 +319,6 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
     seed_rows = {"train": _read_rows(Path(cfg.seeds).expanduser(), start, end, "seed parquet"), "val": val_seeds}
     tokenizer = None
     if cfg.api == "generate":
-        from drzero.models.files import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.tokenizer)
     loaded = time.perf_counter()
 
@@ -512,7 +329,7 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
 
     all_hops = [hops_of(r["data_source"], r.get("extra_info")) for rows in seed_rows.values() for r in rows]
     hop_levels = max([len(seed_manifest.get("hop_ratio", "")), *all_hops])
-    counts = {split: _split_counts(split_outcomes, cfg.samples, hop_levels)
+    counts = {split: split_counts(split_outcomes, cfg.samples, hop_levels)
               for split, split_outcomes in outcomes.items()}
     for split, split_outcomes in outcomes.items():
         log.info("gen-data %s: %s", split, {k: counts[split][k] for k in ("seeds", *VERDICTS)})
@@ -520,7 +337,7 @@ def run_gen_data(cfg: GenDataConfig) -> GenDataResult:
             journal.remove()  # nothing usable came out: a rerun (with the cause fixed) starts over
             raise NoQuestionsKept(_nothing_kept_message(cfg, split, counts[split], split_outcomes))
 
-    rows = {split: [_solver_row(o, index, split, cfg.iteration)
+    rows = {split: [solver_row(o, index, split, cfg.iteration)
                     for index, o in enumerate(o for o in split_outcomes if o.verdict == KEPT)]
             for split, split_outcomes in outcomes.items()}
     manifest = {
@@ -557,7 +374,7 @@ def shards_dir(train_path: Path) -> Path:
     return train_path.with_name(f"{_stem(train_path)}.shards")
 
 
-def journal_key(cfg: GenDataConfig, seed_manifest: dict, start: int, end: int, val_count: int) -> dict:
+def journal_key(cfg: GenDataJob, seed_manifest: dict, start: int, end: int, val_count: int) -> dict:
     """What a finished seed's outcome depends on; shards written under another key are not reused."""
     return {"seed_files": seed_manifest.get("files"), "iteration": cfg.iteration, "rows": [start, end],
             "val_rows": val_count, **{name: getattr(cfg, name) for name in (
@@ -565,26 +382,12 @@ def journal_key(cfg: GenDataConfig, seed_manifest: dict, start: int, end: int, v
                 "api", "max_turns", "max_response_tokens", "temperature", "thinking", "tokenizer")}}
 
 
-def outcome_record(outcome: SeedOutcome) -> dict:
-    # not asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs
-    record = {f.name: getattr(outcome, f.name) for f in fields(outcome) if f.name != "seed"}
-    record.update(stop_reasons=dict(outcome.stop_reasons), invalid_reasons=dict(outcome.invalid_reasons),
-                  seed_id=outcome.seed["extra_info"]["seed_id"])
-    return record
-
-
-def outcome_from_record(record: dict, seed: dict) -> SeedOutcome:
-    outcome = SeedOutcome(seed=seed, **{k: v for k, v in record.items() if k != "seed_id"})
-    outcome.stop_reasons, outcome.invalid_reasons = Counter(outcome.stop_reasons), Counter(outcome.invalid_reasons)
-    return outcome
-
-
-def _transient(outcome: SeedOutcome, cfg: GenDataConfig) -> bool:
+def _transient(outcome: SeedOutcome, cfg: GenDataJob) -> bool:
     """Server failures, not verdicts on the seed: a resumed run asks again instead of keeping them."""
     return outcome.rollout_errors == cfg.samples or outcome.verdict == REJECTED_PROBES_FAILED
 
 
-def resume_generate(cfg: GenDataConfig, seed_rows: dict[str, list[dict]], tokenizer,
+def resume_generate(cfg: GenDataJob, seed_rows: dict[str, list[dict]], tokenizer,
                     journal: ShardJournal) -> tuple[dict[str, list[SeedOutcome]], dict[str, int]]:
     """Outcomes of every seed: those a killed run finished come from its shards, the rest are generated
     (and recorded in shards as they finish). Returns (outcomes by split, seeds resumed by split)."""

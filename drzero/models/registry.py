@@ -9,11 +9,12 @@ when present, so a training run never waits on a hub download.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drzero.config import option
+from drzero.config import option, require
 from drzero.models.download import local_state
 from drzero.models.shapes import GPU_MEMORY_GIB, KNOWN_SHAPES, ModelShape
 
@@ -154,6 +155,30 @@ def model_shape(name: str) -> ModelShape | None:
     if resolved.local:
         return ModelShape.from_dir(resolved.path)
     return KNOWN_SHAPES.get(resolved.entry.hub_name if resolved.entry else name)
+
+
+def template_has_thinking(model_path: str) -> bool:
+    """Whether a model directory's chat template takes ``enable_thinking`` (Qwen3-style)."""
+    directory = Path(model_path)
+    texts = [p.read_text(errors="ignore") for p in (directory / "chat_template.jinja",) if p.is_file()]
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template") or ""
+        texts.append(template if isinstance(template, str) else json.dumps(template))
+    return any("enable_thinking" in text for text in texts)
+
+
+def thinking_switch(model_name: str, thinking: bool) -> bool | None:
+    """True/False for a model whose template has the switch (the registry's, or a local template's); else None,
+    refusing ``thinking`` on for a model without one."""
+    model = resolve_model(model_name)
+    applies = (model.entry.thinking is not None) if model.entry is not None else (
+        model.local and template_has_thinking(model.path))
+    if not applies:
+        require(not thinking, "thinking", thinking,
+                f"off: the chat template of {model_name} has no enable_thinking switch (Qwen3 models have one)")
+        return None
+    return bool(thinking)
 
 
 @dataclass(kw_only=True)

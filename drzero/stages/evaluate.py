@@ -37,14 +37,20 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 from drzero import __version__
-from drzero.config import option, require
-from drzero.tools.eval_set import QA_SUFFIXES, QaItem, read_qa_file
+from drzero.atomic import check_writable, write_text_atomically
+from drzero.config import RETRIEVER_URL_ENV, RolloutOptions, option, require
+from drzero.models.files import load_tokenizer
+from drzero.models.registry import resolve_model
+from drzero.plan import StagePlan
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import exact_match, normalize_answer
-from drzero.rollout.client import APIS, Trajectory
+from drzero.rollout import search
+from drzero.rollout.client import AgentRolloutClient, GenerationSettings, Trajectory
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
-from drzero.rollout.search import DEFAULT_RETRIEVER_URL, RETRIEVER_URL_ENV
-from drzero.layout import env_default
+from drzero.rollout.search import SearchSettings
+from drzero.services import ServiceError, Supervisor, sglang_service, wait_for_health
+from drzero.stages.base import thinking_word
+from drzero.tools.eval_set import QA_SUFFIXES, QaItem, read_qa_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def cover_em(prediction: str | None, golds: Sequence[str]) -> float:
 # -- config --------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class EvaluateConfig:
+class EvaluateConfig(RolloutOptions):
     model: str = option(metavar="PATH_OR_URL", help=(
         "http(s) URL of a running SGLang server, or a model (directory, `drzero list-models` key or hub name) "
         "to serve with SGLang for the run"))
@@ -106,23 +112,8 @@ class EvaluateConfig:
         "directory for summary.json and per_question.csv. Default: eval_<data stem>/ beside the data file; "
         "`drzero report` reads CHECKPOINTS/eval/iter<K>/"))
     served_model_name: str = option("solver", help="model name the SGLang server answers to")
-    retriever_url: str = option(env_default(RETRIEVER_URL_ENV, DEFAULT_RETRIEVER_URL), metavar="URL",
-                                help=f"the retriever's /retrieve endpoint (${RETRIEVER_URL_ENV})")
     topk: int = option(3, help="passages per search query")
-    max_turns: int = option(5, help="assistant turns per question (Dr. Zero: 5, i.e. <= 4 searches and an answer)")
-    max_response_tokens: int | None = option(None, help=(
-        "response budget per question, tool tokens included (default: the solver's data.max_response_length "
-        "in config/search_multiturn_grpo.yaml)"))
-    concurrency: int = option(64, help="generate requests in flight at once")
     limit: int | None = option(None, help="only the first N questions of the file")
-    api: str = option("generate", choices=APIS, help=(
-        "'generate': token ids through SGLang's /generate, rendered and budgeted exactly as the solver trained; "
-        "'chat': the server applies its own chat template (does not match training)"))
-    tokenizer: str | None = option(None, metavar="PATH", help=(
-        "the solver's tokenizer for --api generate (default: the --model itself when it is not a URL)"))
-    thinking: bool = option(False, help="Qwen3 thinking on, for a solver trained with --thinking")
-    timeout: float = option(300.0, help="seconds one generate request may take before it is retried")
-    retries: int = option(4, help="extra attempts of a generate request after a 5xx, timeout or connection error")
     port: int = option(8001, help="port of the SGLang server started for a model (not a URL)")
     dp: int = option(1, help="data parallel size of the SGLang server started for a model")
     tp: int = option(1, help="tensor parallel size of the SGLang server started for a model")
@@ -134,21 +125,15 @@ class EvaluateConfig:
         f"{SERVED_HEALTH_WAIT:g} for a server started here)"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         data = Path(self.data).expanduser()
         require(data.is_file(), "data", self.data, "an existing parquet or JSONL file of questions and answers")
         require(data.suffix in QA_SUFFIXES, "data", self.data, f"a file ending in {', '.join(QA_SUFFIXES)}")
-        require(self.retriever_url.startswith(("http://", "https://")), "retriever_url", self.retriever_url,
-                "an http:// or https:// URL of the retriever's /retrieve endpoint")
-        require(self.api in APIS, "api", self.api, " or ".join(repr(a) for a in APIS))
         require(self.api != "generate" or bool(self.tokenizer) or self.serves_model, "tokenizer", self.tokenizer,
                 "a tokenizer name or directory when api='generate' and --model is a URL")
-        for name in ("topk", "max_turns", "concurrency", "dp", "tp"):
+        for name in ("topk", "dp", "tp"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        require(self.max_response_tokens is None or self.max_response_tokens >= 1, "max_response_tokens",
-                self.max_response_tokens, "an integer >= 1")
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "an integer >= 1, or unset for all")
-        require(self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
-        require(self.retries >= 0, "retries", self.retries, "an integer >= 0")
         require(1 <= self.port <= 65535, "port", self.port, "a TCP port from 1 to 65535")
         require(0 < self.mem_fraction < 1, "mem_fraction", self.mem_fraction, "a fraction between 0 and 1")
         require(self.wait is None or self.wait >= 0, "wait", self.wait, "a number of seconds >= 0")
@@ -260,9 +245,7 @@ def build_summary(cfg: EvaluateConfig, records: list[QuestionResult], rows_in_fi
 
 def _check_retriever(url: str) -> None:
     """One real search, so a wrong --retriever-url fails now rather than as N silently bad answers."""
-    import httpx
-
-    from drzero.services import ServiceError
+    import httpx  # lazy: a tenth of a second at import, and only an evaluation needs it (not `drzero --help`)
 
     try:
         response = httpx.post(url, json={"queries": ["health check"], "topk": 1, "return_scores": True},
@@ -277,7 +260,7 @@ def _check_retriever(url: str) -> None:
 
 def _check_served_name(base_url: str, name: str) -> None:
     """A wrong --served-model-name would fail every request with a 404; say so once, up front."""
-    import httpx
+    import httpx  # lazy: see _check_retriever
 
     try:
         response = httpx.get(f"{base_url}/v1/models", timeout=10, trust_env=False)
@@ -289,10 +272,6 @@ def _check_served_name(base_url: str, name: str) -> None:
 
 
 async def _rollouts(cfg: EvaluateConfig, base_url: str, items: list[QaItem], tokenizer) -> list[Trajectory]:
-    from drzero.rollout import search
-    from drzero.rollout.client import AgentRolloutClient, GenerationSettings
-    from drzero.rollout.search import SearchSettings
-
     limits = RolloutLimits.from_training_config(SOLVER_PROMPT_LENGTH, cfg.thinking)
     kwargs = template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None else \
         {"enable_thinking": cfg.thinking}
@@ -320,8 +299,6 @@ async def _rollouts(cfg: EvaluateConfig, base_url: str, items: list[QaItem], tok
 
 
 def _serve_and_roll_out(cfg: EvaluateConfig, items: list[QaItem], tokenizer, timings: dict) -> list[Trajectory]:
-    from drzero.services import ServiceError, Supervisor, sglang_service, wait_for_health
-
     started = time.perf_counter()
     if not cfg.serves_model:
         base_url = cfg.model.rstrip("/").removesuffix("/v1")
@@ -329,8 +306,6 @@ def _serve_and_roll_out(cfg: EvaluateConfig, items: list[QaItem], tokenizer, tim
         _check_served_name(base_url, cfg.served_model_name)
         timings["startup_seconds"] = round(time.perf_counter() - started, 2)
         return asyncio.run(_rollouts(cfg, base_url, items, tokenizer))
-    from drzero.models.registry import resolve_model
-
     model = resolve_model(cfg.model)
     spec = sglang_service(model.path, port=cfg.port, dp=cfg.dp, tp=cfg.tp, mem_fraction=cfg.mem_fraction,
                           tool_call_parser=cfg.tool_call_parser or model.tool_call_parser,
@@ -358,17 +333,12 @@ def _csv_text(records: Sequence[QuestionResult]) -> str:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
-    from drzero.atomic import check_writable, write_text_atomically
-
     started = time.perf_counter()
     items, rows_in_file = read_qa_file(cfg.data, cfg.limit)
     out_dir = cfg.output_dir()
     check_writable(out_dir)  # before any server time is spent
     tokenizer = None
     if cfg.api == "generate":
-        from drzero.models.files import load_tokenizer
-        from drzero.models.registry import resolve_model
-
         tokenizer = load_tokenizer(cfg.tokenizer or resolve_model(cfg.model).path)
     _check_retriever(cfg.retriever_url)
     timings = {"load_seconds": round(time.perf_counter() - started, 2)}
@@ -417,3 +387,29 @@ def summary_lines(result: EvaluationResult) -> str:
     lines += [f"  wrote          {result.summary_path}", f"                 {result.per_question_path}",
               f"  took           {s['timings']['total_seconds']}s"]
     return "\n".join(lines)
+
+
+def main(cfg: EvaluateConfig) -> int:
+    """`drzero evaluate`: score the QA set and print the summary."""
+    print(summary_lines(run_evaluate(cfg)))
+    return 0
+
+
+def plan_in_run(run, iteration: int) -> StagePlan:
+    """The merged solver of this iteration on the run's QA set (``run``: drzero.pipeline.EvolveConfig); SGLang is
+    started by the evaluation itself."""
+    layout = run.layout
+    services, retriever_url = run.retriever()
+    model = layout.merged("solver", iteration)
+    out = layout.checkpoints / "eval" / f"iter{iteration}"
+    thinking = run.thinking_setting()
+
+    def evaluate():  # configured when it runs: the model is written by the merge before it
+        return run_evaluate(EvaluateConfig(model=str(model), data=run.eval_data, out=str(out),
+                                           retriever_url=retriever_url, dp=run.sglang_dp or 4, tp=run.sglang_tp or 2,
+                                           thinking=bool(thinking)))
+
+    return StagePlan(name=f"evaluate (iteration {iteration})", run=evaluate, services=services,
+                     run_label=f"drzero evaluate --model {model} --data {run.eval_data} --out {out} (thinking "
+                               f"{thinking_word(thinking)})",
+                     inputs=[model, Path(run.eval_data)], outputs=[out / "summary.json"])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from drzero.config import ConfigError, option, require
 from drzero.prompts import SEARCH_TOOL_NAME, SOLVER_TEMPLATE_ID, solver_messages
-from drzero.layout import env_default
+from drzero.config import env_default
 
 EVAL_SET_NAME = "eval_demo.parquet"
 UNKNOWN_HOPS = "unknown"

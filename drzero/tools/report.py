@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.config import option, require
-from drzero.layout import SEED_STEM, env_default
+from drzero.config import env_default
+from drzero.layout import SEED_STEM
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def kept_share(gen: dict) -> float:
 
 def flat_metrics(view: IterationView) -> dict[str, float]:
     """One iteration's numbers under stable names (the W&B keys)."""
-    from drzero.data.gen_data import VERDICTS
+    from drzero.data.questions import VERDICTS
 
     metrics: dict[str, float] = {}
     if view.evaluation:
@@ -196,7 +197,7 @@ def _label(view: IterationView) -> str:
 
 
 def render_markdown(run: RunView) -> str:
-    from drzero.data.gen_data import VERDICTS
+    from drzero.data.questions import VERDICTS
 
     hops = run.hop_labels()
     lines = ["# drzero run report", "",

@@ -79,7 +79,7 @@ def _kept_panel(ax, run: RunView, colors: dict) -> None:
 
 
 def _verdict_panel(ax, run: RunView) -> None:
-    from drzero.data.gen_data import VERDICTS
+    from drzero.data.questions import VERDICTS
 
     ax.set_title("what became of the seeds (share of seeds)")
     iterations = [v.iteration for v in run.trained]

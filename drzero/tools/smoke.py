@@ -48,8 +48,8 @@ from typing import Callable
 
 from drzero.config import option, require
 from drzero.services import SGLANG_PORT
-from drzero.verl.preflight import Check
-from drzero.stages.base import engine_option
+from drzero.checks import Check
+from drzero.verl.overrides import engine_option
 
 # The registry's one-GPU debugging model: small enough to load in a minute and train one step on one H100.
 SMOKE_MODEL = "qwen2.5-0.5b-instruct"

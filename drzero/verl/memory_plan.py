@@ -1,36 +1,26 @@
-"""`drzero memory`: will the model fit the GPUs? One table per stage, before any GPU starts.
+"""Will a stage fit its GPUs? Its composed verl config, where it runs -> per-GPU memory of every phase.
 
-    drzero memory --model qwen3-32b --gpus 8 --gpu H100
-    drzero memory --model qwen3-8b --gpu A100-40GB --stage solver --rollout-tp 4 -- actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1
-    drzero memory --model qwen3-14b --gpu-mem 44 --no-recipe
+    ok, line, skipped = memory_check(composed_config, placement, "solver")   # every stage's preflight
 
-Each stage is planned as it would run (the model's recipe for the GPU, then your ``--``
-overrides), verl's config is composed as the stage composes it, and ``drzero.models.memory``
-estimates every phase on one GPU: the reward or gen-data SGLang server, verl's rollout engine
-(created after the FSDP actor), the actor's update. Exit status 1 when a stage does not fit;
-the same check runs in every training stage's preflight, which names the smallest change that
-makes the plan fit.
+``drzero.models.memory`` estimates every phase on one GPU from verl's composed config: the reward
+or gen-data SGLang server, verl's rollout engine (created after the FSDP actor), the actor's
+update; ``smallest_fix`` names the smallest change that makes a plan fit. `drzero memory`
+(drzero.tools.memory) prints the same for every stage.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from dataclasses import dataclass, replace
 
-from drzero.config import option, require
-from drzero.layout import env_default
-from drzero.models.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory, render
+import yaml
+from omegaconf import OmegaConf
+
+from drzero.models.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory
 from drzero.models import registry
-from drzero.models.registry import DEFAULT_MODEL, model_shape
 from drzero.models.shapes import GPU_MEMORY_GIB
-
-STAGES = ("challenger", "solver", "gen-data", "evaluate")
-SERVER_ALONE = (4, 2, 0.8)  # gen-data and evaluate under `drzero evolve`: dp, tp, --mem-fraction-static
 
 
 def _get(config, key: str, default=None):
-    from omegaconf import OmegaConf
-
     value = OmegaConf.select(config, key, default=default)
     return default if value is None else value
 
@@ -65,9 +55,6 @@ def stage_setup(config, placement: Placement, stage: str) -> StageSetup:
 
 def with_overrides(config, overrides: list[str]):
     """A copy of the composed config with ``key=value`` overrides set (no Hydra composition)."""
-    import yaml
-    from omegaconf import OmegaConf
-
     copy = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
     for override in overrides:
         key, value = override.lstrip("+").split("=", 1)
@@ -154,76 +141,3 @@ def memory_check(config, placement: Placement | None, stage: str) -> tuple[bool,
                       + (f"; {tight[0]}" if tight else "")), False
     return False, (f"{memory.problems[0]}; smallest change that fits: {smallest_fix(config, placement, stage)} "
                    f"(`drzero memory` shows every term)"), False
-
-
-# -- the command ----------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class MemoryConfig:
-    takes_hydra_overrides: ClassVar[bool] = True
-    model: str = option(DEFAULT_MODEL, help="a `drzero list-models` key, a hub name or a directory with config.json")
-    gpus: int = option(8, help="GPUs per node")
-    nodes: int = option(1, help="nodes")
-    gpu: str = option(env_default("DRZERO_GPU", "H100"), choices=sorted(GPU_MEMORY_GIB), help=(
-        "GPU kind ($DRZERO_GPU); picks the model's recipe"))
-    gpu_mem: float | None = option(None, metavar="GIB", help="memory per GPU in GiB instead of --gpu's")
-    stage: str = option("all", choices=["all", *STAGES], help="which stage to plan")
-    use_recipe: bool = option(True, flag="--recipe", help="apply the model's recipe for --gpu; --no-recipe: the "
-                                                          "shipped config (config/search_multiturn_grpo.yaml)")
-    rollout_tp: int | None = option(None, help="as `drzero challenger --rollout-tp`")
-    sglang_dp: int | None = option(None, help="as `drzero challenger --sglang-dp` (the reward server)")
-    sglang_tp: int | None = option(None, help="as `drzero challenger --sglang-tp`")
-    sglang_mem: float | None = option(None, help="as `drzero challenger --sglang-mem`")
-    overrides: list[str] = field(default_factory=list)  # Hydra overrides after `--`, as the stages take them
-
-    def __post_init__(self) -> None:
-        require(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
-        require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
-        require(self.gpu_mem is None or self.gpu_mem > 0, "gpu_mem", self.gpu_mem, "GiB per GPU, > 0")
-
-
-def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
-    """Plan each asked-for stage as `drzero <stage>` would and estimate its memory."""
-    from drzero.models.files import ModelNotFound
-    from drzero.verl.preflight import compose
-    from drzero.stages.base import ChallengerConfig, SolverConfig, plan_challenger, plan_solver
-
-    shape = model_shape(cfg.model)
-    if shape is None:
-        raise ModelNotFound(f"--model {cfg.model}: drzero knows no shape for it; pass a directory holding its "
-                            f"config.json, or one of `drzero list-models`")
-    common = dict(model=cfg.model, gpus=cfg.gpus, nnodes=cfg.nodes, gpu=cfg.gpu, gpu_mem=cfg.gpu_mem,
-                  use_recipe=cfg.use_recipe, rollout_tp=cfg.rollout_tp, overrides=list(cfg.overrides), logger="console")
-    server = dict(sglang_dp=cfg.sglang_dp, sglang_tp=cfg.sglang_tp, sglang_mem=cfg.sglang_mem)
-    plans = {"challenger": plan_challenger(ChallengerConfig(**common, **server)),
-             "solver": plan_solver(SolverConfig(**common))}
-    memories = []
-    composed: dict[str, object] = {}
-    for stage in STAGES:
-        if cfg.stage not in ("all", stage):
-            continue
-        source = stage if stage in plans else "challenger"   # gen-data and evaluate use the proposer's budgets
-        plan = plans[source]
-        if source not in composed:
-            composed[source] = compose(plan.verl_overrides)
-        if stage in plans:
-            memories.append(plan_memory(stage_setup(composed[stage], plan.memory, stage)))
-            continue
-        sequence = stage_setup(composed[source], plan.memory, stage).rollout.sequence_tokens
-        dp, tp, fraction = SERVER_ALONE
-        server = Engine(f"{stage} server", shape, tp, fraction, sequence, dp=dp)
-        memories.append(plan_memory(StageSetup(stage, plan.memory.capacity, plan.memory.gpu, cfg.gpus, cfg.nodes,
-                                               server=server)))
-    return memories
-
-
-def run_memory(cfg: MemoryConfig, print_fn=print) -> int:
-    memories = stage_memories(cfg)
-    for memory in memories:
-        print_fn(render(memory) + "\n")
-    failing = [m.setup.stage for m in memories if not m.fits]
-    gpu = memories[0].setup.gpu if memories else cfg.gpu
-    print_fn(f"{cfg.model} on {cfg.nodes} x {cfg.gpus} x {gpu}: "
-             + (f"does not fit: {', '.join(failing)}" if failing else "every stage fits"))
-    return 1 if failing else 0

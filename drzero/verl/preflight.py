@@ -21,42 +21,21 @@ import functools
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from drzero.layout import SEED_STEM, config_dir
+from drzero.checks import Check
+from drzero.corpus.store import CorpusStore, StoreError
+from drzero.data.budget import PromptBudget, response_budget_for
+from drzero.layout import SEED_STEM
 from drzero.models.registry import SGLANG_TOOL_PARSERS, VERL_TOOL_FORMATS
-from drzero.stages.base import CONFIG_NAME, StagePlan
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    message: str = ""
-    skipped: bool = False
-
-    def line(self) -> str:
-        mark = "skip" if self.skipped else ("ok" if self.ok else "FAIL")
-        return f"  [{mark:>4}] {self.name}" + (f": {self.message}" if self.message else "")
+from drzero.plan import StagePlan
+from drzero.rewards.proposer import hops_of
+from drzero.verl.memory_plan import memory_check
+from drzero.verl.overrides import compose
 
 
 class PreflightFailed(RuntimeError):
     """At least one check failed; the message lists each with its fix."""
-
-
-def compose(overrides: list[str]):
-    """Our config + overrides, composed and migrated as ``drzero.verl.entry`` will; Hydra errors raised."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from verl.experimental.reward_loop.reward_loop import migrate_legacy_reward_impl
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        config = hydra_compose(config_name=CONFIG_NAME, overrides=overrides)
-    migrate_legacy_reward_impl(config)
-    return config
 
 
 def _hydra_fix(error: Exception) -> str:
@@ -183,7 +162,6 @@ def _prompt_budget(config, planned: set[Path]) -> Check:
             return Check("prompt budget", True, "no manifest and no local tokenizer to measure with", skipped=True)
         import pyarrow.parquet as pq
 
-        from drzero.data.budget import PromptBudget
 
         prompts = pq.read_table(train, columns=["prompt"]).column("prompt").to_pylist()
         prompts.sort(key=lambda messages: -sum(len(m["content"]) for m in messages))
@@ -208,7 +186,6 @@ def response_budget(config) -> Check:
     """
     from omegaconf import OmegaConf
 
-    from drzero.data.budget import response_budget_for
 
     train = Path(str(OmegaConf.select(config, "data.train_files")))
     manifest = _manifest_beside(train, train.parent / f"{SEED_STEM}.manifest.json")
@@ -234,7 +211,6 @@ def response_budget(config) -> Check:
 
 def _most_hops_in(train: Path) -> int:
     """The largest hop count among the proposer rows of ``train`` (their ``data_source``); 4 when unreadable."""
-    from drzero.rewards.proposer import hops_of
 
     try:
         import pyarrow.parquet as pq
@@ -249,7 +225,6 @@ def corpus_check(store: Path, collection: str, planned: set[Path] = frozenset())
     """The store and collection the stage's retriever will serve: present, not empty, recording its embedder."""
     if store in planned:
         return Check("corpus", True, f"{store} is written earlier in this run")
-    from drzero.corpus.store import CorpusStore, StoreError
 
     try:
         opened = CorpusStore.open_existing(store, collection)
@@ -372,6 +347,8 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
     except Exception as error:
         checks.append(Check("verl validate_config", False, _root_message(error)))
 
+
+    # lazy: drzero.verl.hrpo subclasses verl's TaskRunner, and importing it loads verl and torch (seconds)
     from drzero.verl.hrpo import assert_estimator_resolves
 
     try:
@@ -407,7 +384,6 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
 
 def _memory(config, plan: StagePlan) -> Check:
     """Per-GPU memory of every phase (drzero.models.memory) against the GPU, with the smallest fix."""
-    from drzero.verl.memory_plan import memory_check
 
     stage = plan.name.split(" ")[0]
     ok, message, skipped = memory_check(config, plan.memory, stage)
@@ -450,9 +426,3 @@ def gpu_only_checks(config, enabled: bool | None = None) -> list[Check]:
                                                      f"or set +actor_rollout_ref.model.override_config."
                                                      f"attn_implementation=sdpa"))
     return checks
-
-
-def report(plan: StagePlan, checks: list[Check]) -> str:
-    failed = [c for c in checks if not c.ok]
-    head = f"preflight {plan.name}: " + (f"{len(failed)} problem(s)" if failed else "all checks passed")
-    return "\n".join([head] + [c.line() for c in checks])
