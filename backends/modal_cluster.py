@@ -20,7 +20,10 @@ shared-path check (drzero.cluster.ray) gives that `DRZERO_SHARED_PATH_WAIT` seco
 so a stage starts only once every node sees what the stage before wrote.
 
 The clustered Functions are defined in an app of their own, one per cluster size, so that a
-workspace without clusters can still run `python -m backends.modal` on one node.
+workspace without clusters can still run `python -m backends.modal` on one node. They run in the
+single-node Functions' place (backends/modal_image.py) with the same container code
+(backends/modal_container.py); backends/modal.py imports this module to launch them, and this
+module imports neither that one nor its app.
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ import sys
 
 import modal
 
-from backends import modal as base
+from backends.modal_container import (GpuTimeRecord, check_inputs, committing_volumes, copy_tree, outcome, stream,
+                                      visible_gpus)
+from backends.modal_image import CORPUS_DB, CPU_TASK, LOCAL_DB, MINUTES, TRAINING_SECRETS, stage_options
+from drzero.stages.registry import EVOLVE
 
 app = modal.App("dr-zero-cluster")
 
 SYNC_EVERY = 30            # seconds between a node's volume commit + reload
 SHARED_PATH_WAIT = 300     # seconds drzero waits for every node to see a marker (a few sync rounds and a slow commit)
-CLUSTER_STAGE = dict(image=base.image, gpu=base.GPU, **base.resources(base.GPU), ephemeral_disk=512 * 1024,
-                     volumes=base.VOLUMES, timeout=base.DAY, retries=base.RETRIES, single_use_containers=True,
-                     secrets=base.TRAINING_SECRETS)
+# One Function runs any of the verl stages (challenger, solver, or all of them: evolve): a GPU stage's options,
+# with the W&B key they all log to.
+CLUSTER_STAGE = stage_options(EVOLVE)
 
 
 def refusal(nodes: int, error: BaseException) -> str:
@@ -66,22 +72,22 @@ def run_node(command: str, argv: tuple[str, ...], nodes: int) -> dict:
         raise RuntimeError(f"Modal started {len(ips)} container(s) for a {nodes}-node cluster")
     rank = info.rank
     env = {**os.environ, "DRZERO_SHARED_PATH_WAIT": str(SHARED_PATH_WAIT)}
-    if rank == 0 and base.copy_tree(base.CORPUS_DB, base.LOCAL_DB):
-        env["DRZERO_DB"] = base.LOCAL_DB  # the retriever runs beside drzero, on rank 0
+    if rank == 0 and copy_tree(CORPUS_DB, LOCAL_DB):
+        env["DRZERO_DB"] = LOCAL_DB  # the retriever runs beside drzero, on rank 0
     label = f"{command}-node{rank}"
-    record = base.GpuTimeRecord(label, argv)  # every node's GPU time counts in `status`
-    with base.committing_volumes(record, every=SYNC_EVERY, reload=True):
-        code = base.stream(node_command(rank, ips, len(base.visible_gpus()), command, argv), f"[{label}] ", env)
+    record = GpuTimeRecord(label, argv)  # every node's GPU time counts in `status`
+    with committing_volumes(record, every=SYNC_EVERY, reload=True):
+        code = stream(node_command(rank, ips, len(visible_gpus()), command, argv), f"[{label}] ", env)
         record.save(exit_code=code)
     if rank != 0:
         return {"command": command, "rank": rank, "exit_code": code}
-    return base.outcome(command, code)
+    return outcome(command, code)
 
 
-@app.function(**base.CPU_TASK, secrets=base.TRAINING_SECRETS, cpu=4.0, memory=16 * 1024, timeout=30 * base.MINUTES)
+@app.function(**CPU_TASK, secrets=TRAINING_SECRETS, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
 def cluster_preflight(command: list, required: list) -> dict:
     """The single-node preflight (`backends.modal.preflight`), in this app, before any cluster starts."""
-    return base.preflight.local(command, required)
+    return check_inputs(command, required)
 
 
 # One Function per cluster size: Modal fixes the size where the Function is defined.

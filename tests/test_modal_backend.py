@@ -20,6 +20,9 @@ import pytest
 
 modal = pytest.importorskip("modal")
 from backends import modal as mb  # noqa: E402
+from backends import modal_image as mi  # noqa: E402
+from backends import modal_ops as mo  # noqa: E402
+from backends import modal_plan as mp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOLUME_NAMES = {"/corpus": "dr-zero-corpus", "/checkpoints": "dr-zero-checkpoints"}
@@ -34,8 +37,8 @@ RETRIED_CPU_FUNCTIONS = ["download_model"]  # resumable: a preempted download co
 @pytest.mark.parametrize("name", GPU_STAGES)
 def test_gpu_stages_run_a_day_on_8_h100_with_retries_and_fresh_containers(name):
     info = getattr(mb, name).info()
-    assert mb.GPU == os.environ.get("DRZERO_MODAL_GPU", "H100:8")
-    assert info.gpus == [mb.parse_gpu(mb.GPU)]
+    assert mi.GPU == os.environ.get("DRZERO_MODAL_GPU", "H100:8")
+    assert info.gpus == [mi.parse_gpu(mi.GPU)]
     assert info.timeout == 24 * 60 * 60 and info.max_retries == 5 and info.single_use_containers
     assert (info.cpu, info.memory_mib) == (8.0 * info.gpus[0][1], 64 * 1024 * info.gpus[0][1])
     assert {path: mount.name for path, mount in info.volumes.items()} == VOLUME_NAMES
@@ -60,17 +63,17 @@ def test_gpu_type_and_count_are_chosen_per_launch_with_with_options():
     assert mb.train.with_options(gpu="H200:8", **mb.resources("H200:8")).info().gpus == [("H200", 8)]
     four = mb.solver.with_options(gpu="H100!:4", **mb.resources("H100!:4")).info()
     assert four.gpus == [("H100!", 4)] and four.cpu == 32.0 and four.memory_mib == 4 * 64 * 1024
-    assert mb.parse_gpu("h200") == ("H200", 1)
+    assert mi.parse_gpu("h200") == ("H200", 1)
     for bad in ("H100:eight", "H100:0", "H100:16", ""):
         with pytest.raises(ValueError, match="TYPE:COUNT"):
-            mb.parse_gpu(bad)
-    assert mb.gpu_args("train", 8) == ["--gpus", "8"]  # the stage's recipe shapes its SGLang servers
-    assert mb.gpu_args("train", 8, "H200") == ["--gpus", "8", "--gpu", "H200"]
-    assert mb.gpu_args("challenger", 4) == ["--gpus", "4", "--sglang-dp", "2", "--sglang-tp", "2"]
-    assert mb.gpu_args("solver", 1) == ["--gpus", "1", "--rollout-tp", "1"]
-    assert [mb.gpu_kind(spec) for spec in ("H100!:8", "h200:8", "A100-80GB:8", "T4:1")] == ["H100", "H200",
+            mi.parse_gpu(bad)
+    assert mp.gpu_args("train", 8) == ["--gpus", "8"]  # the stage's recipe shapes its SGLang servers
+    assert mp.gpu_args("train", 8, "H200") == ["--gpus", "8", "--gpu", "H200"]
+    assert mp.gpu_args("challenger", 4) == ["--gpus", "4", "--sglang-dp", "2", "--sglang-tp", "2"]
+    assert mp.gpu_args("solver", 1) == ["--gpus", "1", "--rollout-tp", "1"]
+    assert [mp.gpu_kind(spec) for spec in ("H100!:8", "h200:8", "A100-80GB:8", "T4:1")] == ["H100", "H200",
                                                                                             "A100-80GB", None]
-    assert mb.gpu_args("merge", 8) == []
+    assert mp.gpu_args("merge", 8) == []
 
 
 @pytest.mark.parametrize("gpu, reward_server", [("H200:8", (2, 4, 0.25)), ("H100:8", (2, 4, 0.3)),
@@ -86,7 +89,7 @@ def test_the_challenger_on_modal_gets_the_models_recipe_for_the_gpu_it_runs_on(g
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, ChallengerConfig)
     cfg = config_from_args(ChallengerConfig, parser.parse_args(plan.argv))
-    assert cfg.reward_server() == reward_server and cfg.gpu == mb.gpu_kind(gpu)
+    assert cfg.reward_server() == reward_server and cfg.gpu == mp.gpu_kind(gpu)
 
 
 def test_the_image_is_docker_Dockerfile_with_the_code_added_last():
@@ -226,7 +229,7 @@ CASES = [
 def test_every_action_calls_its_function_with_the_right_arguments(modal_calls, capsys, argv, function, args, options,
                                                                    preflight, detached, monkeypatch):
     monkeypatch.delenv("DRZERO_MODAL_GPU", raising=False)
-    monkeypatch.setattr(mb, "GPU", "H100:8")
+    monkeypatch.setattr(mp, "GPU", "H100:8")
     assert mb.cli(argv) == 0
     log = modal_calls
     assert _calls(log, "app.run") == [("app.run", {"detach": detached})]
@@ -255,11 +258,11 @@ def test_a_failed_preflight_starts_no_gpu(modal_calls, capsys):
 
 
 def test_the_required_inputs_name_the_action_that_makes_them():
-    required = dict(mb.required_paths("challenger", 2))
+    required = dict(mp.required_paths("challenger", 2))
     assert "prepare-data" in required["/corpus/data/zero_ratio4321.parquet"]
     assert "merge --stage solver --iteration 1" in required["/checkpoints/solver_iter1_hf"]
-    assert "challenger --iteration 1" in dict(mb.required_paths("gen-data", 1))["/checkpoints/challenger_iter1_hf"]
-    assert list(dict(mb.required_paths("merge", 3, stage="solver"))) == ["/checkpoints/solver_iter3"]
+    assert "challenger --iteration 1" in dict(mp.required_paths("gen-data", 1))["/checkpoints/challenger_iter1_hf"]
+    assert list(dict(mp.required_paths("merge", 3, stage="solver"))) == ["/checkpoints/solver_iter3"]
 
 
 def test_hydra_overrides_only_for_verl_stages(modal_calls, capsys):
@@ -290,15 +293,15 @@ def test_modal_run_parses_the_entrypoint_offline(tmp_path):
 
 def test_the_estimate_of_a_day_on_8_h100_is_about_32_dollars_an_hour():
     request = mb.Request("train", price_per_gpu_hour=4.0)
-    estimate = mb.estimate(mb.plan_launch(request), request)
+    estimate = mo.estimate(mb.plan_launch(request), request)
     assert (estimate.gpus, estimate.hours, estimate.gpu_hours) == (8, 24.0, 192.0)
     assert estimate.dollars == 768.0 and estimate.dollars / estimate.hours == 32.0
     assert estimate.dollars_per_attempt_cap == 768.0 and estimate.attempts == 6
     request = mb.Request("solver", gpu="H200:4", hours=10, price_per_gpu_hour=5.5)
-    estimate = mb.estimate(mb.plan_launch(request), request)
+    estimate = mo.estimate(mb.plan_launch(request), request)
     assert estimate.gpu_hours == 40.0 and estimate.dollars == 220.0
     assert "40 GPU-hours ~ $220 at $5.50/GPU-hour" in "\n".join(estimate.lines())
-    assert mb.estimate(mb.plan_launch(mb.Request("list-models")), mb.Request("list-models")) is None
+    assert mo.estimate(mb.plan_launch(mb.Request("list-models")), mb.Request("list-models")) is None
 
 
 STATE = {"version": 1, "stages": {
@@ -509,7 +512,7 @@ def test_logs_read_the_latest_launch_with_the_fixes_and_errors_only(modal_calls,
         return iter(["[solver] step:3 - critic/score/mean:0.4\n",
                      "[solver] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"])
 
-    monkeypatch.setattr(mb.modal_run, "log_lines", fake_log_lines)
+    monkeypatch.setattr(mo, "log_lines", fake_log_lines)
     capsys.readouterr()
     assert mb.cli(["logs", "--since", "2h"]) == 0
     assert commands[-1][-5:] == ["app", "logs", "ap-test", "--since", "2h"]
@@ -524,7 +527,7 @@ def test_logs_read_the_latest_launch_with_the_fixes_and_errors_only(modal_calls,
 def test_stop_stops_the_latest_app_through_modals_cli(modal_calls, monkeypatch, capsys):
     _launched(modal_calls, ["challenger"])
     calls = []
-    monkeypatch.setattr(mb.modal_run.subprocess, "call", lambda command: calls.append(command) or 0)
+    monkeypatch.setattr(mo.subprocess, "call", lambda command: calls.append(command) or 0)
     assert mb.cli(["stop"]) == 0
     assert calls == [[sys.executable, "-m", "modal", "app", "stop", "ap-test", "--yes"]]
     assert "python -m backends.modal resume" in capsys.readouterr().out

@@ -19,17 +19,20 @@ import pytest
 modal = pytest.importorskip("modal")
 from backends import modal as mb  # noqa: E402
 from backends import modal_cluster as mc  # noqa: E402
+from backends import modal_image as mi  # noqa: E402
+from backends import modal_ops as mo  # noqa: E402
+from backends import modal_plan as mp  # noqa: E402
 from test_modal_backend import REPO, VOLUME_NAMES, FakeFunction, FakeVolume, _calls  # noqa: E402
 
 
 # -- the clustered Functions' specs ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", mb.CLUSTER_SIZES)
+@pytest.mark.parametrize("size", mp.CLUSTER_SIZES)
 def test_one_clustered_function_per_size_with_all_gpus_of_each_node_rdma_and_the_stage_retries(size):
     info = getattr(mc, f"cluster_{size}").info()
     assert (info.cluster_info.size, info.cluster_info.rdma) == (size, True)
-    assert info.gpus == [mb.parse_gpu(mb.GPU)]
+    assert info.gpus == [mi.parse_gpu(mi.GPU)]
     assert info.timeout == 24 * 60 * 60 and info.max_retries == 5 and info.single_use_containers
     assert {path: mount.name for path, mount in info.volumes.items()} == VOLUME_NAMES
     assert info.secrets == mb.train.info().secrets  # the W&B key, as the single-node train
@@ -65,7 +68,7 @@ def cluster_calls(monkeypatch):
     monkeypatch.setattr(mb.app, "run", lambda **kwargs: pytest.fail("the single-node app must not start"))
     monkeypatch.setattr(mb, "_app_id", lambda: "ap-cluster")
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume({}))
-    monkeypatch.setattr(mb, "GPU", "H100:8")
+    monkeypatch.setattr(mp, "GPU", "H100:8")
     return log
 
 
@@ -141,7 +144,7 @@ def test_help_says_clusters_are_gated():
 
 def test_the_cluster_estimate_scales_with_the_nodes():
     request = mb.Request("train", nodes=4, price_per_gpu_hour=4.0)
-    estimate = mb.estimate(mb.plan_launch(request), request)
+    estimate = mo.estimate(mb.plan_launch(request), request)
     assert (estimate.nodes, estimate.gpu_hours, estimate.dollars) == (4, 768.0, 3072.0)
     assert estimate.dollars_per_attempt_cap == 3072.0
 
@@ -170,11 +173,11 @@ def node(monkeypatch):
         seen.update(every=every, reload=reload)
         yield
 
-    monkeypatch.setattr(mb, "stream", stream)
-    monkeypatch.setattr(mb, "GpuTimeRecord", Record)
-    monkeypatch.setattr(mb, "committing_volumes", committing)
-    monkeypatch.setattr(mb, "copy_tree", lambda source, target: True)
-    monkeypatch.setattr(mb, "visible_gpus", lambda: ["NVIDIA H100 80GB HBM3"] * 8)
+    monkeypatch.setattr(mc, "stream", stream)
+    monkeypatch.setattr(mc, "GpuTimeRecord", Record)
+    monkeypatch.setattr(mc, "committing_volumes", committing)
+    monkeypatch.setattr(mc, "copy_tree", lambda source, target: True)
+    monkeypatch.setattr(mc, "visible_gpus", lambda: ["NVIDIA H100 80GB HBM3"] * 8)
 
     def at_rank(rank, code=0, ips=("10.0.0.1", "10.0.0.2")):
         seen.clear()
@@ -191,7 +194,7 @@ def test_every_node_runs_the_launcher_with_its_rank_and_the_ipv4_addresses(node)
     assert mc.cluster_2.local("evolve", "--iterations", "2") == {"command": "evolve", "exit_code": 0}
     assert seen["command"] == [sys.executable, "-m", "drzero.cluster.launch", "--rank", "0", "--ips",
                                "10.0.0.1,10.0.0.2", "--gpus", "8", "--", "evolve", "--iterations", "2"]
-    assert seen["env"]["DRZERO_DB"] == mb.LOCAL_DB  # the retriever runs on rank 0, from a local copy
+    assert seen["env"]["DRZERO_DB"] == mi.LOCAL_DB  # the retriever runs on rank 0, from a local copy
     assert seen["env"]["DRZERO_SHARED_PATH_WAIT"] == str(mc.SHARED_PATH_WAIT)
     assert (seen["every"], seen["reload"]) == (mc.SYNC_EVERY, True) and seen["record"] == "evolve-node0"
 

@@ -14,6 +14,7 @@ from modal.file_pattern_matcher import FilePatternMatcher, _ignore_fn  # noqa: E
 from modal.mount import _Mount  # noqa: E402
 
 from backends import modal as mb  # noqa: E402
+from backends import modal_image as mi  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,13 +38,13 @@ def checkout(tmp_path) -> Path:
 
 def _uploaded(root: Path, ignore) -> set[str]:
     """What Modal's `Image.add_local_dir(root, ..., ignore=ignore)` uploads: its own mount code walks the tree."""
-    mount = _Mount._add_local_dir(root, PurePosixPath(mb.CODE_DIR), ignore=_ignore_fn(ignore))
-    return {str(remote.relative_to(mb.CODE_DIR)) for entry in mount._entries for _, remote in
+    mount = _Mount._add_local_dir(root, PurePosixPath(mi.CODE_DIR), ignore=_ignore_fn(ignore))
+    return {str(remote.relative_to(mi.CODE_DIR)) for entry in mount._entries for _, remote in
             entry.get_files_to_upload()}
 
 
 def test_the_modal_upload_carries_the_code_and_nothing_private(checkout):
-    uploaded = _uploaded(checkout, mb.CODE_IGNORE)
+    uploaded = _uploaded(checkout, mi.CODE_IGNORE)
     assert set(CODE) - {".env.example"} <= uploaded  # the example is for compose; Modal needs none
     assert not uploaded & set(PRIVATE), sorted(uploaded & set(PRIVATE))
 

@@ -1,0 +1,193 @@
+"""# A `drzero` command in a Modal container: streamed, the volumes committed, its GPU time recorded
+
+    python -m backends.modal solver --iteration 1   # the `solver` Function runs `drzero solver ...` through run_drzero
+
+Each Function of backends/modal.py and backends/modal_cluster.py starts its `drzero` command as a child
+process with what is here. The Function's own process prints the command's output line by line,
+commits both volumes every few minutes from a background thread (child processes have no Modal
+client) and once more on the way out, and records its GPU time. A SIGTERM or SIGINT (preemption,
+`modal app stop`) is passed on to the command, which stops its services and verl before the last commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from backends.modal_image import (CHECKPOINTS_DIR, CODE_DIR, CORPUS_DB, LOCAL_DB, MINUTES, RUNS_DIR,
+                                  checkpoints_volume, corpus_volume)
+
+COMMIT_EVERY = 10 * MINUTES
+USAGE_ERROR = 2  # drzero's exit code for a wrong option or config: a retry cannot fix it
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def visible_gpus() -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+class GpuTimeRecord:
+    """One container's GPU time in `runs/<start>-<command>-<task>.json` on the checkpoints volume."""
+
+    def __init__(self, command: str, argv: Sequence[str]):
+        gpus = visible_gpus()
+        task = os.environ.get("MODAL_TASK_ID") or uuid.uuid4().hex[:12]
+        started = now_iso()
+        self.path = Path(CHECKPOINTS_DIR) / RUNS_DIR / f"{started.replace(':', '')}-{command}-{task}.json"
+        self.data = {"command": command, "argv": list(argv), "gpu_type": gpus[0] if gpus else "",
+                     "gpus": len(gpus), "started": started, "last_seen": started, "ended": None,
+                     "exit_code": None, "task_id": task}
+        self._lock = threading.Lock()  # the commit thread saves too
+        self.save()
+
+    def save(self, **updates) -> None:
+        with self._lock:
+            self.data.update(updates, last_seen=now_iso())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.data, indent=2))
+            os.replace(temporary, self.path)
+
+
+def commit_volumes() -> None:
+    for volume in (checkpoints_volume, corpus_volume):
+        try:
+            volume.commit()
+        except Exception as error:  # the next commit tries again; a failed commit must not end the run
+            print(f"[modal] volume commit failed ({error}); trying again at the next one", flush=True)
+
+
+def reload_volumes() -> None:
+    for volume in (checkpoints_volume, corpus_volume):
+        try:
+            volume.reload()
+        except Exception:  # files open on the volume (a server reading weights): the next round tries again
+            pass
+
+
+@contextlib.contextmanager
+def committing_volumes(record: GpuTimeRecord | None = None, every: float = COMMIT_EVERY, reload: bool = False):
+    """Commit both volumes every ``every`` seconds and on the way out; with ``reload``, also take in what other
+    containers committed (the nodes of a cluster, backends/modal_cluster.py)."""
+    stop = threading.Event()
+
+    def commit_now_and_then() -> None:
+        while not stop.wait(every):
+            if record:
+                record.save()
+            commit_volumes()
+            if reload:
+                reload_volumes()
+
+    thread = threading.Thread(target=commit_now_and_then, name="volume-commit", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5 * MINUTES)
+        if record:
+            record.save(ended=now_iso())
+        commit_volumes()
+
+
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def stream(command: Sequence[str], prefix: str, env: dict[str, str] | None = None) -> int:
+    """Run ``command``, print its output live with ``prefix``; stop its whole process group if we are stopped."""
+    print(f"[modal] running {shlex.join(command)}", flush=True)
+    process = subprocess.Popen(list(command), env=env, cwd=CODE_DIR if Path(CODE_DIR).is_dir() else None,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        for raw in iter(process.stdout.readline, b""):
+            print(prefix + raw.decode(errors="replace").rstrip(), flush=True)
+        return process.wait()
+    finally:
+        if process.poll() is None:  # we were stopped: drzero stops its services and verl on SIGTERM
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=2 * MINUTES)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def copy_tree(source: str, target: str) -> bool:
+    if not Path(source).is_dir():
+        return False
+    started = time.monotonic()
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    print(f"[modal] copied {source} to {target} in {time.monotonic() - started:.1f} s", flush=True)
+    return True
+
+
+def run_drzero(command: str, argv: Sequence[str], *, local_corpus: bool = False, gpu_time: bool = False) -> dict:
+    """`drzero <command> <argv>` in this container; raise on failure so that Modal retries it."""
+    env = dict(os.environ)
+    if local_corpus and copy_tree(CORPUS_DB, LOCAL_DB):
+        env["DRZERO_DB"] = LOCAL_DB  # the stages start the retriever on $DRZERO_DB themselves
+    record = GpuTimeRecord(command, argv) if gpu_time else None
+    with committing_volumes(record):
+        code = stream([sys.executable, "-m", "drzero.cli", command, *argv], f"[{command}] ", env)
+        if record:
+            record.save(exit_code=code)
+    return outcome(command, code)
+
+
+def outcome(command: str, code: int) -> dict:
+    """A finished drzero command's result; an exception when Modal should retry it."""
+    if code == 0:
+        return {"command": command, "exit_code": 0}
+    if code == USAGE_ERROR:
+        print(f"[modal] drzero {command} refused its options or config (exit 2); not retried: fix the message "
+              f"above and launch again", flush=True)
+        return {"command": command, "exit_code": code}
+    raise RuntimeError(f"drzero {command} exited with {code}; Modal retries it (when the Function has retries) and "
+                       f"it resumes from the checkpoint volume")
+
+
+# ## Preflight: refuse before a GPU starts
+#
+# A cheap CPU container with the same image and volumes checks that the stage's inputs are on the
+# volumes (each missing one with the action that makes it) and runs the stage's own checks:
+# `drzero preflight STAGE ...` (config composes and validates, model and data present, batch sizes,
+# W&B key) or the stage's `--dry-run`. The single-node app and the cluster app each have a
+# Function that runs this.
+
+
+def check_inputs(command: list, required: list) -> dict:
+    problems = [f"{path} is missing: {fix}" for path, fix in required if not Path(path).exists()]
+    if command:
+        code = stream([sys.executable, "-m", "drzero.cli", *command], "[preflight] ")
+        if code != 0:
+            problems.append(f"`drzero {shlex.join(command)}` found problems (exit {code}); its report is above")
+    return {"ok": not problems, "problems": problems}
