@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from drzero.config import ConfigError
+
 MANIFEST_FILES = "files"  # the manifest key that lists the committed files
 
 
@@ -92,8 +94,6 @@ def write_parquet_atomically(rows: list[dict], path: Path | str) -> None:
 
 def check_writable(directory: Path) -> None:
     """Fail early, with a message naming ``--out``, when nothing can be written in ``directory``."""
-    from drzero.config import ConfigError
-
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".drzero-write-check-"):

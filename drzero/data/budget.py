@@ -16,6 +16,7 @@ against the exact rendering on a sample of rows, and if any differs every row is
 from __future__ import annotations
 
 import logging
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from drzero.prompts import proposer_messages, solver_messages
 from drzero.rollout.render import ChatRenderer, ToolOutputLimit, thinking_kwargs
+from drzero.rollout.search import format_hits
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +199,6 @@ def chars_per_token_of_results(renderer: ChatRenderer, passages: list[tuple[str,
     ``Doc i (Title: …)`` layout, JSON-wrapped, then cut as verl cuts it. Returns the minimum (the
     worst case a budget must plan for), the 1st percentile and the mean.
     """
-    import json
-
-    from drzero.rollout.search import format_hits
-
     rng = random.Random(seed)
     ratios = []
     for _ in range(min(samples, max(1, len(passages)))):

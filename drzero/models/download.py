@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from drzero.atomic import write_json_atomically
+
 MARKER = ".drzero-download.json"
 BATCH_BYTES = 8 * 1024**3   # commit the volume after about this much: a lost container costs at most one batch
 CHUNK = 8 * 1024**2
@@ -121,8 +123,6 @@ def local_state(root: Path) -> str:
 
 
 def write_marker(root: Path, manifest: Manifest, complete: bool) -> None:
-    from drzero.atomic import write_json_atomically
-
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomically({"repo_id": manifest.repo_id, "revision": manifest.revision, "complete": complete,
                            "size": manifest.size, "files": [asdict(f) for f in manifest.files]}, root / MARKER)

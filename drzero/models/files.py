@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -58,9 +60,6 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     Asked before a download because huggingface_hub retries an unreachable hub for about a minute
     (dozens of warnings) before giving up; this answers in seconds.
     """
-    import urllib.error
-    import urllib.request
-
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()

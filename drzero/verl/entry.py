@@ -14,16 +14,16 @@ process that trains. Every other estimator passes through unchanged. With
 from __future__ import annotations
 
 import hydra
+from verl.experimental.reward_loop.reward_loop import migrate_legacy_reward_impl
+
+from drzero.verl.hrpo import run_ppo_with_hrpo
 
 
 @hydra.main(config_path=None, config_name=None, version_base=None)
 def main(config) -> None:
-    from verl.experimental.reward_loop.reward_loop import migrate_legacy_reward_impl
-
-    from drzero.verl.hrpo import run_ppo_with_hrpo
-
     migrate_legacy_reward_impl(config)
     if config.actor_rollout_ref.rollout.name == "hf":
+        # lazy: the hf engine's worker subclasses verl's FSDP workers; only an --engine hf run loads them
         from drzero.verl.hf.worker import HFTaskRunner
 
         run_ppo_with_hrpo(config, HFTaskRunner)

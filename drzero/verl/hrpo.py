@@ -44,10 +44,13 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import warnings
 from typing import Any, Callable
 
 import numpy as np
+
+from drzero.rewards.metrics import install_training_metrics
 
 HRPO = "hrpo"
 HOP_GROUP_KEY = "data_source"   # the non-tensor column holding search_zero_<hops>
@@ -126,8 +129,6 @@ SUMMARY_PREFIX = "drzero-hrpo groups:"
 
 def group_summary(groups, scores, sample_advantages) -> str:
     """``SUMMARY_PREFIX`` then JSON {group: {n, score_mean, advantage_mean}} for one batch."""
-    import json
-
     out = {}
     for group in sorted(set(np.asarray(groups, dtype=object).tolist())):
         members = [i for i, g in enumerate(groups) if g == group]
@@ -247,8 +248,6 @@ class HRPOTaskRunner(_task_runner_base()):
     """verl's TaskRunner with the HRPO ``compute_advantage`` wrapper installed inside the actor."""
 
     def run(self, config):
-        from drzero.rewards.metrics import install_training_metrics
-
         install_hrpo_wrapper()
         install_training_metrics()  # reward extra info (budget_cut, probe_errors, ...) as training metrics
         return super().run(config)

@@ -18,6 +18,7 @@ reported as skipped on a machine without CUDA.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -67,8 +68,6 @@ def _cuda_available() -> bool:
 
 
 def _sglang_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("sglang") is not None
 
 
