@@ -93,10 +93,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def _declaring_group(cls: type, name: str) -> str | None:
     """The title of the option group that declares field ``name`` last in ``cls``'s bases; None for the command's
     own options."""
-    for klass in cls.__mro__:
-        if name in klass.__dict__.get("__annotations__", {}):
-            return klass.__dict__.get("title")
-    return None
+    declaring = next(klass for klass in cls.__mro__ if name in klass.__dict__.get("__annotations__", {}))
+    # a group that extends the declaring one (RunOptions over CorpusOptions) keeps the field in its own section
+    return next((klass.__dict__["title"] for klass in cls.__mro__
+                 if "title" in klass.__dict__ and issubclass(klass, declaring)), None)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -210,3 +210,27 @@ class RolloutOptions(Options):
         require(self.concurrency >= 1, "concurrency", self.concurrency, "an integer >= 1")
         require(self.timeout > 0, "timeout", self.timeout, "a number of seconds > 0")
         require(self.retries >= 0, "retries", self.retries, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class SGLangOptions(Options):
+    """The SGLang server a stage starts beside it: the challenger's reward server, gen-data's proposer server."""
+
+    title: ClassVar[str] = "SGLang server (the stage starts one on :8001 unless --sglang-url names one)"
+    sglang_url: str | None = option(None, metavar="URL", help=(
+        "an SGLang server already serving the stage's model; default: start one on :8001"))
+    sglang_dp: int | None = option(None, help="data parallel size of the started server (default: the model's "
+                                              "recipe, else the stage's: 4)")
+    sglang_tp: int | None = option(None, help="tensor parallel size of the started server (default: the model's "
+                                              "recipe, else the stage's: 2)")
+    sglang_mem: float | None = option(None, help="--mem-fraction-static of the started server (default: the "
+                                                 "model's recipe, else the stage's: 0.5 beside the challenger's "
+                                                 "trainer, 0.8 for gen-data)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("sglang_dp", "sglang_tp"):
+            require(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name),
+                    "an integer >= 1")
+        require(self.sglang_mem is None or 0 < self.sglang_mem < 1, "sglang_mem", self.sglang_mem,
+                "a fraction between 0 and 1")

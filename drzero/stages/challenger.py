@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from drzero.config import option, require
+from drzero.config import SGLangOptions, option, require
 from drzero.layout import latest_step
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
@@ -31,24 +31,16 @@ REWARD_SERVER = (4, 2, 0.5)  # dp, tp, --mem-fraction-static of the reward SGLan
 
 
 @dataclass(kw_only=True)
-class ChallengerConfig(StageConfig):
+class ChallengerConfig(StageConfig, SGLangOptions):
+    """The proposer's training; its SGLang server serves the current solver to the reward's probes."""
+
     takes_hydra_overrides: ClassVar[bool] = True
     probes: int = option(5, help="solver probes per question for the difficulty reward (Dr. Zero: 5)")
-    sglang_url: str | None = option(None, metavar="URL", help=(
-        "SGLang server already serving the current solver; default: start one on :8001"))
-    sglang_dp: int | None = option(None, help=f"data parallel size of the reward SGLang server (default: the "
-                                              f"model's recipe, else {REWARD_SERVER[0]})")
-    sglang_tp: int | None = option(None, help=f"tensor parallel size of the reward SGLang server (default: the "
-                                              f"model's recipe, else {REWARD_SERVER[1]})")
-    sglang_mem: float | None = option(None, help=f"--mem-fraction-static of the reward SGLang server (default: the "
-                                                 f"model's recipe, else {REWARD_SERVER[2]})")
     engine: str = engine_option()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.probes >= 2, "probes", self.probes, "an integer >= 2 (difficulty needs 0 < k < n)")
-        require(self.sglang_mem is None or 0 < self.sglang_mem < 1, "sglang_mem", self.sglang_mem,
-                "a fraction between 0 and 1")
 
     def reward_server(self) -> tuple[int, int, float]:
         """dp, tp, mem fraction: what was given, else the model's recipe, else drzero's defaults. A server

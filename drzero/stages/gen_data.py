@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from drzero.config import option, require
+from drzero.config import SGLangOptions, option, require
 from drzero.data.gen_data import GenDataJob, run_gen_data, summary_lines
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
@@ -27,7 +27,9 @@ PROPOSER_SERVER = (4, 2, 0.8)  # dp, tp, --mem-fraction-static on 8 GPUs: nothin
 
 
 @dataclass(kw_only=True)
-class GenDataConfig(StageConfig):
+class GenDataConfig(StageConfig, SGLangOptions):
+    """Questions from the merged proposer, which its SGLang server serves."""
+
     samples: int = option(5, help="proposer samples per seed; the best-formatted valid one is kept (Dr. Zero: 5)")
     max_question_words: int = option(MAX_QUESTION_WORDS, help="cut every kept question to this many words "
                                                               "(Dr. Zero: 50)")
@@ -36,14 +38,6 @@ class GenDataConfig(StageConfig):
                                       "(needs --solver-url)")
     verify_probes: int = option(5, help="solver rollouts per question with --verify")
     solver_url: str | None = option(None, metavar="URL", help="SGLang serving the current solver, for --verify")
-    sglang_url: str | None = option(None, metavar="URL", help=(
-        "SGLang already serving the merged proposer; default: start one on :8001"))
-    sglang_dp: int | None = option(None, help=f"data parallel size of the proposer SGLang server (default: "
-                                              f"{PROPOSER_SERVER[0]})")
-    sglang_tp: int | None = option(None, help=f"tensor parallel size of the proposer SGLang server (default: "
-                                              f"{PROPOSER_SERVER[1]})")
-    sglang_mem: float | None = option(None, help=f"--mem-fraction-static of the proposer SGLang server (default: "
-                                                 f"{PROPOSER_SERVER[2]}: nothing else runs)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,8 +47,6 @@ class GenDataConfig(StageConfig):
         require(self.verify_probes >= 1, "verify_probes", self.verify_probes, "an integer >= 1")
         require(not self.verify or bool(self.solver_url), "solver_url", self.solver_url,
                 "the solver server's URL when --verify is on (the probes need a server)")
-        require(self.sglang_mem is None or 0 < self.sglang_mem < 1, "sglang_mem", self.sglang_mem,
-                "a fraction between 0 and 1")
 
     def proposer_server(self) -> tuple[int, int, float]:
         given = (self.sglang_dp, self.sglang_tp, self.sglang_mem)
