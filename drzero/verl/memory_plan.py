@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import yaml
-from omegaconf import OmegaConf
 
 from drzero.models.memory import Engine, Placement, StageMemory, StageSetup, TrainSetup, plan_memory
 from drzero.models import registry
@@ -21,6 +20,9 @@ from drzero.models.shapes import GPU_MEMORY_GIB
 
 
 def _get(config, key: str, default=None):
+    # lazy: omegaconf comes with the train extra; the CPU retriever image runs `drzero` without it
+    from omegaconf import OmegaConf
+
     value = OmegaConf.select(config, key, default=default)
     return default if value is None else value
 
@@ -55,6 +57,8 @@ def stage_setup(config, placement: Placement, stage: str) -> StageSetup:
 
 def with_overrides(config, overrides: list[str]):
     """A copy of the composed config with ``key=value`` overrides set (no Hydra composition)."""
+    from omegaconf import OmegaConf  # lazy: see _get
+
     copy = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
     for override in overrides:
         key, value = override.lstrip("+").split("=", 1)
