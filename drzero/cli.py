@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from drzero.corpus.store import StoreError
     from drzero.data.budget import TokenBudgetError
     from drzero.models.files import ModelNotFound
-    from drzero.services import ServiceError
+    from drzero.services.specs import ServiceError
 
     try:
         return args.handler(args)

@@ -187,7 +187,7 @@ def plan_gen_data(cfg: GenDataStageConfig) -> StagePlan:
     if cfg.sglang_url:
         proposer_url = cfg.sglang_url
     else:
-        from drzero.services import sglang_service
+        from drzero.services.specs import sglang_service
 
         spec = sglang_service(str(proposer), port=SGLANG_PORT, dp=cfg.sglang_dp, tp=cfg.sglang_tp,
                               mem_fraction=cfg.sglang_mem, tool_call_parser=resolve_model(cfg.model).tool_call_parser,

@@ -224,7 +224,7 @@ def retriever_for(cfg: StageConfig) -> tuple[list, str]:
     """(services to start, URL the search tool uses)."""
     if cfg.retriever_url:
         return [], cfg.retriever_url
-    from drzero.services import retriever_service
+    from drzero.services.specs import retriever_service
 
     spec = retriever_service(str(cfg.layout.db), port=RETRIEVER_PORT, collection=cfg.collection,
                              host=listen_host(cfg))
@@ -332,7 +332,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
         services.append(spec)
         sglang_url = spec.url
     else:
-        from drzero.services import sglang_service
+        from drzero.services.specs import sglang_service
 
         spec = sglang_service(solver_path, port=SGLANG_PORT, dp=dp, tp=tp,
                               mem_fraction=mem, tool_call_parser=base.tool_call_parser,
@@ -429,7 +429,7 @@ def execute(plan: StagePlan) -> None:
     """Start the services, run the stage, stop the services; fail unless every output exists."""
     import os
 
-    from drzero.services import Supervisor
+    from drzero.services.supervisor import Supervisor
 
     check_inputs(plan)
     with Supervisor(plan.services) as supervisor:

@@ -10,7 +10,7 @@ or a model - a directory, a `drzero list-models` key or a hub name - for which t
 starts SGLang on ``--port`` (8001) and stops it at the end. Every question is asked with our
 solver prompt (the prompt stored in the file is not used: the model was trained on ours) through
 the same agent loop as training (``drzero.rollout.client``), at temperature 0, with at most
-``--max-turns`` assistant turns. The data file is read by ``drzero.tools.eval_set.read_qa_file``:
+``--max-turns`` assistant turns. The data file is read by ``drzero.data.qa.read_qa_file``:
 Search-R1 benchmark files, verl rows, our solver data and `drzero make-eval-set` output.
 
 Scores, all after SQuAD normalization of the last ``<answer>``: EM (equals a gold answer), token
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from drzero import __version__
 from drzero.config import option, require
-from drzero.tools.eval_set import QA_SUFFIXES, QaItem, read_qa_file
+from drzero.data.qa import QA_SUFFIXES, QaItem, read_qa_file
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import exact_match, normalize_answer
 from drzero.rollout.client import APIS, Trajectory
@@ -262,7 +262,7 @@ def _check_retriever(url: str) -> None:
     """One real search, so a wrong --retriever-url fails now rather than as N silently bad answers."""
     import httpx
 
-    from drzero.services import ServiceError
+    from drzero.services.specs import ServiceError
 
     try:
         response = httpx.post(url, json={"queries": ["health check"], "topk": 1, "return_scores": True},
@@ -320,7 +320,8 @@ async def _rollouts(cfg: EvaluateConfig, base_url: str, items: list[QaItem], tok
 
 
 def _serve_and_roll_out(cfg: EvaluateConfig, items: list[QaItem], tokenizer, timings: dict) -> list[Trajectory]:
-    from drzero.services import ServiceError, Supervisor, sglang_service, wait_for_health
+    from drzero.services.specs import ServiceError, sglang_service
+    from drzero.services.supervisor import Supervisor, wait_for_health
 
     started = time.perf_counter()
     if not cfg.serves_model:
