@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _env
+
 SITE = "/tmp/drzero-smoke-site"
 BOOTSTRAPPED = "DRZERO_GPU_SMOKE_BOOTSTRAPPED"
 SOLVER_STEPS = 2
@@ -321,8 +323,8 @@ def solver_part(args, retriever_url: str) -> Part:
         code, _ = run_logged(command, log, {"VERL_FILE_LOGGER_PATH": str(second)})
     stop_ray()
     part.seconds = time.monotonic() - started
-    resumed = "Load from checkpoint folder" in log.read_text(errors="replace") or \
-        "Resuming from" in log.read_text(errors="replace")
+    text = log.read_text(errors="replace")
+    resumed = "Load from checkpoint folder" in text or "Resuming from" in text
     steps1, steps2 = read_metrics(first), read_metrics(second)
     step2 = steps2.get(2, {})
     part.metrics.update({
@@ -451,9 +453,8 @@ def bootstrap(wheels: str) -> None:
     files = sorted(glob.glob(os.path.join(wheels, "*.whl")))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--upgrade", "--target", SITE, *files], check=True)
-    root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, BOOTSTRAPPED: f"{time.monotonic() - started:.0f}",
-           "PYTHONPATH": os.pathsep.join([root, SITE, os.environ.get("PYTHONPATH", "")]),
+           "PYTHONPATH": os.pathsep.join([str(_env.ROOT), SITE, os.environ.get("PYTHONPATH", "")]),
            "PATH": os.pathsep.join([os.path.join(SITE, "bin"), os.environ.get("PATH", "")])}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
@@ -477,9 +478,7 @@ def main() -> int:
     if not (args.model or args.train_model):
         parser.error("give --model DIR or --train-model DIR")
     args.model = str(Path(args.model).resolve()) if args.model else ""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray")
+    _env.defaults(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_TMPDIR="/tmp/ray")
     parts = [Part("install", ok=True, seconds=float(os.environ.get(BOOTSTRAPPED, 0) or 0))]
     import importlib.metadata as md
 

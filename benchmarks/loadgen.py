@@ -7,7 +7,6 @@ bottleneck it measures (one aiohttp process tops out at a few thousand requests 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
@@ -16,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+import _env
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run_load(url: str, queries: list[str], clients: int, seconds: float, topk: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _env.parser(__doc__)
     parser.add_argument("url")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10)

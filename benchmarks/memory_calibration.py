@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _env
+
+_env.setup()
 from drzero.models.memory import (BF16_ACTIVATIONS, LOGIT_BYTES, TrainSetup, activation_bytes,  # noqa: E402
                                  single_gpu_peak)
 from drzero.models.shapes import GIB, KNOWN_SHAPES, ModelShape  # noqa: E402

@@ -12,19 +12,14 @@ does), timed on a sample of the same rows. Targets: >= 2,000 rows/s on 2 cores; 
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
-                   "TOKENIZERS_PARALLELISM": "true"}.items():
-    os.environ.setdefault(key, value)
+import _env
+
+ROOT = _env.setup("benchmarks", **_env.OFFLINE, TOKENIZERS_PARALLELISM="true")
 
 from retrieval import build_corpus, table  # noqa: E402
 
@@ -35,7 +30,7 @@ from drzero.tools.tiny_model import TinyModelConfig, run_tiny_model  # noqa: E40
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _env.parser(__doc__)
     parser.add_argument("--rows", type=int, default=100_000, help="train rows to prepare (default: 100000)")
     parser.add_argument("--papers", type=int, default=13000, help="demo world size of the collection (20,380 passages)")
     parser.add_argument("--baseline-rows", type=int, default=2000, help="rows the per-row baseline renders")

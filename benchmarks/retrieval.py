@@ -25,9 +25,7 @@ The corpus is cached under --work and reused while its size matches.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,12 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "ANONYMIZED_TELEMETRY": "False",
-                   "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(key, value)
+import _env
+
+ROOT = _env.setup("benchmarks", **_env.OFFLINE, TOKENIZERS_PARALLELISM="false")
 
 from drzero.corpus.embedder import TEST_EMBEDDER, Embedder, spec_for  # noqa: E402
 from drzero.corpus.ingest import IngestConfig, run_ingest  # noqa: E402
@@ -157,7 +152,8 @@ def bench_ingest(args, embedder_name: str, db: Path, scratch: Path) -> tuple[str
 
 def bench_recall(embedder_name: str, device: str, db: Path, queries: list[str]) -> tuple[str, dict]:
     from drzero.retrieval.exact_index import ExactIndex
-    from drzero.retrieval.server import RetrievalService, RetrieverConfig
+    from drzero.retrieval.server import RetrieverConfig
+    from drzero.retrieval.service import RetrievalService
 
     store = CorpusStore.open_existing(db)
     exact = ExactIndex.from_store(store, device)  # brute force over every stored vector, in fp32
@@ -260,7 +256,7 @@ def bench_serving(args, db: Path, queries: list[str], log_dir: Path) -> tuple[st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _env.parser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--embedder", default=TEST_EMBEDDER,
                         help="model name or directory; e5-large-random builds e5-large-v2's architecture with "

@@ -21,10 +21,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+import _env
+
+ROOT = _env.setup("tests", "benchmarks")
 
 PROBES, TURNS = 5, 3
 
@@ -90,7 +90,7 @@ def client(questions: int, urls: dict, concurrency: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _env.parser(__doc__)
     parser.add_argument("--questions", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--latency", type=float, default=0.2, help="seconds per generate request (default 0.2)")
     parser.add_argument("--concurrency", type=int, default=64)

@@ -10,15 +10,11 @@ design alone.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
-
 from pydantic import BaseModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+import _env
+
+_env.setup(ANONYMIZED_TELEMETRY="False")
 
 
 class Request(BaseModel):
@@ -53,7 +49,7 @@ def create_app(db: str, device: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _env.parser(__doc__)
     parser.add_argument("--db", required=True)
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--device", default="cpu")

@@ -14,17 +14,13 @@ the previous default: 4,096 characters per search.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+import _env
+
+ROOT = _env.setup("benchmarks", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="true")
 
 from qwen_vocab import qwen_tokenizer  # noqa: E402
 
@@ -51,7 +47,7 @@ def file_passages(path: Path) -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _env.parser(__doc__)
     parser.add_argument("--corpus", type=Path, action="append", default=[], help="JSONL corpus (title, text)")
     parser.add_argument("--cap", type=int, default=None, help="tool-output cap in characters (default: config)")
     parser.add_argument("--samples", type=int, default=400)

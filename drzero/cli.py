@@ -39,7 +39,7 @@ from drzero.models.registry import REGISTRY, ListModelsConfig, render_registry
 from drzero.pipeline import EvolveConfig, evolve
 from drzero.retrieval.search_cli import SearchConfig, run_search
 from drzero.retrieval.server import RetrieverConfig, serve
-from drzero.services import ServiceError
+from drzero.services.specs import ServiceError
 from drzero.stages.registry import EVOLVE, STAGES
 from drzero.tools import eval_set, report, smoke
 from drzero.tools.memory import MemoryConfig, run_memory

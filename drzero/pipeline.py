@@ -119,8 +119,8 @@ class RunState:
         minutes; it rewrites the same directory).
         """
         for key, plan in plans:
-            proven = (plan.manifest is not None and verify_set(plan.manifest) is None) or \
-                finished_step(plan) is not None
+            proven = ((plan.manifest is not None and verify_set(plan.manifest) is None)
+                      or finished_step(plan) is not None)
             if not proven:
                 continue
             self.mark(key, "done", plan.outputs)

@@ -21,7 +21,7 @@ class StagePlan:
     command: list[str] | None = None                  # a subprocess (verl, the merger)
     run: Callable[[], object] | None = None           # or work done in this process (gen-data)
     env: dict[str, str] = field(default_factory=dict)
-    services: list = field(default_factory=list)      # drzero.services ServiceSpec
+    services: list = field(default_factory=list)      # drzero.services.specs.ServiceSpec
     inputs: list[Path] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
     verl_overrides: list[str] | None = None           # what preflight composes

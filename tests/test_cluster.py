@@ -177,7 +177,7 @@ def test_a_stage_on_the_cluster_plans_both_nodes_and_a_worker_searches_the_head_
 
     from drzero.cluster.ray import attach, stage_cluster_checks
     from drzero.rollout.search import RETRIEVER_URL_ENV
-    from drzero.services import Supervisor
+    from drzero.services.supervisor import Supervisor
     from drzero.verl.overrides import compose
     from drzero.stages.solver import SolverConfig, plan_solver
 

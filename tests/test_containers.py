@@ -323,7 +323,7 @@ def test_compose_gpu_services():
     assert sglang["entrypoint"] == ["python3", "-m", "sglang.launch_server"]
     assert any(v.endswith(":/corpus/models:ro") for v in sglang["volumes"])
     args = [str(a) for a in sglang["command"]]
-    from drzero.services import sglang_service
+    from drzero.services.specs import sglang_service
 
     ours = [a for a in sglang_service("/m").command if str(a).startswith("--")]
     assert set(a for a in args if a.startswith("--")) == set(ours), "the flags drzero.services launches SGLang with"
@@ -373,7 +373,7 @@ def test_compose_cpu_stack_runs_make_demo_in_order_on_its_own_volume():
 # --- health checks ---------------------------------------------------------------------------------
 
 def test_every_healthcheck_targets_an_endpoint_the_service_serves():
-    from drzero.services import retriever_service, sglang_service
+    from drzero.services.specs import retriever_service, sglang_service
 
     assert retriever_service("/db").health_path == "/health"
     assert sglang_service("/m").health_path == "/health"  # SGLang's own GET /health

@@ -13,12 +13,13 @@ import pytest
 from conftest import free_port
 from drzero.config import ConfigError, add_config_arguments, config_from_args
 from drzero.corpus.demo import build_demo_world
-from drzero.tools.eval_set import MakeEvalSetConfig, QaItem, read_qa_file, run_make_eval_set
+from drzero.data.qa import QaItem, read_qa_file
+from drzero.tools.eval_set import MakeEvalSetConfig, run_make_eval_set
 from drzero.tools.eval_set import summary_lines as eval_set_summary
 from drzero.stages.evaluate import EvaluateConfig, cover_em, em, f1, run_evaluate, summary_lines
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import normalize_answer
-from drzero.services import ServiceError
+from drzero.services.specs import ServiceError
 from fake_sglang import FakeSGLang, SearchThenAnswer
 
 PER_HOP = 3
@@ -201,8 +202,8 @@ def test_evaluate_scores_the_scripted_answers_exactly(eval_set, retriever, tmp_p
     overall = summary["overall"]
     assert (overall["questions"], overall["em"], overall["cover_em"]) == (12, 0.5, 0.75)
     assert overall["f1"] == pytest.approx((6 + sum(three_hop_f1)) / 12)
-    assert (overall["answered"], overall["mean_turns"], overall["mean_searches"], overall["rollout_errors"]) == \
-        (1.0, 2.0, 1.0, 0)
+    assert (overall["answered"], overall["mean_turns"], overall["mean_searches"],
+            overall["rollout_errors"]) == (1.0, 2.0, 1.0, 0)
     assert set(summary["by_data_source"]) == {f"search_zero_{h}" for h in range(1, 5)}
     assert summary["counts"] == {"rows_in_file": 12, "questions": 12, "answered": 12, "rollout_errors": 0,
                                  "search_failures": 0, "stop_reasons": {"answer": 12}}
@@ -217,8 +218,8 @@ def test_evaluate_scores_the_scripted_answers_exactly(eval_set, retriever, tmp_p
         hops = row["extra_info"]["hops"]
         assert line["question"] == row["question"] and json.loads(line["golden_answers"]) == row["golden_answers"]
         assert line["prediction"] == predictions[row["question"]]
-        assert (line["em"], line["cover_em"], line["hops"], line["data_source"]) == \
-            ("1" if hops <= 2 else "0", "1" if hops <= 3 else "0", str(hops), row["data_source"])
+        assert (line["em"], line["cover_em"], line["hops"], line["data_source"]) == (
+            "1" if hops <= 2 else "0", "1" if hops <= 3 else "0", str(hops), row["data_source"])
         assert (line["turns"], line["searches"], line["stop_reason"], line["error"]) == ("2", "1", "answer", "")
     text = summary_lines(result)
     assert "EM 0.500" in text and "1 hop(s): EM 1.000" in text and "0 rollout errors" in text

@@ -185,7 +185,7 @@ def test_project_chat_template_gives_the_same_conversation_as_the_chat_api():
     pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from drzero.tools.tiny_model import CHAT_TEMPLATE
+    from drzero.tools.tiny_chatml import CHAT_TEMPLATE
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.filters["tojson"] = lambda value, **_: json.dumps(value, ensure_ascii=False)

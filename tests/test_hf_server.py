@@ -23,7 +23,7 @@ from conftest import free_port
 def hf_server(tiny_tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from drzero.tools.tiny_model import build_tiny_model
+    from drzero.tools.tiny_chatml import build_tiny_model
 
     model_dir = tmp_path_factory.mktemp("tiny-model")
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)

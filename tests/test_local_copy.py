@@ -7,7 +7,7 @@ import pytest
 
 from conftest import drzero_command
 from drzero.corpus.store import StoreError
-from drzero.retrieval.server import copy_store_to_local
+from drzero.retrieval.local_copy import copy_store_to_local
 
 
 def _tree(directory):

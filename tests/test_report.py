@@ -9,7 +9,8 @@ import pytest
 
 from drzero.config import ConfigError, add_config_arguments, config_from_args
 from drzero.stages.evaluate import EvaluateConfig, QuestionResult, build_summary
-from drzero.tools.report import ReportConfig, flat_metrics, load_run, run_report, summary_lines
+from drzero.tools.report import ReportConfig, flat_metrics, run_report, summary_lines
+from drzero.tools.report_run import load_run
 
 STAGES = ("challenger", "merge-challenger", "gen-data", "solver", "merge-solver")
 SEED_HOPS = {"1": 800, "2": 600, "3": 400, "4": 200}
@@ -120,7 +121,7 @@ def test_report_draws_and_tabulates_what_the_run_wrote(run_dir, tmp_path):
 
 def test_the_same_numbers_go_to_wandb(run_dir):
     checkpoints, data = run_dir
-    run = load_run(ReportConfig(checkpoints=str(checkpoints), data_dir=str(data)))
+    run = load_run(checkpoints, data)
     first, second, third = (flat_metrics(v) for v in run.iterations)
     assert first["eval/em"] == 0.375 and first["eval/em_hop1"] == 0.75 and first["gen/kept_share"] == 0.75
     assert second["gen/rejected_unsolved"] == 8 and second["gen/kept_hop4"] == 50

@@ -16,16 +16,9 @@ import httpx
 import pytest
 
 from conftest import free_port
-from drzero.services import (
-    ServiceError,
-    ServiceSpec,
-    Supervisor,
-    is_secret,
-    port_owner,
-    retriever_service,
-    sglang_service,
-    wait_for_health,
-)
+from drzero.services.ports import port_owner
+from drzero.services.specs import ServiceError, ServiceSpec, is_secret, retriever_service, sglang_service
+from drzero.services.supervisor import Supervisor, wait_for_health
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +158,8 @@ def test_sigterm_to_the_stage_stops_its_services(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import sys, time
-        from drzero.services import ServiceSpec, Supervisor
+        from drzero.services.specs import ServiceSpec
+        from drzero.services.supervisor import Supervisor
         spec = ServiceSpec("sglang", {spec.command!r}, {spec.port})
         with Supervisor([spec]) as services:
             print("ready", services.pids["sglang"], flush=True)
@@ -282,7 +276,8 @@ def _stage_with(spec: ServiceSpec, tmp_path: Path) -> subprocess.Popen:
     driver = tmp_path / "stage.py"
     driver.write_text(textwrap.dedent(f"""
         import time
-        from drzero.services import ServiceSpec, Supervisor
+        from drzero.services.specs import ServiceSpec
+        from drzero.services.supervisor import Supervisor
         with Supervisor([ServiceSpec({spec.name!r}, {spec.command!r}, {spec.port})]) as services:
             print("ready", services.pids[{spec.name!r}], flush=True)
             time.sleep(120)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from drzero.tools.tiny_agent import encode_conversation, hits_text, keyword_search, proposer_conversation, \
-    solver_conversation
+from drzero.tools.tiny_agent import (encode_conversation, hits_text, keyword_search, proposer_conversation,
+                                     solver_conversation)
 
 
 @pytest.fixture(scope="module")

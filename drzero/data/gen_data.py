@@ -126,8 +126,8 @@ class GenDataJob:
         return seeds.with_name(f"{stem}_val.parquet"), seeds.with_name(f"{stem}.manifest.json")
 
     def output_paths(self) -> tuple[Path, Path, Path]:
-        out = Path(self.out).expanduser() if self.out else \
-            Path(self.seeds).expanduser().parent / f"solver_iter{self.iteration}.parquet"
+        out = (Path(self.out).expanduser() if self.out
+               else Path(self.seeds).expanduser().parent / f"solver_iter{self.iteration}.parquet")
         stem = _stem(out)
         return out, out.with_name(f"{stem}_val.parquet"), out.with_name(f"{stem}.manifest.json")
 
@@ -187,8 +187,8 @@ def _client(cfg: GenDataJob, base_url: str, model: str, temperature: float, toke
             max_prompt_tokens: int | None = None) -> AgentRolloutClient:
     """A client under the limits the proposer (or, for verification, the solver) trains under."""
     limits = RolloutLimits.from_training_config(max_prompt_tokens, cfg.thinking)
-    kwargs = template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None else \
-        {"enable_thinking": cfg.thinking}
+    kwargs = (template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None
+              else {"enable_thinking": cfg.thinking})
     generation = GenerationSettings(base_url=base_url, model=model, api=cfg.api, temperature=temperature,
                                     max_turns=cfg.max_turns, max_prompt_tokens=limits.max_prompt_tokens,
                                     max_response_tokens=cfg.max_response_tokens or limits.max_response_tokens,

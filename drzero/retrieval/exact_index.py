@@ -62,7 +62,7 @@ class ExactIndex:
     """Every stored vector in one device matrix; ``search`` returns (row ids, fp32 scores) best first."""
 
     def __init__(self, ids: list[str], vectors, device: str):
-        import torch
+        import torch  # seconds to import: only the exact index needs it, not `drzero --help`
 
         self.ids = ids
         self.device = device
@@ -70,7 +70,7 @@ class ExactIndex:
 
     @classmethod
     def from_store(cls, store: CorpusStore, device: str, page: int = 20_000) -> "ExactIndex":
-        import torch
+        import torch  # see __init__
 
         started = time.perf_counter()
         total = store.count()
@@ -93,7 +93,7 @@ class ExactIndex:
 
     def search(self, queries, topk: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: an (n, d) fp32 tensor (any device). Returns (n, k) row numbers and fp32 cosine scores."""
-        import torch
+        import torch  # see __init__
 
         with torch.inference_mode():
             queries = queries.to(device=self.device, dtype=torch.float32)

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 
 from drzero.config import ConfigError, option, require
+from drzero.corpus.embedder import Embedder
+from drzero.corpus.ingest import load_demo_world
+from drzero.corpus.store import CorpusStore
 
 
 @dataclass(kw_only=True)
@@ -39,7 +42,7 @@ class SearchConfig:
 
 def wait_until_healthy(url: str, seconds: float) -> None:
     """Poll ``url``/health until it answers 200; raise ConfigError naming the URL after ``seconds``."""
-    import httpx
+    import httpx  # ~0.1 s to import, and `drzero --help` imports this module
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per poll
     deadline = time.monotonic() + seconds
@@ -61,7 +64,7 @@ def wait_until_healthy(url: str, seconds: float) -> None:
 
 
 def _ask_server(cfg: SearchConfig, queries: list[str]) -> list[list[dict]]:
-    import httpx
+    import httpx  # see wait_until_healthy
 
     with httpx.Client(trust_env=False, timeout=60) as client:
         response = client.post(f"{cfg.url.rstrip('/')}/retrieve",
@@ -72,9 +75,6 @@ def _ask_server(cfg: SearchConfig, queries: list[str]) -> list[list[dict]]:
 
 
 def _ask_store(cfg: SearchConfig, queries: list[str]) -> list[list[dict]]:
-    from drzero.corpus.embedder import Embedder
-    from drzero.corpus.store import CorpusStore
-
     store = CorpusStore.open_existing(cfg.db, cfg.collection)
     embedder = Embedder(store.recorded_spec())
     hits = store.query(embedder.encode_queries(queries), cfg.topk)
@@ -83,8 +83,6 @@ def _ask_store(cfg: SearchConfig, queries: list[str]) -> list[list[dict]]:
 
 def _demo_samples(demo_db: str) -> list[tuple[str, str]]:
     """(question, note) pairs: one demo question per hop count with its known answer and chain."""
-    from drzero.corpus.ingest import load_demo_world
-
     world = load_demo_world(demo_db)
     samples = []
     for hops in range(1, 5):

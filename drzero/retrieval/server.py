@@ -18,18 +18,18 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from drzero.config import ConfigError, option, require
-from drzero.corpus.embedder import PRECISIONS, Embedder, canonical_name, require_device
-from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, Hit, StoreError
-from drzero.retrieval.exact_index import INDEXES, ExactIndex, choose_index
+from drzero.config import option, require
+from drzero.corpus.embedder import PRECISIONS, require_device
+from drzero.corpus.store import DEFAULT_COLLECTION, StoreError
+from drzero.retrieval.batcher import QueryBatcher
+from drzero.retrieval.exact_index import INDEXES
 from drzero.retrieval.http_guards import error_body, guard_requests, read_deadline_protocol
-from drzero.retrieval.local_copy import copy_store_to_local
-from drzero.retrieval.worker import WorkerGone
+from drzero.retrieval.worker import WorkerClient, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -104,59 +104,6 @@ class RetrieveRequest(BaseModel):
     return_scores: StrictBool = Field(True, description="wrap each document with its cosine score")
 
 
-class RetrievalService:
-    """The open collection, the query encoder that matches it, and the vector search (exact or HNSW)."""
-
-    def __init__(self, store: CorpusStore, embedder: Embedder, exact: ExactIndex | None = None,
-                 passages: int | None = None):
-        self.store = store
-        self.embedder = embedder
-        self.exact = exact
-        self.passages = store.count() if passages is None else passages
-
-    @classmethod
-    def open(cls, cfg: RetrieverConfig) -> "RetrievalService":
-        """Open the store and the embedder, or raise StoreError/ConfigError with one sentence saying why not."""
-        db = Path(cfg.db)
-        require_device(cfg.device)
-        if cfg.copy_to_local:
-            db = copy_store_to_local(db, Path(cfg.copy_to_local))
-        store = CorpusStore.open_existing(db, cfg.collection)
-        recorded = store.recorded_spec()
-        assert recorded is not None  # open_existing refuses collections without one
-        if cfg.embedder is not None and canonical_name(cfg.embedder) != recorded.name:
-            raise StoreError(
-                f"collection {cfg.collection!r} in {db} was built with embedder {recorded.name!r} but the retriever "
-                f"is configured with {canonical_name(cfg.embedder)!r}; serve it with --embedder {recorded.name} or "
-                f"re-ingest the corpus with {canonical_name(cfg.embedder)}.")
-        embedder = Embedder(recorded, device=cfg.device, precision=cfg.precision)  # prefixes from the collection
-        store.check_embedder(recorded, embedder.dimension)
-        passages = store.count()
-        choice = choose_index(cfg.index, cfg.device, passages, embedder.dimension, cfg.exact_max_gib,
-                              _free_gpu_bytes(cfg.device))
-        log.info("vector search: %s; encoder in %s on %s", choice.reason, embedder.precision, cfg.device)
-        exact = ExactIndex.from_store(store, cfg.device) if choice.kind == "exact" else None
-        return cls(store, embedder, exact, passages)
-
-    def encode(self, queries: list[str]):
-        """Query vectors: a tensor on the encoder's device for the exact index, numpy for Chroma."""
-        return self.embedder.encode_queries_tensor(queries) if self.exact else self.embedder.encode_queries(queries)
-
-    def lookup(self, vectors, topk: int) -> list[list[Hit]]:
-        return self.exact.hits(self.store, vectors, topk) if self.exact else self.store.query(vectors, topk)
-
-    def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
-        return self.lookup(self.encode(queries), topk)
-
-
-def _free_gpu_bytes(device: str) -> int | None:
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    return int(torch.cuda.mem_get_info()[0])
-
-
 def unencodable_at(text: str) -> int | None:
     """Where ``text`` holds a lone UTF-16 surrogate (valid in JSON, not in Unicode text), else None."""
     try:
@@ -168,12 +115,10 @@ def unencodable_at(text: str) -> int | None:
 
 def create_app(worker, cfg: RetrieverConfig):
     """The FastAPI app over a started ``WorkerClient`` (the worker is ready, so the app is healthy at once)."""
+    # fastapi here, not at the top: it takes ~0.25 s to import, and `drzero --help` imports this module
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    import orjson
-
-    from drzero.retrieval.batcher import QueryBatcher
 
     batcher = QueryBatcher(worker.submit, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                            coalesce=cfg.batching)
@@ -264,12 +209,10 @@ def create_app(worker, cfg: RetrieverConfig):
 
 def serve(cfg: RetrieverConfig) -> None:
     """Start the search worker (or exit with its reason), then serve until interrupted."""
-    import uvicorn
-
-    from drzero.retrieval.worker import WorkerClient
+    import uvicorn  # with fastapi (create_app): only a serving process needs it
 
     require_device(cfg.device)  # before starting anything: one sentence, not a worker's traceback
-    worker = WorkerClient(asdict(cfg), log_level=cfg.log_level)
+    worker = WorkerClient(cfg, log_level=cfg.log_level)
     try:
         info = worker.start()
     except RuntimeError as error:

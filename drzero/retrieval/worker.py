@@ -25,6 +25,8 @@ import queue
 import threading
 from typing import Any
 
+from drzero.retrieval.service import RetrievalService, SearchOptions
+
 log = logging.getLogger(__name__)
 
 # Two lookups at a time: fetching a batch's passages from the store waits on SQLite, and the search
@@ -42,13 +44,11 @@ class WorkerGone(RuntimeError):
 
 # -- the worker process ------------------------------------------------------------------------
 
-def worker_main(conn, config: dict, log_level: str) -> None:
+def worker_main(conn, options: SearchOptions, log_level: str) -> None:
     """Entry point of the worker process: open everything, say ready (or why not), then serve batches."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from drzero.retrieval.server import RetrievalService, RetrieverConfig
-
     try:
-        service = RetrievalService.open(RetrieverConfig(**config))
+        service = RetrievalService.open(options)
     except Exception as error:  # every reason not to start is one sentence for the front to print
         conn.send(("fatal", str(error) or repr(error)))
         conn.close()
@@ -116,8 +116,8 @@ class WorkerClient:
     time to form the next one) and *done* (the batch's hits, or ``WorkerFailed``).
     """
 
-    def __init__(self, config: dict, log_level: str = "info"):
-        self.config = config
+    def __init__(self, options: SearchOptions, log_level: str = "info"):
+        self.options = options  # pickled to the worker: the server's RetrieverConfig
         self.log_level = log_level
         self.info: dict[str, Any] = {}
         self.process = None
@@ -132,7 +132,7 @@ class WorkerClient:
         """Spawn the worker and wait until it is ready; raise RuntimeError with its sentence when it is not."""
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=worker_main, args=(child, self.config, self.log_level),
+        self.process = context.Process(target=worker_main, args=(child, self.options, self.log_level),
                                        name="drzero-search-worker", daemon=True)
         self.process.start()
         child.close()

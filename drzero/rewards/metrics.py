@@ -58,7 +58,7 @@ def with_reward_metrics(original):
 
 def install_training_metrics() -> None:
     """Patch ``verl.trainer.ppo.ray_trainer.compute_data_metrics`` in this process; idempotent."""
-    from verl.trainer.ppo import ray_trainer
+    from verl.trainer.ppo import ray_trainer  # verl: only a training process has it, and it is slow to import
 
     if not getattr(ray_trainer.compute_data_metrics, MARKER, False):
         ray_trainer.compute_data_metrics = with_reward_metrics(ray_trainer.compute_data_metrics)

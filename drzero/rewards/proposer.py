@@ -36,9 +36,13 @@ import logging
 import re
 from dataclasses import dataclass
 
+from drzero.models.files import load_tokenizer
 from drzero.prompts import (MAX_QUESTION_WORDS, cut_question, parse_proposal, parse_tool_calls, solver_messages,
                             starts_with_think)
 from drzero.rewards.solver import exact_match, normalize_answer
+from drzero.rollout.client import AgentRolloutClient, GenerationSettings
+from drzero.rollout.render import ToolOutputLimit, thinking_kwargs
+from drzero.rollout.search import SearchSettings
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +155,6 @@ _PROBE_CLIENTS: dict = {}
 def _probe_client(base_url: str, model_name: str, api: str, retriever_url: str | None, topk: int,
                   concurrency: int, timeout: float, retries: int, tokenizer: str | None, limits: tuple):
     """One client per settings and event loop, shared by every sample the reward worker scores."""
-    from drzero.rollout.client import AgentRolloutClient, GenerationSettings
-    from drzero.rollout.render import ToolOutputLimit, thinking_kwargs
-    from drzero.rollout.search import SearchSettings
-
     key = (id(asyncio.get_running_loop()), base_url, model_name, api, retriever_url, topk, concurrency, timeout,
            retries, tokenizer, limits)
     client = _PROBE_CLIENTS.get(key)
@@ -162,8 +162,6 @@ def _probe_client(base_url: str, model_name: str, api: str, retriever_url: str |
         max_turns, max_prompt_tokens, max_response_tokens, tool_chars, side, thinking = limits
         loaded_tokenizer = None
         if api == "generate":
-            from drzero.models.files import load_tokenizer
-
             loaded_tokenizer = load_tokenizer(tokenizer or model_name)
         search = SearchSettings.from_config({"retrieval_service_url": retriever_url, "topk": topk,
                                              "max_result_chars": tool_chars} if retriever_url else

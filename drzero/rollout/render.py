@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from drzero.layout import config_dir
 from drzero.prompts import SEARCH_TOOL_SCHEMA
 
 TRUNCATE_SIDES = ("left", "right", "middle")
@@ -40,7 +41,7 @@ SOLVER_PROMPT_LENGTH = 512  # Dr. Zero's solver data.max_prompt_length; probes, 
 def verl_tool_schemas() -> list[dict]:
     """The search tool schema exactly as verl 0.7.1 renders it (validated, then dumped without unset keys)."""
     try:
-        from verl.tools.schemas import OpenAIFunctionToolSchema
+        from verl.tools.schemas import OpenAIFunctionToolSchema  # verl: slow to import
     except ImportError:  # the retrieval-only install has no verl; our schema round-trips unchanged
         return [SEARCH_TOOL_SCHEMA]
     schema = OpenAIFunctionToolSchema.model_validate(SEARCH_TOOL_SCHEMA)
@@ -131,7 +132,7 @@ class ChatRenderer:
 
     def _render(self, messages: list[dict], *, tools, tokenize: bool):
         try:
-            from verl.utils.chat_template import apply_chat_template
+            from verl.utils.chat_template import apply_chat_template  # verl: optional, slow to import
         except ImportError:
             return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                       tokenize=tokenize, **self.chat_template_kwargs)
@@ -149,7 +150,7 @@ class ChatRenderer:
         """What the template puts before any conversation (Qwen2.5: its default system turn; Qwen3: nothing)."""
         if self._system_prompt is None:
             try:
-                from verl.utils.chat_template import initialize_system_prompt
+                from verl.utils.chat_template import initialize_system_prompt  # verl: optional, slow
 
                 self._system_prompt = token_ids(initialize_system_prompt(self.tokenizer,
                                                                          **self.chat_template_kwargs))
@@ -190,9 +191,7 @@ class RolloutLimits:
     @classmethod
     def from_training_config(cls, max_prompt_tokens: int | None = None,
                              thinking: bool | None = None) -> "RolloutLimits":
-        import yaml
-
-        from drzero.layout import config_dir
+        import yaml  # ~15 ms to import, on the `drzero --help` path: only reading the config needs it
 
         config = yaml.safe_load((config_dir() / "search_multiturn_grpo.yaml").read_text())
         multi_turn = config["actor_rollout_ref"]["rollout"]["multi_turn"]

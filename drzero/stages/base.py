@@ -33,7 +33,8 @@ from drzero.models.memory import Placement
 from drzero.models.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model, thinking_switch
 from drzero.models.shapes import GPU_MEMORY_GIB
 from drzero.plan import StagePlan
-from drzero.services import Supervisor, retriever_service
+from drzero.services.specs import retriever_service
+from drzero.services.supervisor import Supervisor
 from drzero.verl.overrides import ROLLOUT_TP, engine_overrides, thinking_overrides
 from drzero.verl.preflight import machine_check, run_checks
 

@@ -22,7 +22,7 @@ from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
 from drzero.rewards.wiring import reward_overrides
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH
-from drzero.services import sglang_service
+from drzero.services.specs import sglang_service
 from drzero.stages.base import SGLANG_PORT, StageConfig, on_cluster, run_stage, same_run
 from drzero.verl.hf.server import hf_server_service
 from drzero.verl.overrides import engine_option, verl_command

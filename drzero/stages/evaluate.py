@@ -10,7 +10,7 @@ or a model - a directory, a `drzero list-models` key or a hub name - for which t
 starts SGLang on ``--port`` (8001) and stops it at the end. Every question is asked with our
 solver prompt (the prompt stored in the file is not used: the model was trained on ours) through
 the same agent loop as training (``drzero.rollout.client``), at temperature 0, with at most
-``--max-turns`` assistant turns. The data file is read by ``drzero.tools.eval_set.read_qa_file``:
+``--max-turns`` assistant turns. The data file is read by ``drzero.data.qa.read_qa_file``:
 Search-R1 benchmark files, verl rows, our solver data and `drzero make-eval-set` output.
 
 Scores, all after SQuAD normalization of the last ``<answer>``: EM (equals a gold answer), token
@@ -39,6 +39,7 @@ from tqdm import tqdm
 from drzero import __version__
 from drzero.atomic import check_writable, write_text_atomically
 from drzero.config import RETRIEVER_URL_ENV, RolloutOptions, option, require
+from drzero.data.qa import QA_SUFFIXES, QaItem, read_qa_file
 from drzero.models.files import load_tokenizer
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
@@ -48,9 +49,9 @@ from drzero.rollout import search
 from drzero.rollout.client import AgentRolloutClient, GenerationSettings, Trajectory
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout.search import SearchSettings
-from drzero.services import ServiceError, Supervisor, sglang_service, wait_for_health
+from drzero.services.specs import ServiceError, sglang_service
+from drzero.services.supervisor import Supervisor, wait_for_health
 from drzero.stages.base import thinking_word
-from drzero.tools.eval_set import QA_SUFFIXES, QaItem, read_qa_file
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +274,8 @@ def _check_served_name(base_url: str, name: str) -> None:
 
 async def _rollouts(cfg: EvaluateConfig, base_url: str, items: list[QaItem], tokenizer) -> list[Trajectory]:
     limits = RolloutLimits.from_training_config(SOLVER_PROMPT_LENGTH, cfg.thinking)
-    kwargs = template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None else \
-        {"enable_thinking": cfg.thinking}
+    kwargs = (template_thinking_kwargs(tokenizer, cfg.thinking) if tokenizer is not None
+              else {"enable_thinking": cfg.thinking})
     generation = GenerationSettings(base_url=base_url, model=cfg.served_model_name, api=cfg.api,
                                     temperature=0.0,  # greedy: evaluation, not exploration
                                     max_turns=cfg.max_turns, max_prompt_tokens=limits.max_prompt_tokens,

@@ -20,7 +20,7 @@ from drzero.data.gen_data import GenDataJob, run_gen_data, summary_lines
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
 from drzero.prompts import MAX_QUESTION_WORDS
-from drzero.services import sglang_service
+from drzero.services.specs import sglang_service
 from drzero.stages.base import SGLANG_PORT, StageConfig, on_cluster, run_stage, same_run, thinking_word
 
 PROPOSER_SERVER = (4, 2, 0.8)  # dp, tp, --mem-fraction-static on 8 GPUs: nothing else runs beside it

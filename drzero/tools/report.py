@@ -22,26 +22,25 @@ Weights & Biases run - when ``wandb`` is installed and a key is set (``WANDB_API
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
+import netrc
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
+from drzero.atomic import check_writable, write_text_atomically
 from drzero.config import option, require
 from drzero.config import env_default
-from drzero.layout import SEED_STEM
+from drzero.data.questions import VERDICTS
+from drzero.tools.report_figure import write_png
+from drzero.tools.report_run import (EVAL_DIR, NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, IterationView, RunView,
+                                     kept_share, load_run)
 
 log = logging.getLogger(__name__)
 
-EVAL_DIR = "eval"  # CHECKPOINTS/eval/iter{K}/summary.json
 PNG_FILE, MARKDOWN_FILE = "report.png", "report.md"
-_ITERATION_KEY = re.compile(r"iter(\d+)/")
-_GEN_MANIFEST = re.compile(r"solver_iter(\d+)\.manifest\.json")
-_EVAL_DIR = re.compile(r"iter(\d+)")
-NOT_EVALUATED, NO_GEN_DATA, NOT_STARTED = "not evaluated", "no gen-data manifest", "not started"
 
 
 @dataclass(kw_only=True)
@@ -67,109 +66,10 @@ class ReportConfig:
         return Path(self.out).expanduser() if self.out else Path(self.checkpoints).expanduser() / "report"
 
 
-# -- what the run has written --------------------------------------------------------------------
-
-@dataclass
-class IterationView:
-    """Everything known about one iteration (iteration 0: the base model, only when it was evaluated)."""
-
-    iteration: int
-    evaluation: dict | None = None          # the evaluate summary.json
-    gen: dict | None = None                 # the gen-data manifest's "train" counts
-    stages: dict[str, str] = field(default_factory=dict)  # stage -> status
-    updated: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class RunView:
-    checkpoints: Path
-    data_dir: Path
-    iterations: list[IterationView]
-    stages: dict[str, dict]                 # state.json "stages" ({} without one)
-    state_found: bool
-    seed_manifest: dict | None
-    seed_manifest_path: Path | None
-    problems: list[str] = field(default_factory=list)  # files that exist but could not be read
-
-    @property
-    def evaluated(self) -> list[IterationView]:
-        return [v for v in self.iterations if v.evaluation is not None]
-
-    @property
-    def trained(self) -> list[IterationView]:
-        return [v for v in self.iterations if v.iteration >= 1]
-
-    def hop_labels(self) -> list[str]:
-        """Numeric hop counts seen in evaluations or gen-data, sorted; 1-4 when there are none."""
-        seen = {h for v in self.evaluated for h in v.evaluation.get("by_hops", {}) if h.isdigit()}
-        seen |= {h for v in self.iterations if v.gen for h in v.gen.get("hop_histogram", {})}
-        return sorted(seen, key=int) or ["1", "2", "3", "4"]
-
-
-def _read_json(path: Path, problems: list[str]) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        problems.append(f"{path}: not readable JSON ({error})")
-        return None
-    if not isinstance(value, dict):
-        problems.append(f"{path}: expected a JSON object")
-        return None
-    return value
-
-
-def _seed_manifest_path(data_dir: Path) -> Path | None:
-    preferred = data_dir / f"{SEED_STEM}.manifest.json"
-    if preferred.is_file():
-        return preferred
-    others = sorted(data_dir.glob("zero_ratio*.manifest.json")) if data_dir.is_dir() else []
-    return others[0] if others else None
-
-
-def load_run(cfg: ReportConfig) -> RunView:
-    from drzero.pipeline import ITERATION_STAGES
-
-    checkpoints, data_dir = Path(cfg.checkpoints).expanduser(), Path(cfg.data_dir).expanduser()
-    problems: list[str] = []
-    state = _read_json(checkpoints / "state.json", problems)
-    stages = state.get("stages", {}) if state else {}
-    gen_paths = {int(m.group(1)): p for p in (data_dir.glob("solver_iter*.manifest.json") if data_dir.is_dir() else [])
-                 if (m := _GEN_MANIFEST.fullmatch(p.name))}
-    eval_root = checkpoints / EVAL_DIR
-    eval_paths = {int(m.group(1)): p / "summary.json" for p in (eval_root.iterdir() if eval_root.is_dir() else [])
-                  if (m := _EVAL_DIR.fullmatch(p.name)) and (p / "summary.json").is_file()}
-    reached = [int(m.group(1)) for key in stages if (m := _ITERATION_KEY.match(key))]
-    last = cfg.iterations or max([1, *reached, *gen_paths, *eval_paths])
-    views = []
-    for iteration in range(0 if 0 in eval_paths else 1, last + 1):
-        view = IterationView(iteration)
-        if iteration in eval_paths:
-            view.evaluation = _read_json(eval_paths[iteration], problems)
-        if iteration in gen_paths:
-            manifest = _read_json(gen_paths[iteration], problems)
-            view.gen = manifest.get("train") if manifest else None
-        for name in ITERATION_STAGES if iteration >= 1 else ():
-            entry = stages.get(f"iter{iteration}/{name}", {})
-            view.stages[name] = entry.get("status", NOT_STARTED)
-            view.updated[name] = entry.get("updated", "")
-        views.append(view)
-    seed_path = _seed_manifest_path(data_dir)
-    seed_manifest = _read_json(seed_path, problems) if seed_path else None
-    return RunView(checkpoints, data_dir, views, stages, state is not None, seed_manifest, seed_path, problems)
-
-
 # -- the numbers, once, for the markdown tables and W&B ---------------------------------------------
-
-def kept_share(gen: dict) -> float:
-    return gen.get("kept", 0) / gen["seeds"] if gen.get("seeds") else 0.0
-
 
 def flat_metrics(view: IterationView) -> dict[str, float]:
     """One iteration's numbers under stable names (the W&B keys)."""
-    from drzero.data.questions import VERDICTS
-
     metrics: dict[str, float] = {}
     if view.evaluation:
         overall = view.evaluation.get("overall", {})
@@ -197,8 +97,6 @@ def _label(view: IterationView) -> str:
 
 
 def render_markdown(run: RunView) -> str:
-    from drzero.data.questions import VERDICTS
-
     hops = run.hop_labels()
     lines = ["# drzero run report", "",
              f"Checkpoints `{run.checkpoints}` · data `{run.data_dir}` · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -265,9 +163,6 @@ def render_markdown(run: RunView) -> str:
 def _wandb_key_present() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    import netrc
-    from urllib.parse import urlparse
-
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:  # where `wandb login` keeps the key
         return netrc.netrc().authenticators(host) is not None
@@ -291,7 +186,7 @@ def wandb_status(enabled: bool) -> tuple[bool, str]:
 
 def log_to_wandb(cfg: ReportConfig, run: RunView, png_path: Path) -> str:
     """Each iteration's numbers at step K, the picture with the last; returns where the run went."""
-    import wandb
+    import wandb  # optional (wandb_status checked it is installed), and slow to import
 
     steps = [(v.iteration, flat_metrics(v)) for v in run.iterations]
     wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or f"report-{run.checkpoints.name}",
@@ -327,12 +222,9 @@ def missing_pieces(run: RunView) -> list[str]:
 
 
 def run_report(cfg: ReportConfig) -> ReportResult:
-    from drzero.atomic import check_writable, write_text_atomically
-    from drzero.tools.report_figure import write_png
-
     out = cfg.output_dir()
     check_writable(out)
-    run = load_run(cfg)
+    run = load_run(cfg.checkpoints, cfg.data_dir, cfg.iterations)
     png_path, markdown_path = out / PNG_FILE, out / MARKDOWN_FILE
     write_png(run, png_path)
     write_text_atomically(render_markdown(run), markdown_path)

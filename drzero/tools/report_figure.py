@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from drzero.tools.report import NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, RunView, kept_share
+from drzero.atomic import write_atomically
+from drzero.data.questions import VERDICTS
+from drzero.pipeline import ITERATION_STAGES
+from drzero.tools.report_run import NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, RunView, kept_share
 
 FIGURE_INCHES = (12, 9)
 DPI = 100
@@ -21,7 +24,7 @@ VERDICT_COLORS = ("#4caf50", "#bdbdbd", "#ffb74d", "#e57373", "#9575cd")  # kept
 
 
 def _hop_colors(hops: list[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib: ~0.2 s to import, only when a picture is drawn
 
     cmap = colormaps["viridis"]
     return {h: cmap(i / max(1, len(hops) - 1) * 0.85) for i, h in enumerate(hops)}
@@ -79,8 +82,6 @@ def _kept_panel(ax, run: RunView, colors: dict) -> None:
 
 
 def _verdict_panel(ax, run: RunView) -> None:
-    from drzero.data.questions import VERDICTS
-
     ax.set_title("what became of the seeds (share of seeds)")
     iterations = [v.iteration for v in run.trained]
     bottoms = [0.0] * len(iterations)
@@ -101,9 +102,7 @@ def _verdict_panel(ax, run: RunView) -> None:
 
 
 def _stage_panel(ax, run: RunView) -> None:
-    from matplotlib.patches import Rectangle
-
-    from drzero.pipeline import ITERATION_STAGES
+    from matplotlib.patches import Rectangle  # matplotlib: only when a picture is drawn (see _hop_colors)
 
     prepare = run.stages.get("prepare-data", {}).get("status", NOT_STARTED) if run.state_found else "no state.json"
     ax.set_title(f"stage status (prepare-data: {prepare})")
@@ -122,10 +121,9 @@ def _stage_panel(ax, run: RunView) -> None:
 
 def write_png(run: RunView, path: Path) -> None:
     """Draw the four panels and write them to ``path`` through a temporary file."""
+    # matplotlib: only when a picture is drawn (see _hop_colors)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from drzero.atomic import write_atomically
 
     figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)
     FigureCanvasAgg(figure)  # Agg: no display, and no pyplot state shared with the caller

@@ -46,9 +46,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from drzero.config import option, require
-from drzero.services import SGLANG_PORT
 from drzero.checks import Check
+from drzero.config import add_config_arguments, config_from_args, option, require
+from drzero.corpus.demo import build_demo_world
+from drzero.corpus.ingest import DEMO_FACTS_FILE, IngestConfig, load_demo_world, run_ingest
+from drzero.models.registry import resolve_model
+from drzero.prompts import solver_messages
+from drzero.rollout.client import AgentRolloutClient, GenerationSettings
+from drzero.rollout.search import SearchSettings, close_sessions, search
+from drzero.services.specs import SGLANG_PORT, ServiceError, retriever_service, sglang_service
+from drzero.services.supervisor import Supervisor
+from drzero.tools.eval_set import demo_rows
+from drzero.verl.hf.server import hf_server_service
 from drzero.verl.overrides import engine_option
 
 # The registry's one-GPU debugging model: small enough to load in a minute and train one step on one H100.
@@ -140,15 +149,11 @@ def server_part(cfg: "SmokeConfig") -> str:
 def inference_spec(cfg: "SmokeConfig", model_path: str, tool_call_parser: str, port: int):
     if cfg.engine == "sglang":
         return sglang_spec(model_path, tool_call_parser, port)
-    from drzero.verl.hf.server import hf_server_service
-
     return hf_server_service(model_path, port, SMOKE_SERVED_NAME)
 
 
 def sglang_spec(model_path: str, tool_call_parser: str, port: int):
     """One SGLang server on one GPU, serving ``model_path`` as ``smoke``."""
-    from drzero.services import sglang_service
-
     return sglang_service(model_path, port=port, dp=1, tp=1, mem_fraction=SMOKE_SGLANG_MEM,
                           tool_call_parser=tool_call_parser, served_model_name=SMOKE_SERVED_NAME)
 
@@ -164,16 +169,9 @@ def verl_step_command(cfg: SmokeConfig, model_path: str, db: Path, work: Path, r
     return command + ["--", *VERL_OVERRIDES]
 
 
-def solver_rows(questions: list, split: str) -> list[dict]:
-    """Solver rows (the format gen-data writes) for demo-world questions with their known answers."""
-    from drzero.tools.eval_set import demo_rows
-
-    return demo_rows(questions, split)
-
-
 def write_solver_data(data_dir: Path, world) -> tuple[Path, Path]:
     """solver_iter1.parquet and its validation file, from the demo world's 1- to 4-hop questions."""
-    import pyarrow as pa
+    import pyarrow as pa  # ~0.1 s to import, and `drzero --help` imports this module
     import pyarrow.parquet as pq
 
     questions = [q for hops in (1, 2, 3, 4) for q in world.questions(hops, count=3)]
@@ -181,7 +179,8 @@ def write_solver_data(data_dir: Path, world) -> tuple[Path, Path]:
     val = questions[VERL_TRAIN_ROWS:VERL_TRAIN_ROWS + VERL_VAL_ROWS]
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = data_dir / "solver_iter1.parquet", data_dir / "solver_iter1_val.parquet"
-    for rows, path in zip((solver_rows(train, "train"), solver_rows(val, "test")), paths):
+    # the solver-data format gen-data writes, with the questions' known answers
+    for rows, path in zip((demo_rows(train, "train"), demo_rows(val, "test")), paths):
         pq.write_table(pa.Table.from_pylist(rows), path)
     return paths
 
@@ -221,7 +220,7 @@ def check_import(module_name: str, distribution: str, gpu_only: bool, has_gpu: b
 def count_gpus() -> tuple[int, str]:
     """(CUDA devices torch sees, their name)."""
     try:
-        import torch
+        import torch  # seconds to import; and a broken torch is a finding here, not a crash
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return count, (torch.cuda.get_device_name(0) if count else "")
@@ -231,19 +230,10 @@ def count_gpus() -> tuple[int, str]:
 
 def demo_world_of(db: Path):
     """The demo world a store was ingested with, or None for any other corpus."""
-    from drzero.corpus.demo import build_demo_world
-    from drzero.corpus.ingest import DEMO_FACTS_FILE
-
-    facts_path = db / DEMO_FACTS_FILE
-    if not facts_path.is_file():
-        return None
-    facts = json.loads(facts_path.read_text())
-    return build_demo_world(seed=facts["seed"], papers=len(facts["papers"]))
+    return load_demo_world(db) if (db / DEMO_FACTS_FILE).is_file() else None
 
 
 async def _search_once(url: str, query: str):
-    from drzero.rollout.search import SearchSettings, close_sessions, search
-
     try:
         return await search([query], SearchSettings(url=url, topk=3, retries=1))
     finally:
@@ -260,10 +250,6 @@ def check_search(retriever_url: str, query: str) -> Check:
 
 
 async def _rollouts(sglang_url: str, retriever_url: str, question: str, count: int):
-    from drzero.prompts import solver_messages
-    from drzero.rollout.client import AgentRolloutClient, GenerationSettings
-    from drzero.rollout.search import SearchSettings, close_sessions
-
     client = AgentRolloutClient(GenerationSettings(base_url=sglang_url, model=SMOKE_SERVED_NAME, api="chat",
                                                    temperature=0.7, max_turns=4, max_response_tokens=1024,
                                                    timeout=120.0, retries=1),
@@ -387,8 +373,6 @@ def _corpus(cfg: SmokeConfig, work: Path, log: Callable[[str], None]) -> tuple[P
             return None, (f"--db {cfg.db} does not exist; build it with `drzero ingest SOURCE... --db {cfg.db}`, "
                           f"or leave out --db to use a demo corpus")
         return db, f"corpus {db}"
-    from drzero.corpus.ingest import IngestConfig, run_ingest
-
     db = work / "demo-db"
     log(f"smoke: building the demo corpus ({cfg.demo_papers} papers) in {db}")
     run_ingest(IngestConfig(db=str(db), demo=True, demo_papers=cfg.demo_papers))
@@ -397,9 +381,6 @@ def _corpus(cfg: SmokeConfig, work: Path, log: Callable[[str], None]) -> tuple[P
 
 def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Check],
                    log: Callable[[str], None]) -> None:
-    from drzero.services import ServiceError, Supervisor, retriever_service
-    from drzero.models.registry import resolve_model
-
     gpu_parts = (server_part(cfg), "rollout") + (() if cfg.skip_verl else ("verl step",))
 
     def skip_rest(names, why: str) -> None:
@@ -451,9 +432,6 @@ def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Che
 
 def _gpu_parts(cfg: SmokeConfig, db: Path, work: Path, world, question: str, retriever_url: str,
                checks: list[Check], log: Callable[[str], None]) -> None:
-    from drzero.services import ServiceError, Supervisor
-    from drzero.models.registry import resolve_model
-
     model = resolve_model(cfg.model)
     if not model.local and not cfg.allow_download:
         checks.append(Check(server_part(cfg), False, f"{cfg.model} is not on disk (looked in $DRZERO_MODELS_DIR); "
@@ -477,8 +455,6 @@ def _gpu_parts(cfg: SmokeConfig, db: Path, work: Path, world, question: str, ret
     if cfg.skip_verl:
         return
     if world is None:
-        from drzero.corpus.demo import build_demo_world
-
         world = build_demo_world(papers=cfg.demo_papers)  # unanswerable on another corpus; fine for one step
     write_solver_data(work / "data", world)
     command = verl_step_command(cfg, model.path, db, work, f"{retriever_url}/retrieve")
@@ -489,8 +465,6 @@ def _gpu_parts(cfg: SmokeConfig, db: Path, work: Path, world, question: str, ret
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m drzero.tools.smoke`: the same as `drzero smoke`, for environments without the CLI entry."""
-    from drzero.config import add_config_arguments, config_from_args
-
     parser = argparse.ArgumentParser(prog="drzero smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, SmokeConfig)

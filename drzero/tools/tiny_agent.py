@@ -34,6 +34,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from drzero.corpus.demo import build_demo_world
+from drzero.prompts import (SEARCH_TOOL_SCHEMA, last_tag, parse_tool_calls, proposer_messages, render_document,
+                            solver_messages)
+from drzero.rollout.search import format_hits
+from drzero.tools.tiny_chatml import build_chatml_tokenizer, build_tiny_model, corpus_texts
+
 log = logging.getLogger(__name__)
 
 TRAINED_HIDDEN, TRAINED_LAYERS = 128, 2
@@ -66,8 +72,6 @@ def keyword_search(passages: list, query: str, k: int = TOPK) -> list:
 
 def hits_text(hits: list) -> str:
     """What the search tool hands the model for ``hits`` (drzero.rollout.search's own formatting)."""
-    from drzero.rollout.search import format_hits
-
     text = format_hits([[{"document": {"title": p.title, "contents": f"{p.title}\n{p.text}"}} for p in hits]])
     return json.dumps({"result": text}, ensure_ascii=False)
 
@@ -79,8 +83,6 @@ def tool_call_text(queries: list[str]) -> str:
 
 def solver_conversation(question, passages: list, by_source: dict, rng: random.Random) -> list[dict]:
     """A scripted solver trajectory for a one-hop demo question: search with the question, then answer."""
-    from drzero.prompts import solver_messages
-
     seed = by_source[question.seed_source]
     others = [p for p in keyword_search(passages, question.question, TOPK + 1) if p is not seed][:TOPK - 1]
     hits = others[:]
@@ -95,8 +97,6 @@ def solver_conversation(question, passages: list, by_source: dict, rng: random.R
 def proposer_conversation(question, by_source: dict, passages: list | None = None) -> list[dict]:
     """A scripted proposer trajectory: for a multi-hop question, one search per further hop for the title of
     the next document in its chain (the entity the seed passage names), then the question and its answer."""
-    from drzero.prompts import proposer_messages, render_document
-
     seed = by_source[question.seed_source]
     turns = []
     for source in question.chain[1:]:
@@ -138,9 +138,6 @@ def encode_conversation(tokenizer, messages: list[dict], tools: list[dict]) -> t
 def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
     """(train, held-out) encoded trajectories from the demo world: solver one-hop questions, proposer one- and
     two-hop questions (the two-hop ones search, so a proposer step really calls the tool)."""
-    from drzero.corpus.demo import build_demo_world
-    from drzero.prompts import SEARCH_TOOL_SCHEMA
-
     world = build_demo_world()
     passages = world.passages()
     by_source = {p.source: p for p in passages}
@@ -161,7 +158,7 @@ def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
 
 def train_agent(model, tokenizer, cfg: AgentTrainingConfig = AgentTrainingConfig()) -> dict:
     """Supervised pass over scripted trajectories; returns loss and held-out answer accuracy."""
-    import torch
+    import torch  # seconds to import; `drzero --help` imports this module (through tiny_model)
 
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"   # a GPU does the CPU minutes in seconds
@@ -206,9 +203,7 @@ def train_agent(model, tokenizer, cfg: AgentTrainingConfig = AgentTrainingConfig
 
 def episode(model, tokenizer, question: str, passages: list, max_new_tokens: int = 96) -> tuple[bool, str | None]:
     """One greedy solver episode with the scripted search: (called the tool, final answer or None)."""
-    import torch
-
-    from drzero.prompts import SEARCH_TOOL_SCHEMA, last_tag, parse_tool_calls, solver_messages
+    import torch  # as in train_agent: only a training or evaluating caller pays for it
 
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     device = next(model.parameters()).device
@@ -233,8 +228,6 @@ def episode(model, tokenizer, question: str, passages: list, max_new_tokens: int
 
 def evaluate_agent(model, tokenizer, questions: list) -> dict:
     """Greedy episodes over ``questions``: how often it calls the tool and answers exactly right."""
-    from drzero.corpus.demo import build_demo_world
-
     passages = build_demo_world().passages()
     calls = correct = 0
     for q in questions:
@@ -248,8 +241,6 @@ def evaluate_agent(model, tokenizer, questions: list) -> dict:
 def build_trained_agent(out: str | Path, cfg: AgentTrainingConfig = AgentTrainingConfig(),
                         vocab_size: int = 4096) -> dict:
     """Tokenizer + tiny model from the demo world, trained on scripted trajectories, saved to ``out``."""
-    from drzero.tools.tiny_model import build_chatml_tokenizer, build_tiny_model, corpus_texts
-
     out = Path(out)
     tokenizer = build_chatml_tokenizer(corpus_texts(None, "corpus"), vocab_size)
     model = build_tiny_model(tokenizer, TRAINED_HIDDEN, TRAINED_LAYERS, cfg.seed)

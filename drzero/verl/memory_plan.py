@@ -117,8 +117,8 @@ def smallest_fix(config, placement: Placement, stage: str) -> str:
     for change in CHANGES:
         if placement.server is None:  # no server beside the trainer: only the rest of the change applies
             change = replace(change, server=None)
-        if (change.server and change.server[0] * change.server[1] != gpus) or change in tried or \
-                (change.rollout_tp and gpus % change.rollout_tp):
+        if ((change.server and change.server[0] * change.server[1] != gpus) or change in tried
+                or (change.rollout_tp and gpus % change.rollout_tp)):
             continue
         tried.add(change)
         if _apply(config, placement, change, stage).fits:

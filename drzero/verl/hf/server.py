@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import uuid
+from pathlib import Path
+
+from drzero.services.specs import ServiceSpec
+from drzero.verl.hf.engine import HFEngine, ResponseLimits, stop_token_ids_of
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +33,11 @@ DEFAULT_MAX_TOKENS = 2560    # verl's response_length in our config: a probe nev
 
 
 def build_app(model_path: str, served_name: str, device: str | None = None, max_model_len: int | None = None):
+    # Here, not at the top: torch and transformers take seconds, and callers that only want
+    # hf_server_service (the stages, the smoke) never serve.
     import torch
     from aiohttp import web
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from drzero.verl.hf.engine import HFEngine, ResponseLimits, stop_token_ids_of
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -118,7 +123,7 @@ def build_app(model_path: str, served_name: str, device: str | None = None, max_
 
 
 def main(argv: list[str] | None = None) -> None:
-    from aiohttp import web
+    from aiohttp import web  # only the server process needs it (~0.15 s to import)
 
     parser = argparse.ArgumentParser(prog="python -m drzero.verl.hf.server", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory (a merged checkpoint)")
@@ -127,8 +132,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default="solver", help="the name requests must use")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
-    from pathlib import Path
-
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there; expected a model directory (a merged checkpoint, "
                      f"`drzero merge`, or `drzero tiny-model --out DIR`)")
@@ -139,10 +142,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def hf_server_service(model_path: str, port: int, served_model_name: str = "solver", host: str = "127.0.0.1"):
     """This server as a supervised service (``drzero challenger --engine hf`` starts it for the probes)."""
-    import sys
-
-    from drzero.services import ServiceSpec
-
     command = [sys.executable, "-m", "drzero.verl.hf.server", "--model", str(model_path), "--host", host,
                "--port", str(port), "--served-model-name", served_model_name]
     return ServiceSpec("hf-server", command, port, host=host, startup_timeout=600)

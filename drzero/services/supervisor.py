@@ -4,6 +4,9 @@ A Dr. Zero stage talks to two servers while it trains: the retriever (``drzero
 serve-retriever``, port 8000) and an SGLang inference server (port 8001). A stage that
 starts them itself wraps its work in a ``Supervisor``::
 
+    from drzero.services.specs import retriever_service, sglang_service
+    from drzero.services.supervisor import Supervisor
+
     specs = [retriever_service(db), sglang_service(model_path, dp=2)]
     with Supervisor(specs) as services:
         ...                       # services.urls["retriever"], services.urls["sglang"]
@@ -14,13 +17,14 @@ starts every child in its own process group with its output streamed to the log 
 ``[name]`` prefix, and returns once each answers ``GET /health`` with 200. Children die with
 us: each asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``, Linux), so a
 kill -9 or the OOM killer does not leave them holding the port and the GPUs; and each is recorded
-in a pid file per port, so a server of ours that survived anyway (one that ignores SIGTERM, or a
-non-Linux host) is stopped by the next start instead of blocking it. Children get the
-environment without secrets (W&B, Hugging Face, cloud keys); a spec names the ones it needs. A child that
-exits or stays unhealthy during startup raises ``ServiceError`` with its last log lines.
-Leaving the ``with`` - normally, by an exception, or by SIGTERM, which is how Modal and
-docker stop a container - stops each child's whole process tree: SIGTERM, a grace
-period, then SIGKILL. Only processes the supervisor started are ever signalled.
+in a pid file per port (``drzero.services.ports``), so a server of ours that survived anyway (one
+that ignores SIGTERM, or a non-Linux host) is stopped by the next start instead of blocking it.
+Children get the environment without secrets (W&B, Hugging Face, cloud keys); a spec names the
+ones it needs (``drzero.services.specs``). A child that exits or stays unhealthy during startup
+raises ``ServiceError`` with its last log lines. Leaving the ``with`` - normally, by an
+exception, or by SIGTERM, which is how Modal and docker stop a container - stops each child's
+whole process tree: SIGTERM, a grace period, then SIGKILL. Only processes the supervisor started
+are ever signalled.
 
 When the services run elsewhere (docker compose passes ``--sglang-url``), a stage only
 needs ``wait_for_health(url, timeout)``.
@@ -30,136 +34,26 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import logging
 import os
-import re
-import shlex
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-log = logging.getLogger(__name__)
+from drzero.services.ports import (describe_pid, forget_pid, live_group_members, pid_file, port_holder, port_owner,
+                                   record_pid, stale_server)
+from drzero.services.specs import RETRIEVER_STARTUP_TIMEOUT, ServiceError, ServiceSpec, child_environment
 
-RETRIEVER_PORT = 8000
-SGLANG_PORT = 8001
-# The retriever loads an embedder and opens ChromaDB; a first model load from a cold
-# network volume can take many minutes for SGLang, so its budget is much larger.
-RETRIEVER_STARTUP_TIMEOUT = 300.0
-SGLANG_STARTUP_TIMEOUT = 1800.0
 STOP_TIMEOUT = 20.0
 LOG_TAIL_LINES = 50
 
 _HEALTH_REQUEST_TIMEOUT = 5.0  # per poll: a loading server may accept and then hang
 _SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
-
-
-class ServiceError(RuntimeError):
-    """A service could not be started, stayed unhealthy or died; the message says what to do."""
-
-
-@dataclass
-class ServiceSpec:
-    """How to start one HTTP service and how to tell that it is ready."""
-
-    name: str
-    command: list[str]
-    port: int
-    host: str = "127.0.0.1"
-    health_path: str = "/health"
-    env: dict[str, str] = field(default_factory=dict)  # added to os.environ (less its secrets) for the child
-    pass_secrets: tuple[str, ...] = ()  # secret variables the child needs from os.environ (see child_environment)
-    startup_timeout: float = RETRIEVER_STARTUP_TIMEOUT
-    cwd: str | os.PathLike | None = None
-
-    @property
-    def url(self) -> str:
-        # A server bound to a wildcard address is reached over loopback from here.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-    @property
-    def health_url(self) -> str:
-        return self.url + self.health_path
-
-    @property
-    def command_line(self) -> str:
-        """The command as a shell line, for dry runs and logs."""
-        return shlex.join(str(part) for part in self.command)
-
-
-def retriever_service(
-    db: str | os.PathLike,
-    port: int = RETRIEVER_PORT,
-    host: str = "127.0.0.1",
-    device: str = "cpu",
-    embedder: str | None = None,
-    copy_to_local: str | os.PathLike | None = None,
-    collection: str = "corpus",
-    *,
-    startup_timeout: float = RETRIEVER_STARTUP_TIMEOUT,
-) -> ServiceSpec:
-    """`drzero serve-retriever` over the corpus at ``db``, run by this interpreter."""
-    command = [sys.executable, "-m", "drzero.cli", "serve-retriever", "--db", str(db),
-               "--collection", collection, "--host", host, "--port", str(port), "--device", device]
-    if embedder:
-        command += ["--embedder", embedder]
-    if copy_to_local:
-        command += ["--copy-to-local", str(copy_to_local)]
-    return ServiceSpec("retriever", command, port, host=host, startup_timeout=startup_timeout)
-
-
-def sglang_service(
-    model_path: str | os.PathLike,
-    port: int = SGLANG_PORT,
-    dp: int = 1,
-    tp: int = 1,
-    mem_fraction: float = 0.5,
-    tool_call_parser: str = "qwen25",
-    served_model_name: str = "solver",
-    host: str = "127.0.0.1",
-    extra_args: Sequence[str] = (),
-    *,
-    startup_timeout: float = SGLANG_STARTUP_TIMEOUT,
-) -> ServiceSpec:
-    """An SGLang server for ``model_path`` with ``dp`` data-parallel replicas of ``tp`` GPUs each."""
-    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-               "--host", host, "--port", str(port), "--dp-size", str(dp), "--tp-size", str(tp),
-               "--mem-fraction-static", str(mem_fraction), "--tool-call-parser", tool_call_parser,
-               "--served-model-name", served_model_name, *map(str, extra_args)]
-    # a Hugging Face token only for weights it is allowed to download; never the W&B key
-    return ServiceSpec("sglang", command, port, host=host, startup_timeout=startup_timeout,
-                       pass_secrets=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
-
-
-# --- what a child inherits -----------------------------------------------------------------
-
-# A variable is a secret when one of its _-separated words is one of these: WANDB_API_KEY,
-# HF_TOKEN, MODAL_TOKEN_SECRET, AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN ... (not TOKENIZERS_PARALLELISM).
-_SECRET_WORDS = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?|KEY|APIKEY)(_|$)")
-
-
-def is_secret(variable: str) -> bool:
-    return bool(_SECRET_WORDS.search(variable.upper()))
-
-
-def child_environment(spec: ServiceSpec, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """What a service child runs with: ours, less every secret it does not name, plus its own."""
-    environ = os.environ if environ is None else environ
-    kept = {k: v for k, v in environ.items() if not is_secret(k) or k in spec.pass_secrets}
-    # Python children block-buffer a piped stdout; unbuffered, their lines arrive as written.
-    return {"PYTHONUNBUFFERED": "1", **kept, **spec.env}
 
 
 # --- health --------------------------------------------------------------------------------
@@ -201,112 +95,6 @@ def wait_for_health(url: str, timeout: float = RETRIEVER_STARTUP_TIMEOUT, *, pat
         time.sleep(min(poll_interval, max(deadline - time.monotonic(), 0.0)))
 
 
-# --- who holds a port ----------------------------------------------------------------------
-
-_TCP_LISTEN = "0A"
-_WILDCARDS = {"0.0.0.0", "::"}
-
-
-def _decode_proc_address(hex_address: str) -> str:
-    """An address as /proc/net/tcp{,6} prints it: 32-bit words in the kernel's byte order."""
-    words = [int(hex_address[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_address), 8)]
-    packed = b"".join(words)
-    if len(packed) == 4:
-        return socket.inet_ntop(socket.AF_INET, packed)
-    address = socket.inet_ntop(socket.AF_INET6, packed)
-    return address.removeprefix("::ffff:") if address.startswith("::ffff:") and "." in address else address
-
-
-def _listener_inodes(port: int, host: str) -> list[int] | None:
-    """Inodes of listening sockets that would clash with binding ``host:port``; None without /proc."""
-    wanted = "127.0.0.1" if host in ("localhost", "") else host
-    inodes, readable = [], False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        readable = True
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 10 or fields[3] != _TCP_LISTEN:
-                continue
-            hex_address, hex_port = fields[1].split(":")
-            if int(hex_port, 16) != port:
-                continue
-            address = _decode_proc_address(hex_address)
-            # A wildcard listener blocks every address; binding a wildcard clashes with any listener.
-            if address in _WILDCARDS or wanted in _WILDCARDS or address == wanted:
-                inodes.append(int(fields[9]))
-    return inodes if readable else None
-
-
-def _pid_holding(inodes: Iterable[int]) -> int | None:
-    """The lowest pid with one of these sockets open (the parent, for forked workers), if visible."""
-    targets = {f"socket:[{inode}]" for inode in inodes}
-    try:
-        pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
-    except OSError:
-        return None
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:  # another user's process, or it just exited
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
-                    return pid
-            except OSError:
-                continue
-    return None
-
-
-def _describe_pid(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        argv = [part.decode(errors="replace") for part in argv if part]
-    except OSError:
-        argv = []
-    if not argv:
-        try:
-            argv = [Path(f"/proc/{pid}/comm").read_text().strip()]
-        except OSError:
-            return f"pid {pid}"
-    command = " ".join([os.path.basename(argv[0]), *argv[1:]])
-    if len(command) > 160:
-        command = command[:157] + "..."
-    return f"pid {pid} ({command})"
-
-
-def port_holder(port: int, host: str = "127.0.0.1") -> tuple[bool, int | None]:
-    """(whether ``port`` is taken where a server on ``host`` would bind, the pid holding it if visible)."""
-    inodes = _listener_inodes(port, host)
-    if inodes is None:  # no /proc (macOS): fall back to trying the bind ourselves
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host or "127.0.0.1", port))
-            except OSError:
-                return True, None
-        return False, None
-    if not inodes:
-        return False, None
-    return True, _pid_holding(inodes)
-
-
-def port_owner(port: int, host: str = "127.0.0.1") -> str | None:
-    """Who listens on ``port`` where a server on ``host`` would bind, e.g. "pid 1234 (python -m http.server 8001)".
-
-    None when the port is free. "an unknown process" when the port is taken but the
-    holder is not visible from here (another user or PID namespace).
-    """
-    taken, pid = port_holder(port, host)
-    if not taken:
-        return None
-    return _describe_pid(pid) if pid is not None else "an unknown process"
-
-
 # --- children die with us ------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -335,73 +123,7 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return hook
 
 
-def run_dir() -> Path:
-    """Where the pid files of our services live: ``$DRZERO_RUN_DIR``, else a per-user temp folder."""
-    override = os.environ.get("DRZERO_RUN_DIR")
-    return Path(override) if override else Path(tempfile.gettempdir()) / f"drzero-{os.getuid()}"
-
-
-def pid_file(port: int) -> Path:
-    return run_dir() / f"service-{port}.json"
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid,
-    it names one process, even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rfind(")") + 2:].split()[19])
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _record_pid(spec: ServiceSpec, pid: int) -> None:
-    from drzero.atomic import write_json_atomically
-
-    try:
-        run_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_json_atomically({"name": spec.name, "pid": pid, "pgid": pid, "start_time": _start_time(pid),
-                               "port": spec.port, "command": spec.command_line}, pid_file(spec.port))
-    except OSError as error:  # the pid file is a second line of defence; the service runs without it
-        log.warning("could not record %s's pid in %s (%s)", spec.name, pid_file(spec.port), error)
-
-
-def _forget_pid(port: int, pid: int) -> None:
-    path = pid_file(port)
-    try:
-        if json.loads(path.read_text()).get("pid") == pid:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def stale_server(port: int, holder: int | None) -> dict | None:
-    """The pid-file record of the earlier server of ours that holds ``port``, or None.
-
-    Ours means: ``holder`` (the pid listening on the port) is in the process group the pid file
-    recorded, and that group's leader, if it still runs, is the very process we started (same
-    start time). A group id cannot be reused while any member lives, so nothing else matches.
-    """
-    if holder is None:
-        return None
-    try:
-        record = json.loads(pid_file(port).read_text())
-        pgid = int(record["pgid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if _pgid(holder) != pgid:
-        return None
-    leader_start = _start_time(pgid)
-    if leader_start is not None and leader_start != record.get("start_time"):
-        return None
-    return record
+# --- process groups ------------------------------------------------------------------------
 
 
 def stop_group(pgid: int, timeout: float) -> bool:
@@ -415,32 +137,10 @@ def stop_group(pgid: int, timeout: float) -> bool:
             return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _live_group_members(pgid):
+            if not live_group_members(pgid):
                 return True
             time.sleep(0.1)
-    return not _live_group_members(pgid)
-
-
-# --- process groups ------------------------------------------------------------------------
-
-
-def _live_group_members(pgid: int) -> list[int] | None:
-    """Pids of processes in group ``pgid`` that are not zombies; None without /proc."""
-    try:
-        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
-    except OSError:
-        return None
-    members = []
-    for entry in entries:
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        state, _ppid, pgrp = stat[stat.rfind(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(entry))
-    return members
+    return not live_group_members(pgid)
 
 
 def _describe_exit(name: str, code: int) -> str:
@@ -465,7 +165,7 @@ class _Child:
             preexec_fn=_die_with_parent(os.getpid()),
         )
         self.pgid = self.proc.pid
-        _record_pid(spec, self.proc.pid)
+        record_pid(spec, self.proc.pid)
         self.started = time.monotonic()
         self._reader = threading.Thread(target=self._pump, args=(sink,), name=f"log-{spec.name}", daemon=True)
         self._reader.start()
@@ -507,7 +207,7 @@ class _Child:
             return False
         if self.exit_code() is None:
             return True
-        members = _live_group_members(self.pgid)  # the leader is gone; its workers may not be
+        members = live_group_members(self.pgid)  # the leader is gone; its workers may not be
         return bool(members)
 
     def signal_group(self, sig: int) -> None:
@@ -521,7 +221,7 @@ class _Child:
 
     def reap(self, join_timeout: float = 5.0) -> None:
         self.proc.wait()
-        _forget_pid(self.spec.port, self.proc.pid)
+        forget_pid(self.spec.port, self.proc.pid)
         # A grandchild that left the group could hold the pipe open; don't hang on it.
         self._reader.join(timeout=join_timeout)
         if not self._reader.is_alive() and self.proc.stdout is not None:
@@ -628,7 +328,7 @@ class Supervisor:
         record = stale_server(spec.port, holder) if taken else None
         if record is None:
             return
-        self._note(f"port {spec.port} is held by {_describe_pid(holder)}, the {record.get('name')} an earlier "
+        self._note(f"port {spec.port} is held by {describe_pid(holder)}, the {record.get('name')} an earlier "
                    f"run started (pid file {pid_file(spec.port)}); stopping it")
         if stop_group(int(record["pgid"]), self.stop_timeout):
             pid_file(spec.port).unlink(missing_ok=True)
