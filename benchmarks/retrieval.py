@@ -201,6 +201,7 @@ def start_server(kind: str, db: Path, device: str, port: int, log_dir: Path) -> 
     else:
         args = [sys.executable, "-m", "drzero.cli", "serve-retriever", "--db", str(db), "--port", str(port),
                 "--device", device, "--log-level", "warning"] + (["--no-batching"] if kind == "no-batching" else [])
+        args += ["--no-fast-encoder"] if kind == "no-fast-encoder" else []
     log_file = log_dir / f"server-{kind}.log"
     process = subprocess.Popen(args, stdout=log_file.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
     started = time.perf_counter()

@@ -68,6 +68,9 @@ class RetrieverConfig:
         "vector search: exact = brute force over the stored vectors on the encoder's device, hnsw = Chroma's "
         "index on the CPU; auto = exact on cuda when the vectors fit (--exact-max-gib), else hnsw"))
     exact_max_gib: float = option(8.0, help="largest vector matrix (fp32) --index auto puts on the GPU, in GiB")
+    fast_encoder: bool = option(True, help=(
+        "on a GPU, encode queries in fixed padded shapes replayed as CUDA graphs (checked against the model's own "
+        "vectors at start: cosine >= 0.999); --no-fast-encoder: sentence-transformers' encode"))
     batching: bool = option(True, help="coalesce concurrent requests into one encoder batch (--no-batching: "
                                        "one encode per request)")
     max_batch: int = option(256, help="most queries in one coalesced encoder batch")

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+from drzero.corpus.bucketed_encoder import MIN_COSINE, BucketedEncoder, Unsupported
 from drzero.corpus.embedder import Embedder, canonical_name, require_device
 from drzero.corpus.store import CorpusStore, Hit, StoreError
 from drzero.retrieval.exact_index import ExactIndex, choose_index
@@ -34,17 +35,19 @@ class SearchOptions(Protocol):
     index: str
     exact_max_gib: float
     copy_to_local: str | None
+    fast_encoder: bool
 
 
 class RetrievalService:
     """The open collection, the query encoder that matches it, and the vector search (exact or HNSW)."""
 
     def __init__(self, store: CorpusStore, embedder: Embedder, exact: ExactIndex | None = None,
-                 passages: int | None = None):
+                 passages: int | None = None, fast: BucketedEncoder | None = None):
         self.store = store
         self.embedder = embedder
         self.exact = exact
         self.passages = store.count() if passages is None else passages
+        self.fast = fast
 
     @classmethod
     def open(cls, cfg: SearchOptions) -> "RetrievalService":
@@ -68,10 +71,13 @@ class RetrievalService:
                               _free_gpu_bytes(cfg.device))
         log.info("vector search: %s; encoder in %s on %s", choice.reason, embedder.precision, cfg.device)
         exact = ExactIndex.from_store(store, cfg.device) if choice.kind == "exact" else None
-        return cls(store, embedder, exact, passages)
+        fast = bucketed_encoder(embedder) if exact is not None and cfg.fast_encoder else None
+        return cls(store, embedder, exact, passages, fast)
 
     def encode(self, queries: list[str]):
         """Query vectors: a tensor on the encoder's device for the exact index, numpy for Chroma."""
+        if self.fast is not None:
+            return self.fast.encode([self.embedder.spec.query_prefix + q for q in queries])
         return self.embedder.encode_queries_tensor(queries) if self.exact else self.embedder.encode_queries(queries)
 
     def lookup(self, vectors, topk: int) -> list[list[Hit]]:
@@ -79,6 +85,35 @@ class RetrievalService:
 
     def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         return self.lookup(self.encode(queries), topk)
+
+
+# Real queries of several lengths: the fixed-shape encoder must give sentence-transformers' vectors on them.
+CHECK_QUERIES = ["who proposed indistinguishability obfuscation from well-founded assumptions",
+                 "LWE", "which venue published the first candidate construction of a multilinear map and in what "
+                 "year was it presented, and who were the authors of that paper", "iO", "what is a puncturable PRF?"]
+
+
+def bucketed_encoder(embedder: Embedder) -> BucketedEncoder | None:
+    """The fixed-shape CUDA-graph encoder for ``embedder`` on a GPU, when it reproduces the model's vectors (cosine
+    >= 0.999 on real queries); None (``Embedder.encode`` serves) otherwise, with the reason in the log."""
+    if not embedder.device.startswith("cuda"):
+        return None
+    try:
+        fast = BucketedEncoder.of(embedder)
+        fast.warm()
+        agreement = fast.check_against(embedder, [embedder.spec.query_prefix + q for q in CHECK_QUERIES])
+    except Unsupported as why:
+        log.info("query encoder: sentence-transformers' encode (%s)", why)
+        return None
+    except RuntimeError as error:  # a capture the driver refuses: served without graphs rather than not at all
+        log.warning("query encoder: CUDA graphs failed (%s); using sentence-transformers' encode", error)
+        return None
+    if agreement < MIN_COSINE:
+        log.warning("query encoder: the fixed-shape encoder's vectors differ from the model's (cosine %.5f < %g); "
+                    "using sentence-transformers' encode", agreement, MIN_COSINE)
+        return None
+    log.info("query encoder: fixed shapes as CUDA graphs (cosine to sentence-transformers >= %.5f)", agreement)
+    return fast
 
 
 def _free_gpu_bytes(device: str) -> int | None:
