@@ -282,7 +282,8 @@ def test_compose_profiles_separate_the_gpu_and_cpu_stacks():
     by_profile = {}
     for name, (profile,) in profiles.items():
         by_profile.setdefault(profile, set()).add(name)
-    assert by_profile["gpu"] == {"retriever", "trainer"}
+    assert by_profile["gpu"] == {"trainer"}  # every stage of the trainer serves its own retriever on the GPU
+    assert by_profile["retriever"] == {"retriever"}
     assert by_profile["sglang"] == {"sglang"}
     assert by_profile["cpu"] == {"demo-ingest", "demo-retriever", "demo-tiny-model", "demo-prepare-data",
                                  "demo-search", "demo"}
@@ -338,9 +339,9 @@ def test_compose_gpu_services():
     argv = [str(a) for a in trainer["command"]]
     assert argv[0] == "evolve" and "--iterations ${ITERATIONS:-3}" in " ".join(
         yaml.safe_load(raw)["services"]["trainer"]["command"])
-    assert argv[argv.index("--retriever-url") + 1] == "http://retriever:8000/retrieve"
-    assert trainer["environment"]["DRZERO_RETRIEVER_URL"] == "http://retriever:8000/retrieve"
-    assert trainer["depends_on"]["retriever"] == {"condition": "service_healthy"}
+    # the stages start their own retriever, on the GPU as on Modal (--retriever-device auto), not a CPU container
+    assert "--retriever-url" not in argv and "DRZERO_RETRIEVER_URL" not in trainer["environment"]
+    assert "retriever" not in trainer["depends_on"]
     assert trainer["depends_on"]["sglang"]["condition"] == "service_healthy"
     assert trainer["shm_size"] == "32g"
     assert any(v.endswith(":/checkpoints") for v in trainer["volumes"])

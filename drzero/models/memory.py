@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from drzero.models.shapes import GIB, ModelShape
+from drzero.models.shapes import GIB, EncoderShape, ModelShape
 
 # -- constants ---------------------------------------------------------------------------------------
 
@@ -45,6 +45,7 @@ ALLOCATOR_SLACK = 1.05       # torch's caching allocator reserves more than it h
 # Measured: per token x vocabulary entry at the forward's end, bf16 logits + the fp32 log-softmax
 # rows verl's path without flash-attn keeps for backward (calibration: within 0.2%)
 LOGIT_BYTES = 6.0
+RETRIEVER_CONTEXT_GIB = 0.6  # the search worker's CUDA context and cuBLAS workspace (torch, one process)
 MIN_KV_SEQUENCES = 1         # an engine that cannot hold one full trajectory cannot serve at all
 TIGHT_KV_SEQUENCES = 32      # below this many full trajectories per engine, generation is slow
 TIGHT_HEADROOM = 0.05        # a phase within 5% of the GPU's memory fits on paper only
@@ -254,6 +255,31 @@ class Engine:
 
 
 @dataclass(frozen=True)
+class RetrieverLoad:
+    """The retriever's search worker on a GPU (GPU 0, started before SGLang and the trainer): the fp16 encoder,
+    the exact fp32 index when it fits its cap, and the activations of its largest batch."""
+
+    encoder: EncoderShape
+    passages: int | None = None   # vectors in the store; None until the store is read (the index is then not counted)
+    max_batch: int = 256          # `drzero serve-retriever --max-batch`
+    exact_max_gib: float = 8.0    # `--exact-max-gib`: a larger matrix stays in Chroma's HNSW on the CPU
+
+    def terms(self) -> list[Term]:
+        e = self.encoder
+        index = (self.passages or 0) * e.dimension * 4 / GIB
+        on_gpu = index <= self.exact_max_gib
+        # inference keeps no activations between layers: the peak is one layer's widest tensors for the batch
+        # (the MLP's intermediate and the q/k/v/output projections, fp16; SDPA's fused kernels hold no scores)
+        batch = self.max_batch * e.max_tokens * (e.intermediate + 4 * e.hidden) * 2 / GIB
+        where = (f"{self.passages:,} x {e.dimension} fp32" + ("" if on_gpu else f" > {self.exact_max_gib:g} GiB: "
+                 f"HNSW on the CPU") if self.passages is not None else "passages unknown: not counted")
+        return [Term("retriever: CUDA context", RETRIEVER_CONTEXT_GIB, "its search worker, GPU 0"),
+                Term("retriever: encoder weights (fp16)", e.params * 2 / GIB, e.name),
+                Term("retriever: exact index", index if on_gpu else 0.0, where),
+                Term("retriever: largest batch", batch, f"{self.max_batch} queries x {e.max_tokens} tokens")]
+
+
+@dataclass(frozen=True)
 class Placement:
     """What a stage's memory check needs beyond verl's config: the GPU, the model's shape (None when
     drzero does not know it), and an SGLang server sharing the GPUs as (role, dp, tp, fraction)."""
@@ -262,6 +288,7 @@ class Placement:
     capacity: float
     shape: ModelShape | None
     server: tuple[str, int, int, float] | None = None
+    retriever: RetrieverLoad | None = None   # the stage's own retriever, when it runs on this GPU
 
 
 @dataclass(frozen=True)
@@ -277,6 +304,7 @@ class StageSetup:
     rollout: Engine | None = None      # verl's SGLang engine, built after the actor
     server: Engine | None = None       # an SGLang server started before the trainer, or alone
     rollout_sleeps: bool = True        # free_cache_engine: verl releases the engine's weights and KV to train
+    retriever: RetrieverLoad | None = None  # the retriever's search worker, started first (GPU 0)
 
 
 @dataclass
@@ -339,11 +367,12 @@ def plan_memory(setup: StageSetup) -> StageMemory:
     phases: list[Phase] = []
     problems: list[str] = []
     notes: list[str] = []
-    before: list[Term] = []
+    # the services start before the trainer, the retriever first: what they hold, SGLang and FSDP cannot use
+    before: list[Term] = setup.retriever.terms() if setup.retriever is not None else []
     if setup.server is not None:
-        free = cap - SGLANG_CONTEXT_GIB
+        free = cap - sum(x.gib for x in before) - SGLANG_CONTEXT_GIB
         weights, kv = setup.server.pool(free)
-        before = _engine_terms(setup.server, weights, kv)
+        before = before + _engine_terms(setup.server, weights, kv)
         _check_engine(setup.server, weights, kv, free, problems, notes)
         if setup.train is None:
             phases.append(Phase(f"{setup.server.role} serving", before))

@@ -144,3 +144,25 @@ GPU_MEMORY_GIB = {
     "H100": 79.1, "H200": 139.8, "B200": 178.4, "A100-80GB": 79.2, "A100-40GB": 39.4, "L40S": 44.4,
     "A10G": 22.0, "L4": 22.0,
 }
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """A BERT-style sentence encoder, as the retriever's search worker holds it on a GPU."""
+
+    name: str
+    params: int
+    hidden: int
+    intermediate: int
+    dimension: int          # the embedding's size (mean pooling: the hidden size)
+    max_tokens: int = 512   # the longest input it encodes (BERT's position table)
+
+
+# Published configs (config.json of each model on the hub); the retriever's memory is planned from these.
+ENCODER_SHAPES = {s.name: s for s in [
+    EncoderShape("intfloat/e5-large-v2", 335_141_888, 1024, 4096, 1024),
+    EncoderShape("intfloat/e5-base-v2", 109_482_240, 768, 3072, 768),
+    EncoderShape("intfloat/e5-small-v2", 33_360_000, 384, 1536, 384),
+    EncoderShape("sentence-transformers/all-MiniLM-L6-v2", 22_713_216, 384, 1536, 384, max_tokens=256),
+]}
+DEFAULT_ENCODER = "intfloat/e5-large-v2"

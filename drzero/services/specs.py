@@ -14,6 +14,7 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 RETRIEVER_PORT = 8000
@@ -58,6 +59,17 @@ class ServiceSpec:
     def command_line(self) -> str:
         """The command as a shell line, for dry runs and logs."""
         return shlex.join(str(part) for part in self.command)
+
+
+RETRIEVER_DEVICES = ("auto", "cuda", "cpu")
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU to this process, without importing torch (seconds) at plan time:
+    the driver's /proc entry, and CUDA_VISIBLE_DEVICES not hiding every device."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").is_file()
 
 
 def retriever_service(

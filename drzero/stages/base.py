@@ -29,11 +29,11 @@ from drzero.checks import report
 from drzero.cluster.ray import RAY_ADDRESS_ENV, attach, stage_cluster_checks, worker_env_overrides
 from drzero.config import ClusterOptions, RunOptions, option, require
 from drzero.layout import Layout, checkpointed_step, config_dir
-from drzero.models.memory import Placement
+from drzero.models.memory import Placement, RetrieverLoad
 from drzero.models.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model, thinking_switch
-from drzero.models.shapes import GPU_MEMORY_GIB
+from drzero.models.shapes import DEFAULT_ENCODER, ENCODER_SHAPES, GPU_MEMORY_GIB
 from drzero.plan import StagePlan
-from drzero.services.specs import retriever_service
+from drzero.services.specs import RETRIEVER_DEVICES, nvidia_gpu_present, retriever_service
 from drzero.services.supervisor import Supervisor
 from drzero.verl.overrides import ROLLOUT_TP, engine_overrides, thinking_overrides
 from drzero.verl.preflight import machine_check, run_checks
@@ -60,6 +60,9 @@ class StageConfig(RunOptions, ClusterOptions):
         "apply the model's recipe for --gpu (offload, tp, memory fractions); --no-recipe: the shipped config"))
     retriever_url: str | None = option(None, metavar="URL", help=(
         "retriever /retrieve URL; default: start `drzero serve-retriever` on :8000 for the stage"))
+    retriever_device: str = option("auto", choices=list(RETRIEVER_DEVICES), help=(
+        "where the stage's own retriever encodes and searches: auto = GPU 0 (fp16, counted by the memory plan) "
+        "when this machine has an NVIDIA GPU, else the CPU"))
     logger: str = option("console,wandb", help="verl trainer loggers, comma separated")
     thinking: bool = option(False, help=(
         "turn Qwen3 thinking on (off by default; Qwen2.5 has none): verl and every probe pass "
@@ -103,7 +106,8 @@ class StageConfig(RunOptions, ClusterOptions):
             shape = model_shape(self.model)
         except (OSError, ValueError):  # a config.json that is not a decoder drzero knows: unchecked
             shape = None
-        return Placement(f"{self.gpu_mem:g}-GiB GPU" if self.gpu_mem else self.gpu, self.capacity, shape, server)
+        return Placement(f"{self.gpu_mem:g}-GiB GPU" if self.gpu_mem else self.gpu, self.capacity, shape, server,
+                         retriever=self.retriever_load())
 
     def verl_overrides(self, model_path: str, stage: str) -> list[str]:
         """The overrides every verl stage shares: model, tool and agent loop, batch, GPUs, loggers, checkpoints,
@@ -138,8 +142,21 @@ class StageConfig(RunOptions, ClusterOptions):
         if self.retriever_url:
             return [], self.retriever_url
         spec = retriever_service(str(self.layout.db), port=RETRIEVER_PORT, collection=self.collection,
-                                 host=self.listen_host())
+                                 host=self.listen_host(), device=self.retriever_on())
         return [spec], f"{spec.url}/retrieve"
+
+    def retriever_on(self) -> str:
+        """The device of the stage's own retriever: --retriever-device, with auto resolved on this machine."""
+        if self.retriever_device != "auto":
+            return self.retriever_device
+        return "cuda" if nvidia_gpu_present() else "cpu"
+
+    def retriever_load(self) -> RetrieverLoad | None:
+        """What the stage's own retriever holds on GPU 0, for the memory plan; the store's size is read by the
+        preflight (planning does not open the store)."""
+        if self.retriever_url or self.retriever_on() != "cuda":
+            return None
+        return RetrieverLoad(ENCODER_SHAPES[DEFAULT_ENCODER])
 
     def corpus(self) -> tuple[Path, str] | None:
         """(store, collection) the stage's own retriever will serve; None when it uses one at --retriever-url."""

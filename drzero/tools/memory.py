@@ -14,14 +14,14 @@ makes the plan fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from drzero.config import env_default, option, require
 from drzero.models.files import ModelNotFound
-from drzero.models.memory import Engine, StageMemory, StageSetup, plan_memory, render
+from drzero.models.memory import Engine, RetrieverLoad, StageMemory, StageSetup, plan_memory, render
 from drzero.models.registry import DEFAULT_MODEL, model_shape
-from drzero.models.shapes import GPU_MEMORY_GIB
+from drzero.models.shapes import DEFAULT_ENCODER, ENCODER_SHAPES, GPU_MEMORY_GIB
 from drzero.stages.challenger import ChallengerConfig, plan_challenger
 from drzero.stages.gen_data import PROPOSER_SERVER
 from drzero.stages.solver import SolverConfig, plan_solver
@@ -47,12 +47,24 @@ class MemoryConfig:
     sglang_dp: int | None = option(None, help="as `drzero challenger --sglang-dp` (the reward server)")
     sglang_tp: int | None = option(None, help="as `drzero challenger --sglang-tp`")
     sglang_mem: float | None = option(None, help="as `drzero challenger --sglang-mem`")
+    retriever_device: str = option("cuda", choices=["cuda", "cpu"], help=(
+        "where each stage's retriever runs: cuda = on GPU 0, counted here; cpu = not on a GPU"))
+    embedder: str = option(DEFAULT_ENCODER, choices=sorted(ENCODER_SHAPES), help="the retriever's encoder")
+    passages: int | None = option(None, help=(
+        "passages in the corpus: sizes the retriever's exact index on the GPU (default: unknown, not counted; a "
+        "stage's preflight reads it from the store)"))
     overrides: list[str] = field(default_factory=list)  # Hydra overrides after `--`, as the stages take them
 
     def __post_init__(self) -> None:
         require(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
         require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         require(self.gpu_mem is None or self.gpu_mem > 0, "gpu_mem", self.gpu_mem, "GiB per GPU, > 0")
+        require(self.passages is None or self.passages >= 0, "passages", self.passages, "an integer >= 0")
+
+    def retriever(self) -> RetrieverLoad | None:
+        if self.retriever_device != "cuda":
+            return None
+        return RetrieverLoad(ENCODER_SHAPES[self.embedder], passages=self.passages)
 
 
 def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
@@ -62,7 +74,8 @@ def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
         raise ModelNotFound(f"--model {cfg.model}: drzero knows no shape for it; pass a directory holding its "
                             f"config.json, or one of `drzero list-models`")
     common = dict(model=cfg.model, gpus=cfg.gpus, nnodes=cfg.nodes, gpu=cfg.gpu, gpu_mem=cfg.gpu_mem,
-                  use_recipe=cfg.use_recipe, rollout_tp=cfg.rollout_tp, overrides=list(cfg.overrides), logger="console")
+                  use_recipe=cfg.use_recipe, rollout_tp=cfg.rollout_tp, overrides=list(cfg.overrides), logger="console",
+                  retriever_device=cfg.retriever_device)
     server = dict(sglang_dp=cfg.sglang_dp, sglang_tp=cfg.sglang_tp, sglang_mem=cfg.sglang_mem)
     plans = {"challenger": plan_challenger(ChallengerConfig(**common, **server)),
              "solver": plan_solver(SolverConfig(**common))}
@@ -75,14 +88,15 @@ def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:
         plan = plans[source]
         if source not in composed:
             composed[source] = compose(plan.verl_overrides)
+        placement = replace(plan.memory, retriever=cfg.retriever())
         if stage in plans:
-            memories.append(plan_memory(stage_setup(composed[stage], plan.memory, stage)))
+            memories.append(plan_memory(stage_setup(composed[stage], placement, stage)))
             continue
-        sequence = stage_setup(composed[source], plan.memory, stage).rollout.sequence_tokens
+        sequence = stage_setup(composed[source], placement, stage).rollout.sequence_tokens
         dp, tp, fraction = PROPOSER_SERVER  # gen-data and evaluate under `drzero evolve`
         server = Engine(f"{stage} server", shape, tp, fraction, sequence, dp=dp)
-        memories.append(plan_memory(StageSetup(stage, plan.memory.capacity, plan.memory.gpu, cfg.gpus, cfg.nodes,
-                                               server=server)))
+        memories.append(plan_memory(StageSetup(stage, placement.capacity, placement.gpu, cfg.gpus, cfg.nodes,
+                                               server=server, retriever=placement.retriever)))
     return memories
 
 

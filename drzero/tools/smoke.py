@@ -399,7 +399,8 @@ def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Che
     question = cfg.question or (world.questions(2, count=1)[0].question if world else GENERIC_QUESTION)
     # a store the user named may sit on a network volume, where SQLite is unreliable: serve a local copy
     local_copy = work / "db-local-copy" if cfg.db is not None else None
-    retriever = retriever_service(db, port=_free_port(), copy_to_local=local_copy)
+    # on a GPU machine the retriever runs there, as in every training stage (fp16 encoder, exact search)
+    retriever = retriever_service(db, port=_free_port(), copy_to_local=local_copy, device="cuda" if has_gpu else "cpu")
     log(f"smoke: starting the retriever over {db}")
     try:
         with Supervisor([retriever], log=log) as services:

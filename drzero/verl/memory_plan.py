@@ -52,7 +52,8 @@ def stage_setup(config, placement: Placement, stage: str) -> StageSetup:
         role, dp, tp, fraction = placement.server
         server = Engine(role, shape, tp, fraction, sequence, dp=dp)
     sleeps = bool(_get(config, "actor_rollout_ref.rollout.free_cache_engine", True))
-    return StageSetup(stage, placement.capacity, placement.gpu, gpus, nodes, train, rollout, server, sleeps)
+    return StageSetup(stage, placement.capacity, placement.gpu, gpus, nodes, train, rollout, server, sleeps,
+                      retriever=placement.retriever)
 
 
 def with_overrides(config, overrides: list[str]):

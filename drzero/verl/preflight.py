@@ -22,13 +22,16 @@ import importlib.util
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from drzero.checks import Check
 from drzero.corpus.store import CorpusStore, StoreError
 from drzero.data.budget import PromptBudget, response_budget_for
 from drzero.layout import SEED_STEM
+from drzero.models.memory import Placement
 from drzero.models.registry import SGLANG_TOOL_PARSERS, VERL_TOOL_FORMATS
+from drzero.models.shapes import ENCODER_SHAPES
 from drzero.plan import StagePlan
 from drzero.rewards.proposer import hops_of
 from drzero.verl.memory_plan import memory_check
@@ -376,17 +379,31 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
         checks.append(Check("wandb", has_key, "key found" if has_key else
                             "logging to W&B but no WANDB_API_KEY; set it, or WANDB_MODE=offline, or --logger console"))
 
-    checks.append(_memory(config, plan))
+    checks.append(_memory(config, plan, planned))
     checks += gpu_only_checks(config, gpu_checks)
     return checks
 
 
-def _memory(config, plan: StagePlan) -> Check:
+def _memory(config, plan: StagePlan, planned: set[Path] = frozenset()) -> Check:
     """Per-GPU memory of every phase (drzero.models.memory) against the GPU, with the smallest fix."""
-
     stage = plan.name.split(" ")[0]
-    ok, message, skipped = memory_check(config, plan.memory, stage)
+    ok, message, skipped = memory_check(config, with_store_size(plan.memory, plan.corpus, planned), stage)
     return Check("memory", ok, message, skipped=skipped)
+
+
+def with_store_size(placement: Placement | None, corpus: tuple[Path, str] | None,
+                    planned: set[Path] = frozenset()) -> Placement | None:
+    """The placement with its retriever's index sized from the store it will serve: its passages and the encoder
+    the collection records. A store not written yet, or unreadable (the corpus check says why), stays unsized."""
+    if placement is None or placement.retriever is None or corpus is None or corpus[0] in planned:
+        return placement
+    try:
+        store = CorpusStore.open_existing(*corpus)
+    except StoreError:
+        return placement
+    spec = store.recorded_spec()
+    encoder = ENCODER_SHAPES.get(spec.name if spec else "", placement.retriever.encoder)
+    return replace(placement, retriever=replace(placement.retriever, encoder=encoder, passages=store.count()))
 
 
 def gpu_only_checks(config, enabled: bool | None = None) -> list[Check]:
