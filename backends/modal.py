@@ -71,10 +71,11 @@ app = modal.App("dr-zero")
 # One per action. Each runs its `drzero` command in the container (backends/modal_container.py):
 # output streamed, volumes committed as it goes, GPU time recorded. What a stage's Function is
 # given, GPUs for a day with retries or a CPU container, is read from the stage registry
-# (drzero/stages/registry.py); the secrets come with each launch (backends/modal_image.py says why). Each is written out rather than made in a
-# loop over the registry: a container finds its Function by name in this module (Modal looks up
-# the function's `__qualname__`), which a Function made in a loop lacks unless it is pickled
-# (`serialized=True`, which needs the same Python here as in the image).
+# (drzero/stages/registry.py); its secrets come with each launch (backends/modal_image.py says
+# why). Each is written out rather than made in a loop over the registry: a container finds its
+# Function by name in this module (Modal looks up the function's `__qualname__`), which a Function
+# made in a loop lacks unless it is pickled (`serialized=True`, which needs the same Python here as
+# in the image).
 
 
 @app.function(image=image, gpu=SMOKE_GPU, **resources(SMOKE_GPU), volumes=VOLUMES,

@@ -36,10 +36,10 @@ from backends.modal_image import (CHECKPOINTS_DIR, CODE_DIR, CORPUS_DB, LOCAL_DB
 
 COMMIT_EVERY = 10 * MINUTES
 USAGE_ERROR = 2  # drzero's exit code for a wrong option or config: a retry cannot fix it
-# Modal's docs (guide/lifecycle-functions): a container being stopped "is given a grace period of 30 seconds to
-# finish, and it will be killed if it takes longer than that"; modal 1.6.4 caps an HTTP server's own
-# `exit_grace_period` at 25 s for the same reason (modal/_server.py). The child's share leaves the rest to the
-# last commit of both volumes.
+# Modal's docs (guide/lifecycle-functions), for a container that is stopped or preempted: "The exit handler is
+# given a grace period of 30 seconds to finish, and it will be killed if it takes longer than that to complete"
+# (modal 1.6.4 keeps an HTTP server's own `exit_grace_period` under it, at most 25 s: modal/_server.py). The
+# command's share leaves the rest, 13 s or more, to the last commit of both volumes.
 GRACE_PERIOD = 30
 CHILD_STOP_WAIT = 15      # seconds the command has to stop after SIGTERM, before SIGKILL
 COMMIT_THREAD_WAIT = 2    # seconds the background committer gets to notice the end (a commit in flight is awaited)
@@ -169,6 +169,11 @@ def stop_child(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _print_output(process: subprocess.Popen, prefix: str) -> None:
+    for raw in iter(process.stdout.readline, b""):
+        print(prefix + raw.decode(errors="replace").rstrip(), flush=True)
+
+
 def stream(command: Sequence[str], prefix: str, env: dict[str, str] | None = None) -> int:
     """Run ``command``, print its output live with ``prefix``; stop its whole process group if we are stopped."""
     print(f"[modal] running {shlex.join(command)}", flush=True)
@@ -179,12 +184,13 @@ def stream(command: Sequence[str], prefix: str, env: dict[str, str] | None = Non
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        for raw in iter(process.stdout.readline, b""):
-            print(prefix + raw.decode(errors="replace").rstrip(), flush=True)
+        _print_output(process, prefix)
         return process.wait()
     finally:
         with signals_held():
             if process.poll() is None:  # we were stopped: drzero stops its services and verl on SIGTERM
+                # its last lines still reach the log, and a full pipe cannot hold its shutdown up
+                threading.Thread(target=_print_output, args=(process, prefix), daemon=True).start()
                 stop_child(process)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -113,7 +113,13 @@ SECRETS = {secret.name: secret for secret in (W_AND_B, HUGGING_FACE)}
 
 
 class MissingSecret(Exception):
-    """A secret a launch needs is not in the Modal workspace (one sentence: which, and the command to make it)."""
+    """A secret a launch needs is not in the Modal workspace: one sentence, which one and the command to make it."""
+
+    def __init__(self, secret: NamedSecret, reason: str):
+        self.secret, self.reason = secret, reason
+        super().__init__(f"Modal has no secret {secret.name!r} holding {secret.key} in this workspace ({reason}): "
+                         f"create it with `{secret.create}`, then run the same command again"
+                         + (f", {secret.otherwise}" if secret.otherwise else ""))
 
 
 def lookup_secret(secret: NamedSecret, client=None) -> modal.Secret:
@@ -121,10 +127,7 @@ def lookup_secret(secret: NamedSecret, client=None) -> modal.Secret:
     try:
         return modal.Secret.from_name(secret.name, required_keys=[secret.key]).hydrate(client=client)
     except (modal.exception.NotFoundError, modal.exception.InvalidError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise MissingSecret(f"Modal has no secret {secret.name!r} holding {secret.key} in this workspace ({first}): "
-                            f"create it with `{secret.create}`, then run the same command again"
-                            + (f", {secret.otherwise}" if secret.otherwise else "")) from None
+        raise MissingSecret(secret, (str(error).strip().splitlines() or [type(error).__name__])[0]) from None
 
 
 def attach_secrets(wanted: dict[str, bool], client=None, note=print) -> list[modal.Secret]:
@@ -134,10 +137,11 @@ def attach_secrets(wanted: dict[str, bool], client=None, note=print) -> list[mod
     for name, required in wanted.items():
         try:
             found.append(lookup_secret(SECRETS[name], client))
-        except MissingSecret as error:
+        except MissingSecret as missing:
             if required:
                 raise
-            note(f"note: {error}; without it, this launch runs with no {SECRETS[name].key}")
+            note(f"note: Modal has no secret {name!r} holding {missing.secret.key} ({missing.reason}), so this "
+                 f"launch runs without one (public models need none; for gated ones: `{missing.secret.create}`)")
     return found
 
 

@@ -144,8 +144,8 @@ def save_launch(volume, record: dict) -> str:
 
 def _is_record(record) -> bool:
     launch = record.get("launch") if isinstance(record, dict) else None
-    return (isinstance(launch, dict) and isinstance(record.get("app_id"), str) and isinstance(record.get("started"), str)
-            and isinstance(launch.get("action"), str) and isinstance(launch.get("argv"), list))
+    return (isinstance(launch, dict) and isinstance(launch.get("action"), str) and isinstance(launch.get("argv"), list)
+            and isinstance(record.get("app_id"), str) and isinstance(record.get("started"), str))
 
 
 def launches(volume) -> list[dict]:
@@ -164,7 +164,7 @@ def launches(volume) -> list[dict]:
         except ValueError:
             record = {}
         if record is not None and not _is_record(record):
-            print(f"[modal] {entry.path} on dr-zero-checkpoints is not a launch record; it is left out", file=sys.stderr)
+            print(f"[modal] {entry.path} on dr-zero-checkpoints is not a launch record; left out", file=sys.stderr)
         elif record is not None:
             records.append(record)
     return sorted(records, key=lambda r: r["started"])

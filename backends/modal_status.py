@@ -105,7 +105,7 @@ def model_lines(volume, registry: dict) -> list[str]:
             try:
                 marker = json.loads(b"".join(volume.read_file(f"models/{entry.local_dir}/.drzero-download.json")))
                 state = "verified" if marker.get("complete") else "incomplete: run download-model again"
-            except (*MISSING, ValueError, AttributeError):  # no download record (uploaded with --path), or a damaged one
+            except (*MISSING, ValueError, AttributeError):  # no download record (an upload with --path), or damaged
                 state = "present"
         lines.append(f"  {entry.key:<22} /corpus/models/{entry.local_dir:<22} {state}")
     return lines
@@ -186,7 +186,8 @@ def read_runs(volume) -> list[dict]:
 def read_summary(volume, path: str) -> str:
     try:
         summary = json.loads(read_volume_text(volume, path) or "{}")
-        return summary_text(summary) if isinstance(summary, dict) and isinstance(summary.get("overall", {}), dict) else ""
+        readable = isinstance(summary, dict) and isinstance(summary.get("overall", {}), dict)
+        return summary_text(summary) if readable else ""
     except (ValueError, TypeError):
         return ""
 

@@ -194,7 +194,12 @@ class FakeSecret:
 
 @pytest.fixture
 def modal_calls(monkeypatch):
-    """Every Function replaced by a fake, `app.run` recorded; the preflight passes unless a test says otherwise."""
+    return fake_modal(monkeypatch)
+
+
+def fake_modal(monkeypatch) -> list:
+    """Every Function replaced by a fake, `app.run` recorded, every secret in the workspace; the preflight passes
+    unless a test says otherwise. Returns the log of calls."""
     log = []
     for name in GPU_STAGES + CPU_FUNCTIONS + ["smoke"]:
         result = {"ok": True, "problems": []} if name == "preflight" else {"exit_code": 0}

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -185,8 +184,9 @@ def node(monkeypatch):
     def at_rank(rank, code=0, ips=("10.0.0.1", "10.0.0.2")):
         seen.clear()
         seen["code"] = code
-        monkeypatch.setattr(mc, "cluster_info", lambda: SimpleNamespace(
-            rank=rank, container_ipv4_ips=list(ips), container_ips=["fd00::1", "fd00::2"]))
+        monkeypatch.setattr(mc, "cluster_info", lambda: modal.experimental.ClusterInfo(  # modal's own context
+            rank=rank, cluster_id="cl-test", container_ips=["fd00::1", "fd00::2"], container_ipv4_ips=list(ips),
+            fabric_ids=[]))
         return seen
 
     return at_rank
