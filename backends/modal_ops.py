@@ -328,7 +328,7 @@ def show_logs(app_id: str, *, errors: bool, since: str | None, follow: bool, sta
     """The app's log with the service prefixes kept and a `>>> fix` line after each known failure;
     with ``errors`` only the failures, each with a few lines of context. Not 0 when modal's CLI failed."""
     command = logs_command(app_id, since, follow, started)
-    if command[-2] == "--tail":
+    if "--tail" in command:
         print(f"[modal] no launch record of {app_id}: reading its last {MAX_TAIL:,} log entries (give --since to "
               f"read further back)", file=sys.stderr)
     try:
