@@ -258,9 +258,10 @@ def parse_request(argv: Sequence[str], description: str = "") -> Request:
     parser.add_argument("--gpu", help=f"GPUs of the stage, TYPE:COUNT on one node (default: {GPU}, from "
                                       f"$DRZERO_MODAL_GPU; smoke: {SMOKE_GPU})")
     parser.add_argument("--nodes", type=int, default=1,
-                        help="challenger, solver, train: run on a Modal cluster of N nodes of --gpu each (2, 4 or 8; "
-                             "default 1, one node). Multi-node clusters are a feature Modal enables per workspace: "
-                             "ask Modal for it first (see README: More than one node)")
+                        help="challenger, solver, train: run on a Modal cluster of N nodes (2, 4 or 8; default 1, one "
+                             "node), each with all 8 GPUs of its host (--gpu H100:8 or H200:8). Multi-node clusters "
+                             "are a feature Modal enables per workspace: ask Modal for it first (see README: More "
+                             "than one node)")
     parser.add_argument("--stage", choices=["challenger", "solver"], default="solver",
                         help="merge, download-checkpoints: which stage's checkpoint (default: solver)")
     parser.add_argument("--data", help="evaluate: the evaluation parquet on the volume "
