@@ -18,8 +18,10 @@ rest is beside it, and imported one way only (none of these imports this file):
     backends/modal_image.py      the image, the volumes, the secrets, the GPUs: what every Function is given
     backends/modal_container.py  a `drzero` command in a container: streamed, volumes committed, GPU time
     backends/modal_plan.py       the command line -> one Function call (`plan_launch`), from the stage registry
-    backends/modal_ops.py        status and cost, logs, stop, resume, uploads, downloads, launch records
+    backends/modal_ops.py        estimates, logs, stop, resume, uploads, downloads, launch records
+    backends/modal_status.py     status: each stage, its verl step, the cost so far, the next step
     backends/modal_cluster.py    the verl stages on a Modal cluster (`--nodes N`), in an app of its own
+    backends/secrets_rule.py     what is never uploaded: secret files, and files that hold a key
 
 Run this file in module mode only (`python -m backends.modal ...` or `modal run -m backends.modal ...`).
 Run as a plain file, `backends/` would be on `sys.path` and `import modal` would import this file.
@@ -40,15 +42,16 @@ from typing import Sequence
 
 import modal
 
-from backends import modal_cluster
+from backends import modal_cluster, secrets_rule
 from backends.modal_container import check_inputs, copy_tree, run_drzero
-from backends.modal_image import (CORPUS_DB, CPU_TASK, DOWNLOAD_SECRETS, HOURS, LOCAL_DB, MINUTES, MODELS_DIR,
-                                  PRICE_PER_GPU_HOUR, RETRIES, SEEDS, SMOKE_GPU, SOURCES_DIR, TRAINING_SECRETS,
-                                  VOLUMES, checkpoints_volume, corpus_volume, image, resources, stage_options)
-from backends.modal_ops import (LAUNCHES_DIR, check_since, describe, download_checkpoints, find_launch,
-                                launch_record, read_volume_text, resume_lines, save_launch, show_logs, show_status,
+from backends.modal_image import (CODE_RULE, CONTEXT_RULE, CORPUS_DB, CPU_TASK, HOURS, LOCAL_DB, MINUTES, MODELS_DIR,
+                                  PRICE_PER_GPU_HOUR, RETRIES, SEEDS, SMOKE_GPU, SOURCES_DIR, VOLUMES, MissingSecret,
+                                  attach_secrets, checkpoints_volume, corpus_volume, image, resources, stage_options)
+from backends.modal_ops import (LAUNCHES_DIR, check_logs_options, describe, download_checkpoints, failure,
+                                find_launch, launch_record, read_volume_text, resume_lines, save_launch, show_logs,
                                 stop, upload_corpus, upload_model_from_disk)
-from backends.modal_plan import ACTIONS, GPU_STAGES, Launch, Request, parse_request, plan_launch
+from backends.modal_plan import ACTIONS, GPU_STAGES, Launch, Request, parse_request, plan_launch, secrets_for
+from backends.modal_status import show_status
 from drzero.models import download as model_download
 from drzero.stages.registry import EVOLVE, STAGES
 
@@ -67,11 +70,12 @@ app = modal.App("dr-zero")
 #
 # One per action. Each runs its `drzero` command in the container (backends/modal_container.py):
 # output streamed, volumes committed as it goes, GPU time recorded. What a stage's Function is
-# given, GPUs for a day with retries or a CPU container, and the W&B key where verl logs, is read
-# from the stage registry (drzero/stages/registry.py). Each is written out rather than made in a
-# loop over the registry: a container finds its Function by name in this module (Modal looks up
-# the function's `__qualname__`), which a Function made in a loop lacks unless it is pickled
-# (`serialized=True`, which needs the same Python here as in the image).
+# given, GPUs for a day with retries or a CPU container, is read from the stage registry
+# (drzero/stages/registry.py); its secrets come with each launch (backends/modal_image.py says
+# why). Each is written out rather than made in a loop over the registry: a container finds its
+# Function by name in this module (Modal looks up the function's `__qualname__`), which a Function
+# made in a loop lacks unless it is pickled (`serialized=True`, which needs the same Python here as
+# in the image).
 
 
 @app.function(image=image, gpu=SMOKE_GPU, **resources(SMOKE_GPU), volumes=VOLUMES,
@@ -81,7 +85,7 @@ def smoke(*argv: str) -> dict:
     return run_drzero("smoke", argv, gpu_time=True)
 
 
-@app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=8.0, memory=32 * 1024, timeout=12 * HOURS)
+@app.function(**CPU_TASK, cpu=8.0, memory=32 * 1024, timeout=12 * HOURS)
 def ingest(*argv: str) -> dict:
     """`drzero ingest` of the uploaded documents into a local copy of the store, then back onto the volume."""
     copy_tree(CORPUS_DB, LOCAL_DB)
@@ -146,7 +150,7 @@ def list_models(*argv: str) -> dict:
 # files in batches with Hugging Face's accelerators, commits the volume after each batch, and
 # verifies every file against the hub's hashes. A preempted or timed-out attempt is retried and
 # continues from what the last commit kept; a model already verified on the volume is skipped.
-@app.function(**CPU_TASK, secrets=DOWNLOAD_SECRETS, cpu=8.0, memory=16 * 1024, timeout=6 * HOURS, retries=RETRIES)
+@app.function(**CPU_TASK, cpu=8.0, memory=16 * 1024, timeout=6 * HOURS, retries=RETRIES)
 def download_model(hub_name: str, local_dir: str) -> dict:
     """Weights from the Hugging Face hub into /corpus/models/<local_dir>, so no GPU ever waits on a download."""
     result = model_download.download_from_hub(hub_name, Path(MODELS_DIR) / local_dir, commit=corpus_volume.commit,
@@ -155,8 +159,9 @@ def download_model(hub_name: str, local_dir: str) -> dict:
 
 
 # Before a GPU starts, a cheap CPU container checks the stage's inputs on the volumes and runs its own
-# check (`drzero preflight STAGE` or its `--dry-run`, the registry's `check`); it gets the W&B key to check it.
-@app.function(**CPU_TASK, secrets=TRAINING_SECRETS, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
+# check (`drzero preflight STAGE` or its `--dry-run`, the registry's `check`); it gets the stage's secrets,
+# the W&B key among them, to check them.
+@app.function(**CPU_TASK, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
 def preflight(command: list, required: list) -> dict:
     return check_inputs(command, required)
 
@@ -207,9 +212,11 @@ def record_launch(launch: Launch, call) -> None:
               file=sys.stderr)
 
 
-def _call(launch: Launch, wait: bool) -> int:
+def _call(launch: Launch, wait: bool, secrets: list) -> int:
+    given = {"secrets": secrets} if secrets else {}
     if launch.checked:
         checker = _function("cluster_preflight" if launch.nodes > 1 else "preflight")  # a Function of the running app
+        checker = checker.with_options(**given) if given else checker
         verdict = checker.remote(launch.preflight or [], launch.required)
         if not verdict["ok"]:
             print(f"preflight refused {launch.action}; no GPU was started:", file=sys.stderr)
@@ -217,8 +224,9 @@ def _call(launch: Launch, wait: bool) -> int:
                 print(f"  - {problem}", file=sys.stderr)
             return 1
     function = _function(launch.function)
-    if launch.gpu:
-        function = function.with_options(gpu=launch.gpu, **resources(launch.gpu))
+    options = {**({"gpu": launch.gpu, **resources(launch.gpu)} if launch.gpu else {}), **given}
+    if options:
+        function = function.with_options(**options)
     call = function.spawn(*launch.argv)
     _started(launch, call, detached=not wait)
     if launch.action in GPU_STAGES:
@@ -239,19 +247,25 @@ def launch(plan: Launch, request: Request, *, app_running: bool = False) -> int:
         print("--nodes runs the clustered Functions of their own app: launch it with `python -m backends.modal "
               f"{plan.action} --nodes {plan.nodes}`, not `modal run`", file=sys.stderr)
         return 2
+    try:  # before anything starts: no key leaves this machine, and every secret the command needs is there
+        if not app_running:  # under `modal run` the code is uploaded already, through the same rule
+            secrets_rule.check([CODE_RULE, CONTEXT_RULE])
+        secrets = attach_secrets(plan.secrets, note=lambda line: print(line, file=sys.stderr))
+    except (secrets_rule.KeyInUpload, MissingSecret) as error:
+        print(f"{plan.action}: {error}", file=sys.stderr)
+        return 1
     if app_running:  # under `modal run`: the app is already up; `modal run --detach` keeps it up
-        return _call(plan, wait=True)
+        return _call(plan, wait=True, secrets=secrets)
     global _running_app
     _running_app = _app_for(plan)
     try:
         with modal.enable_output(), _running_app.run(detach=plan.detach):
-            return _call(plan, wait=not plan.detach)
+            return _call(plan, wait=not plan.detach, secrets=secrets)
     except (modal.exception.AuthError, modal.exception.ConnectionError):
         raise
-    except modal.exception.Error as error:
-        if plan.nodes == 1:
-            raise
-        print(modal_cluster.refusal(plan.nodes, error), file=sys.stderr)
+    except modal.exception.Error as error:  # only a refusal that speaks of clusters is one (modal_cluster.py)
+        refused = plan.nodes > 1 and modal_cluster.is_refusal(error)
+        print(modal_cluster.refusal(plan.nodes, error) if refused else failure(plan.action, error), file=sys.stderr)
         return 1
 
 
@@ -284,25 +298,31 @@ def run_request(request: Request, *, app_running: bool = False) -> int:
 def operate(request: Request, *, app_running: bool = False) -> int:
     """logs, stop, resume of a launched run (default: the latest launch recorded on dr-zero-checkpoints)."""
     try:
-        check_since(request.since)
+        check_logs_options(request.since, request.follow)
     except ValueError as error:
         print(f"{request.action}: {error}", file=sys.stderr)
         return 2
     record = find_launch(checkpoints_volume, request.app_id)
     app_id = request.app_id or (record or {}).get("app_id")
-    if request.action == "resume" and record is None or app_id is None:
+    if request.action == "resume" and record is None:
         which = f"of app {request.app_id} " if request.app_id else ""
-        print(f"{request.action}: no launch {which}is recorded on dr-zero-checkpoints/{LAUNCHES_DIR}/ "
-              f"(runs launched by this version record one); give the app id from `modal app list`"
-              + ("" if request.action == "resume" else f" as `python -m backends.modal {request.action} APP_ID`"),
-              file=sys.stderr)
+        print(f"resume: nothing to resume: no launch {which}is recorded on dr-zero-checkpoints/{LAUNCHES_DIR}/ "
+              f"(each GPU launch of this version records one); start a run with `python -m backends.modal train`, "
+              f"and `python -m backends.modal status` shows what the volumes hold", file=sys.stderr)
+        return 1
+    if app_id is None:
+        print(f"{request.action}: no launch is recorded on dr-zero-checkpoints/{LAUNCHES_DIR}/ (runs launched by "
+              f"this version record one); give the app id from `modal app list` as `python -m backends.modal "
+              f"{request.action} APP_ID`", file=sys.stderr)
         return 2
     if request.action == "logs":
-        return show_logs(app_id, errors=request.errors, since=request.since, follow=request.follow)
+        return show_logs(app_id, errors=request.errors, since=request.since, follow=request.follow,
+                         started=(record or {}).get("started"))
     if request.action == "stop":
         return stop(app_id)
-    plan = Launch(**{**record["launch"], "detach": True,
-                     "required": [tuple(pair) for pair in record["launch"]["required"]]})
+    recorded = record["launch"]
+    plan = Launch(**{**recorded, "detach": True, "required": [tuple(pair) for pair in recorded.get("required", [])],
+                     "secrets": recorded.get("secrets", secrets_for(recorded["action"], recorded["argv"]))})
     print(f"resuming {plan.action} launched {record['started']} (app {record['app_id']}) with the same arguments:")
     print("\n".join(resume_lines(record, read_volume_text(checkpoints_volume, "state.json"))))
     return launch(plan, request, app_running=app_running)

@@ -35,16 +35,27 @@ import modal
 
 from backends.modal_container import (GpuTimeRecord, check_inputs, committing_volumes, copy_tree, outcome, stream,
                                       visible_gpus)
-from backends.modal_image import CORPUS_DB, CPU_TASK, LOCAL_DB, MINUTES, TRAINING_SECRETS, stage_options
+from backends.modal_image import CORPUS_DB, CPU_TASK, LOCAL_DB, MINUTES, stage_options
 from drzero.stages.registry import EVOLVE
 
 app = modal.App("dr-zero-cluster")
 
 SYNC_EVERY = 30            # seconds between a node's volume commit + reload
 SHARED_PATH_WAIT = 300     # seconds drzero waits for every node to see a marker (a few sync rounds and a slow commit)
-# One Function runs any of the verl stages (challenger, solver, or all of them: evolve): a GPU stage's options,
-# with the W&B key they all log to.
+# One Function runs any of the verl stages (challenger, solver, or all of them: evolve): a GPU stage's options
+# (the W&B key they log to comes with each launch, as on one node).
 CLUSTER_STAGE = stage_options(EVOLVE)
+
+# What a workspace without clusters gets when the app starts: a request the server refuses (invalid, not
+# permitted, not implemented) that speaks of clusters. Anything else, a failed image build (a RemoteError), a
+# missing object, a rejected request about something else, is reported as what it is (backends/modal.py).
+REFUSALS = (modal.exception.InvalidError, modal.exception.PermissionDeniedError, modal.exception.UnimplementedError)
+CLUSTER_WORDS = ("cluster", "multi-node", "multinode", "rdma")
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` says that the workspace cannot have a cluster."""
+    return isinstance(error, REFUSALS) and any(word in str(error).lower() for word in CLUSTER_WORDS)
 
 
 def refusal(nodes: int, error: BaseException) -> str:
@@ -84,7 +95,7 @@ def run_node(command: str, argv: tuple[str, ...], nodes: int) -> dict:
     return outcome(command, code)
 
 
-@app.function(**CPU_TASK, secrets=TRAINING_SECRETS, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
+@app.function(**CPU_TASK, cpu=4.0, memory=16 * 1024, timeout=30 * MINUTES)
 def cluster_preflight(command: list, required: list) -> dict:
     """The single-node preflight (`backends.modal.preflight`), in this app, before any cluster starts."""
     return check_inputs(command, required)

@@ -5,8 +5,13 @@
 Each Function of backends/modal.py and backends/modal_cluster.py starts its `drzero` command as a child
 process with what is here. The Function's own process prints the command's output line by line,
 commits both volumes every few minutes from a background thread (child processes have no Modal
-client) and once more on the way out, and records its GPU time. A SIGTERM or SIGINT (preemption,
-`modal app stop`) is passed on to the command, which stops its services and verl before the last commit.
+client) and once more on the way out, and records its GPU time.
+
+Stopping: Modal stops a Function with SIGINT (preemption, `modal app stop`, `modal container stop`) or
+SIGUSR1 (a cancelled call, raised in a sync Function as `InputCancellation`), and kills the container
+when its grace period is over (`GRACE_PERIOD`). The command gets SIGTERM and `CHILD_STOP_WAIT` seconds to
+stop its services and verl (state.json and verl's last complete checkpoint are on the volume by then),
+then SIGKILL; the last commit follows, with every further signal held off until it is done.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ from backends.modal_image import (CHECKPOINTS_DIR, CODE_DIR, CORPUS_DB, LOCAL_DB
 
 COMMIT_EVERY = 10 * MINUTES
 USAGE_ERROR = 2  # drzero's exit code for a wrong option or config: a retry cannot fix it
+# Modal's docs (guide/lifecycle-functions), for a container that is stopped or preempted: "The exit handler is
+# given a grace period of 30 seconds to finish, and it will be killed if it takes longer than that to complete"
+# (modal 1.6.4 keeps an HTTP server's own `exit_grace_period` under it, at most 25 s: modal/_server.py). The
+# command's share leaves the rest, 13 s or more, to the last commit of both volumes.
+GRACE_PERIOD = 30
+CHILD_STOP_WAIT = 15      # seconds the command has to stop after SIGTERM, before SIGKILL
+COMMIT_THREAD_WAIT = 2    # seconds the background committer gets to notice the end (a commit in flight is awaited)
+_committing = threading.Lock()  # one commit at a time: the last one waits for the background one, then runs
 
 
 def now_iso() -> str:
@@ -70,7 +83,12 @@ class GpuTimeRecord:
 
 
 def commit_volumes() -> None:
-    for volume in (checkpoints_volume, corpus_volume):
+    with _committing:
+        _commit_each()
+
+
+def _commit_each() -> None:
+    for volume in (checkpoints_volume, corpus_volume):  # checkpoints first: state.json and the last checkpoint
         try:
             volume.commit()
         except Exception as error:  # the next commit tries again; a failed commit must not end the run
@@ -104,15 +122,56 @@ def committing_volumes(record: GpuTimeRecord | None = None, every: float = COMMI
     try:
         yield
     finally:
-        stop.set()
-        thread.join(timeout=5 * MINUTES)
-        if record:
-            record.save(ended=now_iso())
-        commit_volumes()
+        with signals_held():
+            stop.set()
+            thread.join(timeout=COMMIT_THREAD_WAIT)
+            if record:
+                record.save(ended=now_iso())
+            commit_volumes()
 
 
 def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # what Modal (or a person) stops a container with
+
+
+def _already_stopping(signum, frame):
+    print(f"[modal] {signal.Signals(signum).name} while stopping: the command is being stopped and the volumes "
+          f"committed already", flush=True)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold off a second stop signal (a repeated SIGINT, SIGUSR1 then SIGINT) while the command is stopped and the
+    volumes are committed: raised there, it would skip the last commit. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _already_stopping) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_child(process: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group, SIGKILL after `CHILD_STOP_WAIT` seconds."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=CHILD_STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        print(f"[modal] the command did not stop within {CHILD_STOP_WAIT} s of SIGTERM; killed, so that the volumes "
+              f"are committed within Modal's {GRACE_PERIOD} s grace period", flush=True)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _print_output(process: subprocess.Popen, prefix: str) -> None:
+    for raw in iter(process.stdout.readline, b""):
+        print(prefix + raw.decode(errors="replace").rstrip(), flush=True)
 
 
 def stream(command: Sequence[str], prefix: str, env: dict[str, str] | None = None) -> int:
@@ -125,17 +184,14 @@ def stream(command: Sequence[str], prefix: str, env: dict[str, str] | None = Non
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        for raw in iter(process.stdout.readline, b""):
-            print(prefix + raw.decode(errors="replace").rstrip(), flush=True)
+        _print_output(process, prefix)
         return process.wait()
     finally:
-        if process.poll() is None:  # we were stopped: drzero stops its services and verl on SIGTERM
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=2 * MINUTES)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        with signals_held():
+            if process.poll() is None:  # we were stopped: drzero stops its services and verl on SIGTERM
+                # its last lines still reach the log, and a full pipe cannot hold its shutdown up
+                threading.Thread(target=_print_output, args=(process, prefix), daemon=True).start()
+                stop_child(process)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -150,6 +206,10 @@ def copy_tree(source: str, target: str) -> bool:
     return True
 
 
+def drzero_command(command: str, argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "drzero.cli", command, *argv]
+
+
 def run_drzero(command: str, argv: Sequence[str], *, local_corpus: bool = False, gpu_time: bool = False) -> dict:
     """`drzero <command> <argv>` in this container; raise on failure so that Modal retries it."""
     env = dict(os.environ)
@@ -157,7 +217,7 @@ def run_drzero(command: str, argv: Sequence[str], *, local_corpus: bool = False,
         env["DRZERO_DB"] = LOCAL_DB  # the stages start the retriever on $DRZERO_DB themselves
     record = GpuTimeRecord(command, argv) if gpu_time else None
     with committing_volumes(record):
-        code = stream([sys.executable, "-m", "drzero.cli", command, *argv], f"[{command}] ", env)
+        code = stream(drzero_command(command, argv), f"[{command}] ", env)
         if record:
             record.save(exit_code=code)
     return outcome(command, code)
@@ -187,7 +247,7 @@ def outcome(command: str, code: int) -> dict:
 def check_inputs(command: list, required: list) -> dict:
     problems = [f"{path} is missing: {fix}" for path, fix in required if not Path(path).exists()]
     if command:
-        code = stream([sys.executable, "-m", "drzero.cli", *command], "[preflight] ")
+        code = stream(drzero_command(command[0], command[1:]), "[preflight] ")
         if code != 0:
             problems.append(f"`drzero {shlex.join(command)}` found problems (exit {code}); its report is above")
     return {"ok": not problems, "problems": problems}

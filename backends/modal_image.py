@@ -10,10 +10,12 @@ neither. Nothing here runs anything; Modal objects are lazy, so importing it mak
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import modal
 
+from backends.secrets_rule import SecretsRule, docker_context_rule
 from drzero.stages.registry import Stage
 
 MINUTES = 60
@@ -29,23 +31,26 @@ DAY = 24 * HOURS  # Modal's limit for one attempt of a Function call
 # puts it ahead of the copy installed in the image. The variables repeat the image's own so that
 # this file does not depend on them.
 #
-# The upload is the code, never what sits beside it: `.env` (the README's place for W&B and HF
-# keys), local checkpoints, Chroma stores, corpora, weights and data files stay on this machine.
-# The patterns are Modal's (dockerignore syntax, matched from the repository root); the tests run
-# them through Modal's own matcher.
+# The upload is the code, never what sits beside it: local checkpoints, Chroma stores, corpora,
+# weights and data files stay on this machine (`CODE_IGNORE`, Modal's dockerignore syntax matched
+# from the repository root), and so do keys: backends/secrets_rule.py adds the secret file names
+# (`.env` and its kind) to both the upload and the build context (`.dockerignore`), and refuses a
+# file that would be shipped but holds a key. Modal's own upload code applies both rules; a launch
+# runs them first (`secrets_rule.check`) so that a refusal comes before anything starts.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 CODE_DIR = "/opt/drzero-src"
 CODE_IGNORE = [
     ".git", ".github", ".venv", "venv", ".drzero", "**/__pycache__", ".pytest_cache", "*.egg-info", "build", "dist",
-    "**/.env", "**/.env.*",                                         # secrets
     "**/checkpoints", "**/chromadb", "**/wandb", "corpus", "models", "outputs",  # run data (drzero/corpus/ is code)
     "**/*.parquet", "**/*.sqlite3", "**/*.safetensors", "**/*.bin", "**/*.pt", "**/*.pth", "**/*.gguf",
 ]
+CODE_RULE = SecretsRule(REPO_ROOT, *CODE_IGNORE)
+CONTEXT_RULE = docker_context_rule(REPO_ROOT)
 
 image = (
-    modal.Image.from_dockerfile(DOCKERFILE, context_dir=REPO_ROOT)
+    modal.Image.from_dockerfile(DOCKERFILE, context_dir=REPO_ROOT, ignore=CONTEXT_RULE)
     .entrypoint([])  # the image's own entrypoint (if any) is for compose; Modal runs our Functions
     .env({
         "PYTHONPATH": CODE_DIR,
@@ -56,7 +61,7 @@ image = (
         "DRZERO_CHECKPOINTS": "/checkpoints",
         "NCCL_NVLS_ENABLE": "0",  # no NVLink multicast (SHARP) collectives
     })
-    .add_local_dir(REPO_ROOT, CODE_DIR, ignore=CODE_IGNORE)
+    .add_local_dir(REPO_ROOT, CODE_DIR, ignore=CODE_RULE)
 )
 
 # ## Volumes and secrets
@@ -80,14 +85,65 @@ corpus_volume = modal.Volume.from_name("dr-zero-corpus", create_if_missing=True)
 checkpoints_volume = modal.Volume.from_name("dr-zero-checkpoints", create_if_missing=True)
 VOLUMES = {CORPUS_DIR: corpus_volume, CHECKPOINTS_DIR: checkpoints_volume}
 
-# Each Function gets only the secrets it uses: the W&B key where verl logs (the stages whose
-# registry entry says `logs_to_wandb`, and the preflight that checks the key is there), the Hugging
-# Face token where weights or the embedder may be downloaded. `drzero` passes neither to the
-# retriever or SGLang (drzero.services).
-WANDB = modal.Secret.from_name("wandb-secret", required_keys=["WANDB_API_KEY"])
-HUGGING_FACE = modal.Secret.from_name("huggingface-secret", required_keys=["HF_TOKEN"])
-TRAINING_SECRETS = [WANDB]          # challenger, solver, train, preflight
-DOWNLOAD_SECRETS = [HUGGING_FACE]   # download_model, ingest
+# No Function is defined with a secret: Modal creates every Function of an app when it starts, so a
+# secret named in any definition would stop every action, `smoke` and `status` included, in a
+# workspace without it. A launch attaches the secrets its command uses instead
+# (`Function.with_options(secrets=...)`), once it has looked them up: the W&B key where verl logs to
+# W&B (the stages whose registry entry says `logs_to_wandb`, and their preflight, which checks the
+# key), the Hugging Face token where weights or the embedder may be downloaded (optional: public
+# models need none). `drzero` passes neither to the retriever or SGLang (drzero.services).
+
+
+@dataclass(frozen=True)
+class NamedSecret:
+    name: str           # the Modal secret
+    key: str            # the variable it must hold
+    value: str          # what the user puts there, for `modal secret create`
+    otherwise: str = ""  # what to do instead of creating it
+
+    @property
+    def create(self) -> str:
+        return f"modal secret create {self.name} {self.key}=<{self.value}>"
+
+
+W_AND_B = NamedSecret("wandb-secret", "WANDB_API_KEY", "your W&B key",
+                      "or train without W&B with --stage-args='--logger console'")
+HUGGING_FACE = NamedSecret("huggingface-secret", "HF_TOKEN", "your Hugging Face token")
+SECRETS = {secret.name: secret for secret in (W_AND_B, HUGGING_FACE)}
+
+
+class MissingSecret(Exception):
+    """A secret a launch needs is not in the Modal workspace: one sentence, which one and the command to make it."""
+
+    def __init__(self, secret: NamedSecret, reason: str):
+        self.secret, self.reason = secret, reason
+        super().__init__(f"Modal has no secret {secret.name!r} holding {secret.key} in this workspace ({reason}): "
+                         f"create it with `{secret.create}`, then run the same command again"
+                         + (f", {secret.otherwise}" if secret.otherwise else ""))
+
+
+def lookup_secret(secret: NamedSecret, client=None) -> modal.Secret:
+    """The secret, hydrated (one call to Modal); `MissingSecret` when the workspace has none with its key."""
+    try:
+        return modal.Secret.from_name(secret.name, required_keys=[secret.key]).hydrate(client=client)
+    except (modal.exception.NotFoundError, modal.exception.InvalidError) as error:
+        raise MissingSecret(secret, (str(error).strip().splitlines() or [type(error).__name__])[0]) from None
+
+
+def attach_secrets(wanted: dict[str, bool], client=None, note=print) -> list[modal.Secret]:
+    """The secrets a launch asked for (name -> whether it needs it): a missing one it needs raises `MissingSecret`,
+    a missing optional one is left out with a note."""
+    found = []
+    for name, required in wanted.items():
+        try:
+            found.append(lookup_secret(SECRETS[name], client))
+        except MissingSecret as missing:
+            if required:
+                raise
+            note(f"note: Modal has no secret {name!r} holding {missing.secret.key} ({missing.reason}), so this "
+                 f"launch runs without one (public models need none; for gated ones: `{missing.secret.create}`)")
+    return found
+
 
 # ## GPUs and what they cost
 #
@@ -131,7 +187,7 @@ def resources(gpu: str) -> dict:
 #
 # A GPU stage gets the full day, retries, and a fresh container per attempt; a CPU task only the
 # image and the volumes (each sets its own cores, memory and timeout). Whether a stage is one or
-# the other, and whether it gets the W&B key, is the stage registry's (drzero/stages/registry.py).
+# the other is the stage registry's (drzero/stages/registry.py).
 
 GPU_STAGE = dict(image=image, gpu=GPU, **resources(GPU), ephemeral_disk=512 * 1024, volumes=VOLUMES,
                  timeout=DAY, retries=RETRIES, single_use_containers=True)
@@ -139,5 +195,5 @@ CPU_TASK = dict(image=image, volumes=VOLUMES)
 
 
 def stage_options(stage: Stage) -> dict:
-    """The `app.function` options of a stage's Function: GPU or CPU, and the W&B key if verl logs there."""
-    return {**(GPU_STAGE if stage.gpu else CPU_TASK), **({"secrets": TRAINING_SECRETS} if stage.logs_to_wandb else {})}
+    """The `app.function` options of a stage's Function: GPU or CPU (its secrets come with each launch)."""
+    return GPU_STAGE if stage.gpu else CPU_TASK

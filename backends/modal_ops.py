@@ -1,7 +1,6 @@
-"""# Operating Dr. Zero on Modal from your machine: status and cost, logs, stop, resume, uploads and downloads
+"""# Operating Dr. Zero on Modal from your machine: estimates, logs, stop, resume, uploads and downloads
 
-    python -m backends.modal status                        # each stage, its verl step, cost so far, what to do next
-    python -m backends.modal logs [APP_ID] [--errors] [--since 2h] [--follow]
+    python -m backends.modal logs [APP_ID] [--errors] [--since 2h | --follow]
     python -m backends.modal stop [APP_ID]
     python -m backends.modal resume [APP_ID]
     python -m backends.modal upload-corpus --path DIR      # upload-model --path DIR, download-checkpoints --iteration K
@@ -11,33 +10,40 @@ ids and the exact Function call (which Function, its `drzero` arguments, GPUs, p
 latest run" is the newest record; `resume` makes the same call again, and the command continues
 from state.json and verl's last checkpoint. Logs and stop go through Modal's own CLI
 (`modal app logs`, `modal app stop`). backends/modal.py passes its volumes in, so that this module
-reads whichever volume the caller holds (the tests' fakes) and never imports that one.
+reads whichever volume the caller holds (the tests' fakes) and never imports that one; `status` is
+backends/modal_status.py's.
+
+What modal 1.6.4 raises is what is caught here: a missing file on a volume is `FileNotFoundError`
+(`Volume.read_file`, `read_file_into_fileobj`), a missing directory `modal.exception.NotFoundError`
+(`listdir`, the server's NOT_FOUND); tests/test_modal_fakes.py calls modal's own methods to hold the
+tests' fakes to that.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import modal
 from modal.volume import FileEntryType
 
 from backends.modal_container import now_iso
-from backends.modal_image import DAY, HOURS, RETRIES, RUNS_DIR, SEEDS, parse_gpu
-from backends.modal_plan import STAGE_OF, Launch, Request, hub_name
-from drzero.models.registry import REGISTRY
+from backends.modal_image import DAY, HOURS, RETRIES, SEEDS, parse_gpu
+from backends.modal_plan import STAGE_OF, Launch, Request, hub_name, option
 from drzero.pipeline import ITERATION_STAGES  # evolve's stages and their order
 from drzero.tools import log_doctor
 
 LAUNCHES_DIR = "launches"   # on the checkpoints volume
+MISSING = (FileNotFoundError, modal.exception.NotFoundError)  # a file / a directory not on a volume (modal 1.6.4)
 
 
 # -- before a launch: what runs where, and what it may cost ----------------------------------------
@@ -84,6 +90,7 @@ def estimate(launch: Launch, request: Request) -> Estimate | None:
     if launch.gpu is None:
         return None
     gpu_type, gpus = parse_gpu(launch.gpu)
+    gpu_type = gpu_type.rstrip("!")  # "H100!" pins the type for Modal; the estimate names the GPU
     hours = request.hours or EXPECTED_HOURS.get(launch.action, 1.0)
     attempts = 1 if launch.action == "smoke" else RETRIES.max_retries + 1
     per_attempt = 0.5 if launch.action == "smoke" else DAY / HOURS
@@ -113,6 +120,13 @@ def describe(launch: Launch, request: Request) -> str:
     return "\n".join(lines)
 
 
+def failure(action: str, error: BaseException) -> str:
+    """One sentence for a launch Modal stopped, saying what modal raised as modal said it."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    log = "; the image build's log is above" if isinstance(error, modal.exception.ImageBuildError) else ""
+    return f"{action}: Modal stopped the launch ({type(error).__name__}: {first}){log}"
+
+
 # -- launch records --------------------------------------------------------------------------------
 
 
@@ -128,20 +142,32 @@ def save_launch(volume, record: dict) -> str:
     return path
 
 
+def _is_record(record) -> bool:
+    launch = record.get("launch") if isinstance(record, dict) else None
+    return (isinstance(launch, dict) and isinstance(launch.get("action"), str) and isinstance(launch.get("argv"), list)
+            and isinstance(record.get("app_id"), str) and isinstance(record.get("started"), str))
+
+
 def launches(volume) -> list[dict]:
-    """Every launch record on the volume, oldest first."""
+    """Every launch record on the volume, oldest first; a damaged one is left out with a note."""
     try:
         entries = volume.listdir(LAUNCHES_DIR)
-    except modal.exception.NotFoundError:
+    except MISSING:
         return []
     records = []
     for entry in sorted(entries, key=lambda e: e.path):
-        if entry.path.endswith(".json"):
-            try:
-                records.append(json.loads(b"".join(volume.read_file(entry.path))))
-            except (modal.exception.NotFoundError, ValueError):
-                continue
-    return sorted(records, key=lambda r: r.get("started", ""))
+        if not entry.path.endswith(".json"):
+            continue
+        text = read_volume_text(volume, entry.path)
+        try:
+            record = json.loads(text) if text is not None else None
+        except ValueError:
+            record = {}
+        if record is not None and not _is_record(record):
+            print(f"[modal] {entry.path} on dr-zero-checkpoints is not a launch record; left out", file=sys.stderr)
+        elif record is not None:
+            records.append(record)
+    return sorted(records, key=lambda r: r["started"])
 
 
 def find_launch(volume, app_id: str | None = None) -> dict | None:
@@ -153,38 +179,42 @@ def find_launch(volume, app_id: str | None = None) -> dict | None:
 # -- what a resume skips and runs ------------------------------------------------------------------
 
 
-def _option(argv: Sequence[str], name: str, default: str | None = None) -> str | None:
-    argv = list(argv[:argv.index("--")] if "--" in argv else argv)
-    for index, arg in enumerate(argv):
-        if arg == name and index + 1 < len(argv):
-            value = argv[index + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-        else:
-            continue
-        default = value  # the last one wins, as with argparse
-    return default
-
-
 def stage_keys(action: str, argv: Sequence[str]) -> list[str]:
     """The state.json keys a launch runs, in order (drzero.pipeline's names)."""
-    k = _option(argv, "--iteration", "1")
+    k = option(argv, "--iteration", "1")
     if action == "train":
-        iterations = int(_option(argv, "--iterations", "3"))
-        names = [n for n in ITERATION_STAGES if n != "evaluate" or _option(argv, "--eval-data")]
+        iterations = int(option(argv, "--iterations", "3"))
+        names = [n for n in ITERATION_STAGES if n != "evaluate" or option(argv, "--eval-data")]
         return ["prepare-data"] + [f"iter{i}/{n}" for i in range(1, iterations + 1) for n in names]
     if action == "merge":
-        return [f"iter{k}/merge-{_option(argv, '--stage', 'solver')}"]
+        return [f"iter{k}/merge-{option(argv, '--stage', 'solver')}"]
     if action in ("challenger", "gen-data", "solver", "evaluate"):
         return [f"iter{k}/{action}"]
     return []
 
 
+def load_stages(text: str | None) -> tuple[dict[str, dict], str | None]:
+    """state.json's stages, and what is wrong with it if it is damaged (then only its sound entries)."""
+    if text is None:
+        return {}, None
+    try:
+        state = json.loads(text)
+    except ValueError as error:
+        return {}, f"state.json is not valid JSON ({error})"
+    stages = state.get("stages") if isinstance(state, dict) else None
+    if not isinstance(stages, dict):
+        return {}, "state.json has no `stages` object"
+    sound = {key: entry for key, entry in stages.items()
+             if isinstance(entry, dict) and isinstance(entry.get("status"), str)}
+    damaged = sorted(set(stages) - set(sound))
+    return sound, (f"state.json's entries for {', '.join(damaged)} are damaged" if damaged else None)
+
+
 def resume_lines(record: dict, state_text: str | None) -> list[str]:
     """What a resume of ``record`` will skip (done in state.json) and run, one line per stage."""
-    stages = (json.loads(state_text).get("stages", {}) if state_text else {})
+    stages, problem = load_stages(state_text)
     launch = record["launch"]
-    lines = []
+    lines = [f"  note    {problem}: drzero checks it when the run starts"] if problem else []
     for key in stage_keys(launch["action"], launch["argv"]):
         status = stages.get(key, {}).get("status")
         if status == "done":
@@ -196,6 +226,14 @@ def resume_lines(record: dict, state_text: str | None) -> list[str]:
     return lines or [f"  run     {launch['action']} (no state.json stages: it runs from its start)"]
 
 
+def read_volume_text(volume, path: str) -> str | None:
+    """A file on a volume as text, or None when it is not there."""
+    try:
+        return b"".join(volume.read_file(path)).decode(errors="replace")
+    except MISSING:
+        return None
+
+
 # -- logs and stop, through Modal's CLI ------------------------------------------------------------
 
 
@@ -203,41 +241,106 @@ def modal_cli(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "modal", *args]
 
 
-def log_lines(command: Sequence[str]) -> Iterable[str]:
-    """The lines `modal app logs` prints, as they come."""
+class ModalCliFailed(Exception):
+    """Modal's CLI exited with an error; its own message is the last line it printed."""
+
+    def __init__(self, command: Sequence[str], code: int, last: str):
+        self.code = code
+        super().__init__(f"`modal {' '.join(command[3:5])}` failed (exit {code})" + (f": {last}" if last else ""))
+
+
+def log_lines(command: Sequence[str]) -> Iterator[str]:
+    """The lines `modal app logs` prints, as they come; `ModalCliFailed` at the end when it failed."""
     process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                errors="replace")
+    last = ""
     try:
-        yield from process.stdout
+        for line in process.stdout:
+            last = line.strip() or last
+            yield line
     finally:
         if process.poll() is None:
             process.terminate()
         process.wait()
+    if process.returncode:
+        raise ModalCliFailed(command, process.returncode, last)
 
 
-SINCE = re.compile(r"^(\d+[smhd]|\d{4}-\d{2}-\d{2}([T ][\d:.]+Z?)?)$")  # what `modal app logs --since` takes
+# What `modal app logs` accepts (modal 1.6.4, modal/cli/_logs.py and modal/_logs.py): --since is a whole number of
+# s/m/h/d or an ISO 8601 time, in whole seconds (the fetch ranges refuse fractions), at most 35 days back; --follow
+# cannot be combined with --since, --until or --tail; without either it reads only the last 100 entries, and
+# --tail goes up to 20,000.
+SINCE = re.compile(r"^(?P<n>\d+)(?P<unit>[smhd])$")
+SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_SINCE = timedelta(days=35)
+MAX_TAIL = 20_000
+STARTED = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")  # a launch record's time (now_iso)
 
 
-def check_since(since: str | None) -> None:
-    if since is not None and not SINCE.match(since):
-        raise ValueError(f"--since {since!r} is not valid: expected a number and a unit (30m, 2h, 1d) or an ISO date")
+def since_time(since: str, now: datetime | None = None) -> datetime:
+    """When ``since`` starts, as `modal app logs` reads it; ValueError, in one sentence, for what modal refuses."""
+    now = now or datetime.now(timezone.utc)
+    if match := SINCE.match(since):
+        start = now - timedelta(seconds=int(match["n"]) * SINCE_UNITS[match["unit"]])
+    else:
+        try:
+            start = datetime.fromisoformat(since)
+        except ValueError:
+            raise ValueError(f"--since {since!r} is not valid: expected a number and a unit (30m, 2h, 1d) or an "
+                             f"ISO date (2026-11-26 or 2026-11-26T10:00:00Z)") from None
+        start = start if start.tzinfo else start.astimezone()  # naive: local time, as modal reads it
+        if start.microsecond:
+            raise ValueError(f"--since {since!r} has fractions of a second, which modal refuses: give whole seconds")
+    if start >= now:
+        raise ValueError(f"--since {since!r} is not in the past")
+    if now - start > MAX_SINCE:
+        raise ValueError(f"--since {since!r} is more than {MAX_SINCE.days} days ago, further back than modal reads")
+    return start
 
 
-def logs_command(app_id: str, since: str | None, follow: bool) -> list[str]:
-    check_since(since)
-    return modal_cli(["app", "logs", app_id, *(["--since", since] if since else []), *(["-f"] if follow else [])])
+def check_logs_options(since: str | None, follow: bool) -> None:
+    if since is not None and follow:
+        raise ValueError("--follow streams the log from now on and modal cannot combine it with --since: drop one "
+                         "(`logs --since 2h` reads the past, `logs --follow` what comes)")
+    if since is not None:
+        since_time(since)
 
 
-def show_logs(app_id: str, *, errors: bool, since: str | None, follow: bool,
+def logs_command(app_id: str, since: str | None, follow: bool, started: str | None = None) -> list[str]:
+    """`modal app logs` for the whole run: from ``since``, else from the launch's start (``started``), else as far
+    back as modal's tail goes; with ``follow``, live."""
+    check_logs_options(since, follow)
+    if follow:
+        window = ["-f"]
+    elif since is not None:
+        window = ["--since", since]
+    elif started is not None and STARTED.match(started):
+        begin = max(parse_time(started) - timedelta(minutes=5), datetime.now(timezone.utc) - MAX_SINCE
+                    + timedelta(minutes=1))  # a few minutes before the launch record; modal reads 35 days at most
+        window = ["--since", begin.strftime("%Y-%m-%dT%H:%M:%SZ")]
+    else:
+        window = ["--tail", str(MAX_TAIL)]
+    return modal_cli(["app", "logs", app_id, *window])
+
+
+def show_logs(app_id: str, *, errors: bool, since: str | None, follow: bool, started: str | None = None,
               read: Callable[[Sequence[str]], Iterable[str]] | None = None, out=print) -> int:
     """The app's log with the service prefixes kept and a `>>> fix` line after each known failure;
-    with ``errors`` only the failures, each with a few lines of context."""
-    lines = (read or log_lines)(logs_command(app_id, since, follow))
-    if errors:
-        out(log_doctor.excerpts(list(lines)))
-        return 0
-    for line in log_doctor.annotate(lines):
-        out(line)
+    with ``errors`` only the failures, each with a few lines of context. Not 0 when modal's CLI failed."""
+    command = logs_command(app_id, since, follow, started)
+    if "--tail" in command:
+        print(f"[modal] no launch record of {app_id}: reading its last {MAX_TAIL:,} log entries (give --since to "
+              f"read further back)", file=sys.stderr)
+    try:
+        lines = (read or log_lines)(command)
+        if errors:
+            out(log_doctor.excerpts(list(lines)))
+        else:
+            for line in log_doctor.annotate(lines):
+                out(line)
+    except ModalCliFailed as error:
+        print(f"logs: {error}", file=sys.stderr)
+        return error.code
     return 0
 
 
@@ -250,170 +353,8 @@ def stop(app_id: str, run: Callable[[Sequence[str]], int] = lambda cmd: subproce
     return code
 
 
-# -- status: per stage, the verl step, the next action, the models on the volume -------------------
-
-
 def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
-
-def step_file(key: str) -> str | None:
-    """Where verl records the last step of a training stage's checkpoints (iter2/solver -> solver_iter2/...)."""
-    iteration, _, stage = key.partition("/")
-    if stage not in ("challenger", "solver") or not iteration.startswith("iter"):
-        return None
-    return f"{stage}_{iteration}/latest_checkpointed_iteration.txt"
-
-
-def summary_file(key: str) -> str | None:
-    """Where `drzero evolve --eval-data` writes an iteration's evaluation (iter2/evaluate -> eval/iter2/...)."""
-    iteration, _, stage = key.partition("/")
-    return f"eval/{iteration}/summary.json" if stage == "evaluate" else None
-
-
-def summary_text(summary: dict) -> str:
-    overall = summary.get("overall", {})
-    return ", ".join(f"{name} {overall[key]:.3f}" for key, name in (("em", "EM"), ("f1", "F1")) if key in overall)
-
-
-def stage_status(entry: dict, runs: list[dict]) -> str:
-    """done, running, failed (exit N) or stopped: state.json says `running` until the stage ends, so for a stage
-    no container is running any more, the last container's exit code tells a crash from a stop."""
-    status = entry.get("status", "?")
-    if status != "running":
-        return status
-    if any(run.get("ended") is None for run in runs):
-        return "running"
-    last = max(runs, key=lambda r: r["started"], default={})
-    code = last.get("exit_code")
-    return f"failed (exit {code})" if code not in (None, 0, 143) else "stopped"
-
-
-def stage_lines(stages: dict, runs: list[dict], steps: dict[str, int], metrics: dict[str, str] | None = None,
-                now: datetime | None = None) -> list[str]:
-    now = now or datetime.now(timezone.utc)
-    width = max([len(key) for key in stages] + [5])
-    lines = []
-    for key, entry in stages.items():
-        status = stage_status(entry, runs)
-        detail = [f"verl step {steps[key]}"] if key in steps else []
-        detail += [metrics[key]] if metrics and metrics.get(key) else []
-        if status == "running" and entry.get("updated"):
-            detail.append(f"{(now - parse_time(entry['updated'])).total_seconds() / 3600:.1f} h so far")
-        lines.append(f"  {key:<{width}}  {status:<16} {entry.get('updated', ''):<20}  {', '.join(detail)}".rstrip())
-    return lines
-
-
-def next_action(stages: dict, runs: list[dict]) -> str:
-    run = "python -m backends.modal"
-    statuses = {key: stage_status(entry, runs) for key, entry in stages.items()}
-    if not stages:
-        return f"{run} train   (after upload-corpus and download-model; `{run} smoke` first checks the stack)"
-    if "running" in statuses.values():
-        return f"{run} logs --follow   (known failures are flagged with their fix)"
-    if any(s.startswith("failed") for s in statuses.values()):
-        return f"{run} logs --errors   then fix what it names and `{run} resume`"
-    if "stopped" in statuses.values():
-        return f"{run} resume   (continues from state.json and the last verl checkpoint)"
-    solvers = sorted(int(key[4:].split("/")[0]) for key, s in statuses.items()
-                     if key.endswith("/merge-solver") and s == "done")
-    if solvers:
-        return f"{run} download-checkpoints --iteration {solvers[-1]}   (the merged solver and state.json)"
-    return f"{run} resume   (the recorded stages are done; it runs what is left)"
-
-
-def model_lines(volume, registry: dict) -> list[str]:
-    """Which registry models are on the corpus volume under /models, and in what state."""
-    try:
-        present = {PurePosixPath(e.path).name for e in volume.listdir("models")}
-    except modal.exception.NotFoundError:
-        present = set()
-    lines = []
-    for entry in registry.values():
-        if entry.local_dir not in present:
-            state = "missing"
-        else:
-            try:
-                marker = json.loads(b"".join(volume.read_file(f"models/{entry.local_dir}/.drzero-download.json")))
-                state = "verified" if marker.get("complete") else "incomplete: run download-model again"
-            except (modal.exception.NotFoundError, ValueError):
-                state = "present"
-        lines.append(f"  {entry.key:<22} /corpus/models/{entry.local_dir:<22} {state}")
-    return lines
-
-
-# -- cost so far -----------------------------------------------------------------------------------
-#
-# `status` adds up what each GPU container recorded in `runs/` on the checkpoints volume: its GPUs
-# (from nvidia-smi), its start and its last heartbeat (refreshed with every volume commit, so a
-# running or killed container is counted up to 10 minutes short). That counts retries and
-# preemptions as well; state.json could not, it holds only each stage's last change. Image builds,
-# cold starts and the CPU Functions are not counted: Modal's billing page is the bill.
-
-
-def gpu_hours_of(run: dict) -> float:
-    end = run.get("ended") or run.get("last_seen") or run["started"]
-    seconds = max((parse_time(end) - parse_time(run["started"])).total_seconds(), 0.0)
-    return run.get("gpus", 0) * seconds / HOURS
-
-
-def render_status(state_text: str | None, runs: list[dict], price_per_gpu_hour: float,
-                  steps: dict[str, int] | None = None, metrics: dict[str, str] | None = None) -> str:
-    lines = []
-    stages = json.loads(state_text).get("stages", {}) if state_text is not None else {}
-    if state_text is None:
-        lines.append("state.json: none yet on dr-zero-checkpoints (no stage has run)")
-    else:
-        lines.append(f"stages (dr-zero-checkpoints/state.json): {sum(s.get('status') == 'done' for s in stages.values())}"
-                     f" of {len(stages)} recorded are done")
-        lines += stage_lines(stages, runs, steps or {}, metrics)
-    total = 0.0
-    lines.append(f"GPU time (dr-zero-checkpoints/{RUNS_DIR}/, one record per container):")
-    for run in sorted(runs, key=lambda r: r["started"]):
-        hours = gpu_hours_of(run)
-        total += hours
-        if run.get("ended"):
-            code = run.get("exit_code")
-            state = f"ended {run['ended']}, " + (f"exit {code}" if code is not None else "stopped")
-        else:
-            state = f"running, last seen {run.get('last_seen')}"
-        lines.append(f"  {run['started']}  {run['command']:<12} {run.get('gpus', 0)} x {run.get('gpu_type') or '?'}"
-                     f"  {hours:7.1f} GPU-h  ${hours * price_per_gpu_hour:9,.2f}  {state}")
-    lines.append(f"cost so far: {total:.1f} GPU-hours ~ ${total * price_per_gpu_hour:,.2f} at "
-                 f"${price_per_gpu_hour:.2f}/GPU-hour (GPU time only; Modal's billing page is the bill)")
-    lines.append(f"next: {next_action(stages, runs)}")
-    return "\n".join(lines)
-
-
-def read_volume_text(volume, path: str) -> str | None:
-    try:
-        return b"".join(volume.read_file(path)).decode()
-    except modal.exception.NotFoundError:
-        return None
-
-
-def show_status(request: Request, checkpoints_volume, corpus_volume) -> int:
-    try:
-        entries = checkpoints_volume.listdir(RUNS_DIR)
-    except modal.exception.NotFoundError:
-        entries = []
-    runs = [json.loads(text) for entry in entries if entry.path.endswith(".json")
-            if (text := read_volume_text(checkpoints_volume, entry.path)) is not None]
-    state_text = read_volume_text(checkpoints_volume, "state.json")
-    steps, metrics = {}, {}
-    for key in (json.loads(state_text).get("stages", {}) if state_text else {}):
-        where = step_file(key)
-        text = read_volume_text(checkpoints_volume, where) if where else None
-        if text and text.strip().isdigit():
-            steps[key] = int(text)
-        where = summary_file(key)
-        text = read_volume_text(checkpoints_volume, where) if where else None
-        if text:
-            metrics[key] = summary_text(json.loads(text))
-    print(render_status(state_text, runs, request.price_per_gpu_hour, steps, metrics))
-    print("models on dr-zero-corpus (`python -m backends.modal download-model KEY` fetches one):")
-    print("\n".join(model_lines(corpus_volume, REGISTRY)))
-    return 0
 
 
 # -- uploads and downloads, from your machine ------------------------------------------------------
@@ -440,12 +381,31 @@ def upload_corpus(request: Request, corpus_volume) -> int:
 
 
 def upload_model_from_disk(request: Request, corpus_volume) -> int:
-    name = PurePosixPath(hub_name(request.model or Path(request.path).name)).name
+    local = Path(request.path).expanduser()
+    if not local.is_dir():
+        print(f"upload-model: --path {request.path!r} is not a directory of weights", file=sys.stderr)
+        return 2
+    name = PurePosixPath(hub_name(request.model or local.name)).name
     remote = f"/models/{name}"
     print(f"uploading {request.path} to dr-zero-corpus:{remote}")
     with corpus_volume.batch_upload(force=True) as batch:
-        batch.put_directory(str(Path(request.path).expanduser()), remote)
+        batch.put_directory(str(local), remote)
     return 0
+
+
+def download_file(volume, path: str, local: Path) -> bool:
+    """``path`` from the volume into ``local``, whole or not at all: False (and no file left) when it is missing."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(local.name + ".part")
+    try:
+        with partial.open("wb") as handle:
+            volume.read_file_into_fileobj(path, handle)
+        os.replace(partial, local)
+        return True
+    except MISSING:
+        return False
+    finally:
+        partial.unlink(missing_ok=True)  # after a failure, whatever part of it was written
 
 
 def download_checkpoints(request: Request, checkpoints_volume) -> int:
@@ -453,20 +413,21 @@ def download_checkpoints(request: Request, checkpoints_volume) -> int:
     target = Path(request.path or "checkpoints")
     remote = f"{request.stage}_iter{request.iteration}_hf"
     try:
-        entries = checkpoints_volume.listdir(remote, recursive=True)
-    except modal.exception.NotFoundError:
+        files = [e.path for e in checkpoints_volume.listdir(remote, recursive=True) if e.type == FileEntryType.FILE]
+    except MISSING:
+        files = []
+    if not files:
         print(f"download-checkpoints: {remote} is not on dr-zero-checkpoints yet; run `python -m backends.modal "
               f"merge --stage {request.stage} --iteration {request.iteration}` first", file=sys.stderr)
         return 1
     print(f"downloading dr-zero-checkpoints:{remote} and state.json to {target}/")
-    for path in [e.path for e in entries if e.type == FileEntryType.FILE] + ["state.json"]:
+    missing = []
+    for path in files + ["state.json"]:
         local = target / path.lstrip("/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with local.open("wb") as handle:
-                checkpoints_volume.read_file_into_fileobj(path, handle)
-        except modal.exception.NotFoundError:
-            local.unlink()
-            continue
-        print(f"  {local}")
-    return 0
+        if download_file(checkpoints_volume, path, local):
+            print(f"  {local}")
+        else:
+            missing.append(path)
+    for path in missing:
+        print(f"  {path}: not on dr-zero-checkpoints (any more); nothing written for it", file=sys.stderr)
+    return 1 if set(missing) - {"state.json"} else 0

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Sequence
 
-from backends.modal_image import (CHECKPOINTS_DIR, CORPUS_DB, DATA_DIR, GPU, PRICE_PER_GPU_HOUR, SEEDS, SMOKE_GPU,
-                                  parse_gpu)
+from backends.modal_image import (CHECKPOINTS_DIR, CORPUS_DB, DATA_DIR, GPU, HUGGING_FACE, PRICE_PER_GPU_HOUR, SEEDS,
+                                  SMOKE_GPU, W_AND_B, parse_gpu)
 from drzero.models.registry import REGISTRY
 from drzero.models.shapes import GPU_MEMORY_GIB
 from drzero.stages.registry import EVOLVE, STAGES
@@ -31,6 +31,9 @@ GPU_STAGES = tuple(action for action, stage in STAGE_OF.items() if stage.gpu)
 TAKES_OVERRIDES = tuple(action for action, stage in STAGE_OF.items() if stage.takes_overrides)  # verl's stages
 CLUSTER_ACTIONS = TAKES_OVERRIDES   # the verl stages: what more nodes speed up
 CLUSTER_SIZES = (2, 4, 8)           # one clustered Function each (backends/modal_cluster.py)
+# `modal.clustered`: "Each container must request all GPUs on its host (for example, gpu="H100:8")"; Modal's
+# H100, H200 and B200 hosts have 8.
+GPUS_PER_HOST = 8
 
 
 @dataclass
@@ -68,10 +71,36 @@ class Launch:
     preflight: list[str] | None = None      # `drzero` argv the CPU preflight runs
     required: list[tuple[str, str]] = field(default_factory=list)   # (volume path, how to make it)
     nodes: int = 1                          # > 1: a clustered Function, `gpu` on each node
+    secrets: dict[str, bool] = field(default_factory=dict)   # Modal secret -> whether the command needs it
 
     @property
     def checked(self) -> bool:
         return self.preflight is not None or bool(self.required)
+
+
+def option(argv: Sequence[str], name: str, default: str | None = None) -> str | None:
+    """The value of ``name`` in a `drzero` command line (before `--`), the last one winning as with argparse."""
+    argv = list(argv[:argv.index("--")] if "--" in argv else argv)
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        default = value
+    return default
+
+
+def secrets_for(action: str, argv: Sequence[str]) -> dict[str, bool]:
+    """The Modal secrets a launch attaches: the W&B key where verl logs to W&B (needed unless `--logger` leaves
+    W&B out), the Hugging Face token where weights or the embedder may be downloaded (public ones need none)."""
+    stage = STAGE_OF.get(action)
+    if stage is not None and stage.logs_to_wandb:
+        return {W_AND_B.name: "wandb" in (option(argv, "--logger") or "wandb")}
+    if action in ("ingest", "download-model", "upload-model"):
+        return {HUGGING_FACE.name: False}
+    return {}
 
 
 def hub_name(model: str) -> str:
@@ -133,9 +162,15 @@ def required_paths(action: str, k: int, stage: str = "solver", model: str = "", 
 
 
 def plan_launch(request: Request) -> Launch:
-    """The Function call for a Modal action (not for status, upload-corpus, download-checkpoints)."""
-    if request.nodes != 1:
-        return plan_cluster_launch(request)
+    """The Function call for a Modal action (not for status, upload-corpus, download-checkpoints), with the
+    secrets its command uses."""
+    launch = plan_cluster_launch(request) if request.nodes != 1 else plan_one_node(request)
+    argv = launch.argv[1:] if launch.nodes > 1 else launch.argv  # a cluster's arguments start with the command
+    launch.secrets = secrets_for(launch.action, argv)
+    return launch
+
+
+def plan_one_node(request: Request) -> Launch:
     action, k = request.action, request.iteration
     if request.overrides and action not in TAKES_OVERRIDES:
         raise ValueError(f"Hydra overrides after `--` go to verl, which only {', '.join(TAKES_OVERRIDES)} run; "
@@ -191,7 +226,11 @@ def plan_cluster_launch(request: Request) -> Launch:
     if request.nodes not in CLUSTER_SIZES:
         raise ValueError(f"--nodes {request.nodes} is not valid: expected 1 (one node) or a cluster of "
                          f"{', '.join(map(str, CLUSTER_SIZES))} nodes")
-    single = plan_launch(Request(**{**asdict(request), "nodes": 1}))
+    single = plan_one_node(Request(**{**asdict(request), "nodes": 1}))
+    if parse_gpu(single.gpu)[1] != GPUS_PER_HOST:
+        raise ValueError(f"--gpu {single.gpu} on {request.nodes} nodes is not valid: each node of a Modal cluster "
+                         f"takes all {GPUS_PER_HOST} GPUs of its host (e.g. --gpu H100:8); for fewer GPUs, run on "
+                         f"one node without --nodes")
     argv = single.argv[:]
     split = argv.index("--") if "--" in argv else len(argv)
     argv[split:split] = ["--nnodes", str(request.nodes)]
@@ -219,9 +258,10 @@ def parse_request(argv: Sequence[str], description: str = "") -> Request:
     parser.add_argument("--gpu", help=f"GPUs of the stage, TYPE:COUNT on one node (default: {GPU}, from "
                                       f"$DRZERO_MODAL_GPU; smoke: {SMOKE_GPU})")
     parser.add_argument("--nodes", type=int, default=1,
-                        help="challenger, solver, train: run on a Modal cluster of N nodes of --gpu each (2, 4 or 8; "
-                             "default 1, one node). Multi-node clusters are a feature Modal enables per workspace: "
-                             "ask Modal for it first (see README: More than one node)")
+                        help="challenger, solver, train: run on a Modal cluster of N nodes (2, 4 or 8; default 1, one "
+                             "node), each with all 8 GPUs of its host (--gpu H100:8 or H200:8). Multi-node clusters "
+                             "are a feature Modal enables per workspace: ask Modal for it first (see README: More "
+                             "than one node)")
     parser.add_argument("--stage", choices=["challenger", "solver"], default="solver",
                         help="merge, download-checkpoints: which stage's checkpoint (default: solver)")
     parser.add_argument("--data", help="evaluate: the evaluation parquet on the volume "

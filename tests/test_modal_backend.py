@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 
 modal = pytest.importorskip("modal")
+from modal.volume import FileEntry, FileEntryType  # noqa: E402
+
 from backends import modal as mb  # noqa: E402
 from backends import modal_image as mi  # noqa: E402
 from backends import modal_ops as mo  # noqa: E402
@@ -115,9 +117,10 @@ print(json.dumps(calls))
     assert names[0] == "from_dockerfile" and names[-1] == "add_local_dir"   # local files last (Modal's rule)
     _, args, kwargs = calls[0]
     assert args == [str(REPO / "docker" / "Dockerfile")] and kwargs["context_dir"] == str(REPO)
+    assert kwargs["ignore"] == repr(mi.CONTEXT_RULE) and "<.dockerignore>" in kwargs["ignore"]  # + the secrets rule
     (_, add_args, add_kwargs) = calls[-1]
     assert add_args == [str(REPO), "/opt/drzero-src"]
-    assert {".venv", ".git", ".drzero"} <= set(add_kwargs["ignore"])
+    assert add_kwargs["ignore"] == repr(mi.CODE_RULE) and {".venv", ".git", ".drzero"} <= set(mi.CODE_IGNORE)
     (env,) = next(args for name, args, _ in calls if name == "env")
     assert env["DRZERO_MODELS_DIR"] == "/corpus/models" and env["DRZERO_CONFIG_DIR"] == "/opt/drzero-src/config"
     assert env["PYTHONPATH"] == "/opt/drzero-src"
@@ -138,13 +141,17 @@ def test_no_module_under_drzero_imports_modal():
 # -- the command line -> Function calls ----------------------------------------------------------
 
 
+# Fakes of modal's objects: each method has the name and parameters of modal 1.6.4's own and raises what modal's
+# raises (tests/test_modal_fakes.py holds them to the installed modal).
+
+
 class FakeCall:
     object_id = "fc-test"
 
     def __init__(self, log, name, result):
         self.log, self.name, self.result = log, name, result
 
-    def get(self):
+    def get(self, timeout=None, *, index=0):
         self.log.append(("get", self.name))
         return self.result
 
@@ -153,22 +160,46 @@ class FakeFunction:
     def __init__(self, name, log, result):
         self.name, self.log, self.result = name, log, result
 
-    def with_options(self, **options):
-        self.log.append(("with_options", self.name, options))
+    def with_options(self, *, cpu=None, memory=None, gpu=None, secrets=None):
+        given = {"cpu": cpu, "memory": memory, "gpu": gpu, "secrets": [s.name for s in secrets or []] or None}
+        self.log.append(("with_options", self.name, {k: v for k, v in given.items() if v is not None}))
         return self
 
-    def spawn(self, *args):
+    def spawn(self, *args, **kwargs):
         self.log.append(("spawn", self.name, args))
         return FakeCall(self.log, self.name, self.result)
 
-    def remote(self, *args):
+    def remote(self, *args, **kwargs):
         self.log.append(("remote", self.name, args))
         return self.result
 
 
+class FakeSecret:
+    """`modal.Secret.from_name(...)`; `hydrate` raises NotFoundError, as modal does, for a name in ``missing``."""
+
+    missing: set = set()
+
+    def __init__(self, name, required_keys):
+        self.name, self.required_keys = name, required_keys
+
+    @staticmethod
+    def from_name(name, *, environment_name=None, required_keys=[], client=None):
+        return FakeSecret(name, list(required_keys))
+
+    def hydrate(self, client=None):
+        if self.name in FakeSecret.missing:
+            raise modal.exception.NotFoundError(f"Secret '{self.name}' not found in environment 'main'")
+        return self
+
+
 @pytest.fixture
 def modal_calls(monkeypatch):
-    """Every Function replaced by a fake, `app.run` recorded; the preflight passes unless a test says otherwise."""
+    return fake_modal(monkeypatch)
+
+
+def fake_modal(monkeypatch) -> list:
+    """Every Function replaced by a fake, `app.run` recorded, every secret in the workspace; the preflight passes
+    unless a test says otherwise. Returns the log of calls."""
     log = []
     for name in GPU_STAGES + CPU_FUNCTIONS + ["smoke"]:
         result = {"ok": True, "problems": []} if name == "preflight" else {"exit_code": 0}
@@ -182,6 +213,8 @@ def modal_calls(monkeypatch):
     monkeypatch.setattr(mb.app, "run", run)
     monkeypatch.setattr(mb, "_app_id", lambda: "ap-test")
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume({}))  # where launches are recorded
+    monkeypatch.setattr(modal.Secret, "from_name", FakeSecret.from_name)  # every secret there unless a test says
+    monkeypatch.setattr(FakeSecret, "missing", set())
     return log
 
 
@@ -190,6 +223,8 @@ def _calls(log, kind):
 
 
 H100 = {"gpu": "H100:8", "cpu": 64.0, "memory": 8 * 64 * 1024}
+W_AND_B = {"secrets": ["wandb-secret"]}          # where verl logs to W&B, and its preflight
+HF = {"secrets": ["huggingface-secret"]}         # where weights or the embedder may be downloaded
 SGLANG_8 = ["--gpus", "8", "--gpu", "H100"]
 
 CASES = [
@@ -197,29 +232,29 @@ CASES = [
     (["smoke"], "smoke", ("--require-gpu",), {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024}, None, False),
     (["smoke", "--model", "qwen3-0.6b"], "smoke", ("--require-gpu", "--model", "qwen3-0.6b"),
      {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024}, None, False),
-    (["ingest", "--stage-args=--demo"], "ingest", ("--demo",), None, None, False),
+    (["ingest", "--stage-args=--demo"], "ingest", ("--demo",), HF, None, False),
     (["prepare-data", "--model", "qwen2.5-3b-instruct"], "prepare_data",
      ("--tokenizer", "Qwen/Qwen2.5-3B-Instruct"), None, [], False),
     (["challenger", "--iteration", "2", "--model", "qwen3-32b", "--", "trainer.total_training_steps=5"],
      "challenger", ("--iteration", "2", "--model", "qwen3-32b", *SGLANG_8, "--", "trainer.total_training_steps=5"),
-     H100, ["preflight", "challenger"], True),
+     {**H100, **W_AND_B}, ["preflight", "challenger"], True),
     (["gen-data", "--gpu", "H200:4"], "gen_data",
      ("--iteration", "1", "--gpus", "4", "--gpu", "H200", "--sglang-dp", "2", "--sglang-tp", "2"),
      {"gpu": "H200:4", "cpu": 32.0, "memory": 4 * 64 * 1024}, ["gen-data", "--dry-run"], True),
     (["solver", "--iteration", "3", "--gpu", "H100:1", "--no-detach"], "solver",
-     ("--iteration", "3", "--gpus", "1", "--gpu", "H100", "--rollout-tp", "1"), {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024},
-     ["preflight", "solver"], False),
+     ("--iteration", "3", "--gpus", "1", "--gpu", "H100", "--rollout-tp", "1"),
+     {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024, **W_AND_B}, ["preflight", "solver"], False),
     (["merge", "--stage", "challenger", "--iteration", "2"], "merge", ("--stage", "challenger", "--iteration", "2"),
      H100, ["merge", "--dry-run"], True),
     (["evaluate", "--iteration", "2"], "evaluate",
      ("--model", "/checkpoints/solver_iter2_hf", "--data", "/corpus/data/solver_iter2_val.parquet"), H100, [], True),
     (["train", "--model", "qwen3-32b", "--stage-args=--iterations 2", "--", "trainer.save_freq=10"], "train",
-     ("--model", "qwen3-32b", *SGLANG_8, "--iterations", "2", "--", "trainer.save_freq=10"), H100,
+     ("--model", "qwen3-32b", *SGLANG_8, "--iterations", "2", "--", "trainer.save_freq=10"), {**H100, **W_AND_B},
      ["evolve", "--dry-run"], True),
     (["list-models"], "list_models", (), None, None, False),
-    (["upload-model", "--model", "qwen3-32b"], "download_model", ("Qwen/Qwen3-32B", "Qwen3-32B"), None, None, False),
-    (["download-model", "qwen3-32b"], "download_model", ("Qwen/Qwen3-32B", "Qwen3-32B"), None, None, False),
-    (["download-model", "someorg/Tiny-Model"], "download_model", ("someorg/Tiny-Model", "Tiny-Model"), None, None,
+    (["upload-model", "--model", "qwen3-32b"], "download_model", ("Qwen/Qwen3-32B", "Qwen3-32B"), HF, None, False),
+    (["download-model", "qwen3-32b"], "download_model", ("Qwen/Qwen3-32B", "Qwen3-32B"), HF, None, False),
+    (["download-model", "someorg/Tiny-Model"], "download_model", ("someorg/Tiny-Model", "Tiny-Model"), HF, None,
      False),
 ]
 
@@ -234,7 +269,9 @@ def test_every_action_calls_its_function_with_the_right_arguments(modal_calls, c
     log = modal_calls
     assert _calls(log, "app.run") == [("app.run", {"detach": detached})]
     assert _calls(log, "spawn") == [("spawn", function, args)]
-    assert _calls(log, "with_options") == ([("with_options", function, options)] if options else [])
+    secrets = {"secrets": options["secrets"]} if options and "secrets" in options else None
+    assert _calls(log, "with_options") == ([("with_options", "preflight", secrets)] if secrets and preflight is not None
+                                           else []) + ([("with_options", function, options)] if options else [])
     checks = _calls(log, "remote")
     if preflight is None:
         assert checks == []
@@ -276,7 +313,7 @@ def test_the_seed_guides_modal_run_form_uses_the_running_app(modal_calls):
     (_, _, args), = _calls(modal_calls, "spawn")
     assert args == ("--iteration", "2", "--model", "qwen3-8b", "--gpus", "8", "--gpu", "H200", "--",
                     "trainer.save_freq=5")
-    assert _calls(modal_calls, "with_options")[0][2]["gpu"] == "H200:8"
+    assert [o for _, name, o in _calls(modal_calls, "with_options") if name == "solver"][0]["gpu"] == "H200:8"
     assert _calls(modal_calls, "get") == [("get", "solver")]   # waits: `modal run --detach` keeps it alive
 
 
@@ -321,40 +358,60 @@ RUNS = {
 
 
 class FakeVolume:
+    """A volume as modal 1.6.4's `Volume` sees it from outside a container: a missing file raises FileNotFoundError
+    (read_file, read_file_into_fileobj), a missing directory modal.exception.NotFoundError (listdir)."""
+
     def __init__(self, files: dict[str, bytes]):
         self.files = files
         self.uploads = []
+        self.commits = 0
 
     def read_file(self, path):
         if path.lstrip("/") not in self.files:
-            raise modal.exception.NotFoundError(f"{path} not found")
+            raise FileNotFoundError(f"No such file: {path}")
         yield self.files[path.lstrip("/")]
 
-    def read_file_into_fileobj(self, path, handle):
-        handle.write(b"".join(self.read_file(path)))
+    def read_file_into_fileobj(self, path, fileobj, progress_cb=None):
+        data = b"".join(self.read_file(path))  # modal looks the file up before it writes a byte
+        fileobj.write(data)
+        return len(data)
 
-    def listdir(self, path, recursive=False):
-        from modal.volume import FileEntryType
-
+    def listdir(self, path, *, recursive=False):
         prefix = path.strip("/") + "/"
-        found = [SimpleNamespace(path=name, type=FileEntryType.FILE) for name in self.files if name.startswith(prefix)]
+        found = [FileEntry(name, FileEntryType.FILE, 0, len(data)) for name, data in self.files.items()
+                 if name.startswith(prefix)]
         if not recursive:  # Modal lists the direct children only, directories as one entry each
             children = {prefix + e.path[len(prefix):].split("/")[0]: "/" in e.path[len(prefix):] for e in found}
-            found = [SimpleNamespace(path=name, type=FileEntryType.DIRECTORY if is_dir else FileEntryType.FILE)
+            found = [FileEntry(name, FileEntryType.DIRECTORY if is_dir else FileEntryType.FILE, 0, 0)
                      for name, is_dir in children.items()]
         if not found:
-            raise modal.exception.NotFoundError(f"{path} not found")
+            raise modal.exception.NotFoundError(f"No such file or directory: {path}")
         return found
 
     @contextlib.contextmanager
     def batch_upload(self, force=False):
-        def put_file(local, remote):
-            self.uploads.append(("file", local, remote))
-            if hasattr(local, "read"):  # a file object: its bytes land on the volume
-                self.files[remote.lstrip("/")] = local.read()
+        yield FakeUpload(self)
 
-        yield SimpleNamespace(put_directory=lambda local, remote: self.uploads.append(("dir", local, remote)),
-                              put_file=put_file)
+    def commit(self):
+        self.commits += 1
+
+    def reload(self):
+        pass
+
+
+class FakeUpload:
+    """What `Volume.batch_upload()` yields."""
+
+    def __init__(self, volume):
+        self.volume = volume
+
+    def put_file(self, local_file, remote_path, mode=None):
+        self.volume.uploads.append(("file", local_file, remote_path))
+        if hasattr(local_file, "read"):  # a file object: its bytes land on the volume
+            self.volume.files[str(remote_path).lstrip("/")] = local_file.read()
+
+    def put_directory(self, local_path, remote_path, recursive=True):
+        self.volume.uploads.append(("dir", local_path, remote_path))
 
 
 def test_status_reads_state_json_and_adds_up_the_recorded_gpu_time(monkeypatch, capsys):
@@ -435,7 +492,8 @@ def test_download_checkpoints_fetches_the_merged_model_and_state(monkeypatch, tm
 def test_download_model_is_a_retried_cpu_function_with_the_hub_token_and_the_corpus_volume():
     info = mb.download_model.info()
     assert info.gpus == [] and info.max_retries == 5 and info.timeout == 6 * 60 * 60 and info.cpu == 8.0
-    assert info.secrets == ["modal.Secret.from_name('huggingface-secret')"]
+    assert info.secrets == []  # the hub token comes with the launch, when the workspace has it (tests/test_secrets.py)
+    assert mb.plan_launch(mb.Request("download-model", model="qwen3-8b")).secrets == {"huggingface-secret": False}
     assert info.volumes["/corpus"].name == "dr-zero-corpus"
 
 
@@ -533,7 +591,9 @@ def test_stop_stops_the_latest_app_through_modals_cli(modal_calls, monkeypatch, 
     assert "python -m backends.modal resume" in capsys.readouterr().out
 
 
-def test_without_a_recorded_launch_logs_and_resume_ask_for_the_app_id(modal_calls, capsys):
-    assert mb.cli(["resume"]) == 2 and mb.cli(["logs"]) == 2
+def test_without_a_recorded_launch_logs_asks_for_the_app_id_and_resume_has_nothing_to_resume(modal_calls, capsys):
+    assert mb.cli(["logs"]) == 2
     assert "give the app id from `modal app list`" in capsys.readouterr().err
+    assert mb.cli(["resume"]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
     assert _calls(modal_calls, "spawn") == []

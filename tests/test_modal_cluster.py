@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -22,7 +21,7 @@ from backends import modal_cluster as mc  # noqa: E402
 from backends import modal_image as mi  # noqa: E402
 from backends import modal_ops as mo  # noqa: E402
 from backends import modal_plan as mp  # noqa: E402
-from test_modal_backend import REPO, VOLUME_NAMES, FakeFunction, FakeVolume, _calls  # noqa: E402
+from test_modal_backend import REPO, VOLUME_NAMES, FakeFunction, FakeSecret, FakeVolume, _calls  # noqa: E402
 
 
 # -- the clustered Functions' specs ----------------------------------------------------------------
@@ -35,7 +34,7 @@ def test_one_clustered_function_per_size_with_all_gpus_of_each_node_rdma_and_the
     assert info.gpus == [mi.parse_gpu(mi.GPU)]
     assert info.timeout == 24 * 60 * 60 and info.max_retries == 5 and info.single_use_containers
     assert {path: mount.name for path, mount in info.volumes.items()} == VOLUME_NAMES
-    assert info.secrets == mb.train.info().secrets  # the W&B key, as the single-node train
+    assert info.secrets == mb.train.info().secrets == []  # the W&B key comes with the launch, as on one node
 
 
 def test_the_single_node_app_has_no_clustered_function():
@@ -69,6 +68,8 @@ def cluster_calls(monkeypatch):
     monkeypatch.setattr(mb, "_app_id", lambda: "ap-cluster")
     monkeypatch.setattr(mb, "checkpoints_volume", FakeVolume({}))
     monkeypatch.setattr(mp, "GPU", "H100:8")
+    monkeypatch.setattr(modal.Secret, "from_name", FakeSecret.from_name)
+    monkeypatch.setattr(FakeSecret, "missing", set())
     return log
 
 
@@ -79,8 +80,9 @@ def test_train_on_two_nodes_runs_evolve_on_the_2_node_function_after_its_preflig
     (_, name, (command, required)), = _calls(cluster_calls, "remote")
     assert name == "cluster_preflight" and command == ["evolve", "--dry-run", *argv] and required
     assert _calls(cluster_calls, "spawn") == [("spawn", "cluster_2", ("evolve", *argv))]
-    (_, _, options), = _calls(cluster_calls, "with_options")
-    assert options["gpu"] == "H100:8"  # per node
+    checker, (_, _, options) = _calls(cluster_calls, "with_options")
+    assert checker == ("with_options", "cluster_preflight", {"secrets": ["wandb-secret"]})
+    assert options["gpu"] == "H100:8" and options["secrets"] == ["wandb-secret"]  # per node
     out = capsys.readouterr().out
     assert out.startswith("train on Modal: drzero evolve --model qwen3-32b ")
     assert "H100:8 (--gpu or $DRZERO_MODAL_GPU" in out and "on each of 2 nodes" in out
@@ -182,8 +184,9 @@ def node(monkeypatch):
     def at_rank(rank, code=0, ips=("10.0.0.1", "10.0.0.2")):
         seen.clear()
         seen["code"] = code
-        monkeypatch.setattr(mc, "cluster_info", lambda: SimpleNamespace(
-            rank=rank, container_ipv4_ips=list(ips), container_ips=["fd00::1", "fd00::2"]))
+        monkeypatch.setattr(mc, "cluster_info", lambda: modal.experimental.ClusterInfo(  # modal's own context
+            rank=rank, cluster_id="cl-test", container_ips=["fd00::1", "fd00::2"], container_ipv4_ips=list(ips),
+            fabric_ids=[]))
         return seen
 
     return at_rank
