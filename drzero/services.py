@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import logging
 import os
 import re
@@ -47,6 +46,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from drzero.records import DamagedRecord, Optional, read_record, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -373,12 +374,26 @@ def _record_pid(spec: ServiceSpec, pid: int) -> None:
         log.warning("could not record %s's pid in %s (%s)", spec.name, pid_file(spec.port), error)
 
 
-def _forget_pid(port: int, pid: int) -> None:
+PID_RECORD = {"pid": int, "pgid": int, "start_time": Optional(int)}  # what is read back of a pid file (_record_pid)
+
+
+def _pid_record(port: int) -> dict | None:
+    """The pid file of the server of ours on ``port``; None when there is none or it is damaged (moved aside)."""
     path = pid_file(port)
     try:
-        if json.loads(path.read_text()).get("pid") == pid:
-            path.unlink()
-    except (OSError, ValueError):
+        return read_record(path, PID_RECORD)
+    except DamagedRecord as damage:
+        set_aside(path, str(damage), "a server it named is not recognized as ours: should one still hold the port, "
+                                     "stop it by hand", log.warning)
+        return None
+
+
+def _forget_pid(port: int, pid: int) -> None:
+    record = _pid_record(port)
+    try:
+        if record is not None and record["pid"] == pid:
+            pid_file(port).unlink()
+    except OSError:
         pass
 
 
@@ -389,13 +404,10 @@ def stale_server(port: int, holder: int | None) -> dict | None:
     recorded, and that group's leader, if it still runs, is the very process we started (same
     start time). A group id cannot be reused while any member lives, so nothing else matches.
     """
-    if holder is None:
+    record = _pid_record(port) if holder is not None else None
+    if record is None:
         return None
-    try:
-        record = json.loads(pid_file(port).read_text())
-        pgid = int(record["pgid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    pgid = record["pgid"]
     if _pgid(holder) != pgid:
         return None
     leader_start = _start_time(pgid)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from drzero.atomic import commit_set, parquet_writer
 from drzero.config import option, require
 from drzero.services import SGLANG_PORT
 from drzero.checks import Check
@@ -172,17 +173,15 @@ def solver_rows(questions: list, split: str) -> list[dict]:
 
 
 def write_solver_data(data_dir: Path, world) -> tuple[Path, Path]:
-    """solver_iter1.parquet and its validation file, from the demo world's 1- to 4-hop questions."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """solver_iter1.parquet and its validation file, from the demo world's 1- to 4-hop questions, committed with
+    their manifest as gen-data commits them (the solver stage reads no less)."""
     questions = [q for hops in (1, 2, 3, 4) for q in world.questions(hops, count=3)]
     train = questions[:VERL_TRAIN_ROWS]
     val = questions[VERL_TRAIN_ROWS:VERL_TRAIN_ROWS + VERL_VAL_ROWS]
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = data_dir / "solver_iter1.parquet", data_dir / "solver_iter1_val.parquet"
-    for rows, path in zip((solver_rows(train, "train"), solver_rows(val, "test")), paths):
-        pq.write_table(pa.Table.from_pylist(rows), path)
+    commit_set({paths[0]: parquet_writer(solver_rows(train, "train")),
+                paths[1]: parquet_writer(solver_rows(val, "test"))}, data_dir / "solver_iter1.manifest.json", {})
     return paths
 
 
@@ -230,15 +229,10 @@ def count_gpus() -> tuple[int, str]:
 
 
 def demo_world_of(db: Path):
-    """The demo world a store was ingested with, or None for any other corpus."""
-    from drzero.corpus.demo import build_demo_world
-    from drzero.corpus.ingest import DEMO_FACTS_FILE
+    """The demo world a store was ingested with, or None for any other corpus (a damaged record of it: ConfigError)."""
+    from drzero.corpus.ingest import DEMO_FACTS_FILE, load_demo_world
 
-    facts_path = db / DEMO_FACTS_FILE
-    if not facts_path.is_file():
-        return None
-    facts = json.loads(facts_path.read_text())
-    return build_demo_world(seed=facts["seed"], papers=len(facts["papers"]))
+    return load_demo_world(db) if (db / DEMO_FACTS_FILE).is_file() else None
 
 
 async def _search_once(url: str, query: str):
