@@ -191,9 +191,7 @@ def write_data(data_dir: Path, preferred: list[str] = ()) -> dict:
     """Solver rows (one-hop demo questions, those in ``preferred`` first) and proposer seed rows (demo
     passages, hops 1-2). ``preferred``: questions the tiny agent answers at greedy decoding (found on a
     CPU with drzero.tools.tiny_agent.episode), so that a model this small can earn a non-zero reward."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    from drzero.atomic import commit_set, parquet_writer
     from drzero.corpus.demo import build_demo_world
     from drzero.data.seed import SeedDocument, seed_row
     from drzero.tools.eval_set import demo_rows
@@ -206,17 +204,19 @@ def write_data(data_dir: Path, preferred: list[str] = ()) -> dict:
     questions = [q for q in pool if q.question in wanted][:TRAIN_ROWS]
     chosen = len(questions)
     questions += [q for q in pool if q not in questions][:TRAIN_ROWS + VAL_ROWS - len(questions)]
-    pq.write_table(pa.Table.from_pylist(demo_rows(questions[:TRAIN_ROWS], "train")),
-                   data_dir / "solver_iter1.parquet")
-    pq.write_table(pa.Table.from_pylist(demo_rows(questions[TRAIN_ROWS:], "test")),
-                   data_dir / "solver_iter1_val.parquet")
+    # each pair committed with its manifest, as gen-data and prepare-data commit them: the stages read no less
+    commit_set({data_dir / "solver_iter1.parquet": parquet_writer(demo_rows(questions[:TRAIN_ROWS], "train")),
+                data_dir / "solver_iter1_val.parquet": parquet_writer(demo_rows(questions[TRAIN_ROWS:], "test"))},
+               data_dir / "solver_iter1.manifest.json", {})
     passages = world.passages()
     docs = [SeedDocument(p.source, p.title, render_document(p.title, p.text), len(p.text.split()), False)
             for p in passages[-2 * TRAIN_ROWS:]]    # papers: the passages proposers start from
     train = [seed_row(i, "train", 1 + i % 2, d, 0) for i, d in enumerate(docs[:TRAIN_ROWS])]
     val = [seed_row(i, "val", 1 + i % 2, d, None) for i, d in enumerate(docs[TRAIN_ROWS:TRAIN_ROWS + VAL_ROWS])]
-    pq.write_table(pa.Table.from_pylist(train), data_dir / "zero_ratio4321.parquet")
-    pq.write_table(pa.Table.from_pylist(val), data_dir / "zero_ratio4321_val.parquet")
+    commit_set({data_dir / "zero_ratio4321.parquet": parquet_writer(train),
+                data_dir / "zero_ratio4321_val.parquet": parquet_writer(val)},
+               data_dir / "zero_ratio4321.manifest.json",  # hops 1 and 2 alike; preflight measures the prompts
+               {"rows": len(train), "hop_ratio": "11", "partitions": [{"partition": 0, "rows": [0, len(train)]}]})
     return {"solver_rows_the_model_answers": f"{chosen}/{TRAIN_ROWS}"}
 
 

@@ -7,8 +7,9 @@ power loss) sees the old file or the new one, never a mix.
 A set of files (a train parquet, its validation parquet and their manifest) cannot be renamed in
 one step, so the manifest is the commit marker: ``commit_set`` writes every file under a
 temporary name, removes the old manifest, renames the files into place, and writes the manifest
-last, recording each file's size, rows and SHA-256. ``verify_set`` says whether a manifest exists
-and agrees with the files beside it; a stage is done only when it does. A run killed anywhere in
+last, recording each file's size, rows and SHA-256. ``verify_set`` says whether a manifest exists,
+has the shape its readers need (drzero.records) and agrees with the files beside it; a stage is done
+only when it does. A run killed anywhere in
 between leaves either the old committed set or no manifest at all, and ``remove_temporaries``
 clears what it left behind on the next start.
 """
@@ -23,8 +24,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from drzero.config import ConfigError
+from drzero.records import DamagedRecord, Each, Optional, read_record
 
 MANIFEST_FILES = "files"  # the manifest key that lists the committed files
+# what verify_set reads of every manifest; a set's own readers add their keys (drzero.data.seed.SEED_MANIFEST)
+COMMITTED_SET = {MANIFEST_FILES: Each({"bytes": int, "sha256": str, "rows": Optional(int)})}
 
 
 def fsync_directory(directory: Path) -> None:
@@ -184,31 +188,47 @@ def commit_set(files: dict[Path, Callable[[Path], None]], manifest_path: Path, m
 _VERIFIED: dict[tuple, None] = {}  # (path, size, mtime) of files already hashed and found to agree
 
 
-def verify_set(manifest_path: Path) -> str | None:
-    """None when ``manifest_path`` exists and every file it lists is there with its recorded size,
-    rows and hash; otherwise why not, in a few words."""
-    if not manifest_path.is_file():
-        return f"{manifest_path.name} is missing"
+def read_manifest(manifest_path: Path, shape: dict | None = None) -> dict | None:
+    """The manifest when it has ``COMMITTED_SET``'s shape and ``shape``'s; None when there is none; DamagedRecord
+    (what is wrong) otherwise."""
+    return read_record(manifest_path, {**COMMITTED_SET, **(shape or {})})
+
+
+def manifest_damage(manifest_path: Path, shape: dict | None = None) -> str | None:
+    """What is wrong with the manifest itself (it does not parse, or lacks what its readers need); None when it is
+    missing or sound."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        return f"{manifest_path.name} cannot be read ({error})"
-    files = manifest.get(MANIFEST_FILES) if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files:
-        return f"{manifest_path.name} lists no files (written by an older drzero)"
+        read_manifest(manifest_path, shape)
+    except DamagedRecord as damage:
+        return str(damage)
+    return None
+
+
+def verify_set(manifest_path: Path, shape: dict | None = None) -> str | None:
+    """None when ``manifest_path`` exists, has the shape its readers need (``shape``, beyond the files' records)
+    and every file it lists is there with its recorded size, rows and hash; otherwise why not, in a few words."""
+    try:
+        manifest = read_manifest(manifest_path, shape)
+    except DamagedRecord as damage:
+        return f"{manifest_path.name} is damaged: {damage}"
+    if manifest is None:
+        return f"{manifest_path.name} is missing"
+    files = manifest[MANIFEST_FILES]
+    if not files:
+        return f"{manifest_path.name} lists no files"
     for name, recorded in files.items():
         path = manifest_path.parent / name
         if not path.is_file():
             return f"{name} is missing"
         stat = path.stat()
-        if stat.st_size != recorded.get("bytes"):
-            return f"{name} has {stat.st_size} bytes, the manifest says {recorded.get('bytes')}"
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, recorded.get("sha256"))
+        if stat.st_size != recorded["bytes"]:
+            return f"{name} has {stat.st_size} bytes, the manifest says {recorded['bytes']}"
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, recorded["sha256"])
         if key in _VERIFIED:
             continue
-        if _sha256(path) != recorded.get("sha256"):
+        if _sha256(path) != recorded["sha256"]:
             return f"{name} is not the file the manifest records (its SHA-256 differs)"
-        if "rows" in recorded and _rows(path) != recorded["rows"]:
+        if recorded.get("rows") is not None and _rows(path) != recorded["rows"]:
             return f"{name} has {_rows(path)} rows, the manifest says {recorded['rows']}"
         _VERIFIED[key] = None
     return None

@@ -14,23 +14,25 @@ any crash or preemption the same command continues where the run stopped.
 What is on disk is the proof, not state.json alone: prepare-data and gen-data are done only when
 their manifest agrees with their files (drzero.atomic), and a verl stage whose own checkpoint
 already holds ``total_training_steps`` is done (verl would otherwise validate and run one step
-more). A state.json that is empty or corrupt is moved aside and rebuilt from that evidence.
+more). A state.json that is empty, corrupt or holds an entry of the wrong shape is moved aside with
+one sentence and rebuilt from that evidence; an entry that says "done" without naming the stage's
+outputs proves nothing; a damaged manifest of a stage's outputs is moved aside and the stage runs again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from drzero.atomic import verify_set, write_json_atomically
+from drzero.atomic import write_json_atomically
 from drzero.checks import report
 from drzero.cluster.ray import attach, before_stage, report_checks
 from drzero.config import option, require
 from drzero.plan import StagePlan
+from drzero.records import DamagedRecord, Each, OneOf, Optional, read_record, set_aside
 from drzero.stages.base import StageConfig, execute, finished_step, resolved_config
 from drzero.stages.registry import STAGES
 from drzero.verl.preflight import machine_check, run_checks
@@ -68,42 +70,54 @@ class EvolveConfig(StageConfig):
 
 # -- state.json ------------------------------------------------------------------------------------
 
+# What drzero writes into state.json (``RunState.mark``) and reads back; anything else is damage.
+STATE_FILE = {"version": Optional(int),
+              "stages": Each({"status": OneOf("running", "done"), "outputs": Optional([str]),
+                              "updated": Optional(str)})}
+
+
 class RunState:
     """Stage status on disk, written atomically and durably (file and directory fsync'd) after every change.
 
-    A state.json that cannot be read (empty after a power loss, truncated, edited by hand) is
-    moved aside with a warning; ``rebuilt`` is then True and ``rebuild`` recovers what the files
-    on disk prove.
+    A state.json that cannot be read or has an entry of the wrong shape (empty after a power loss,
+    truncated, edited by hand) is moved aside with one sentence naming what was wrong (drzero.records);
+    ``rebuilt`` is then True and ``rebuild`` recovers what the files on disk prove.
     """
 
     def __init__(self, path: Path, warn=log.warning, move_aside: bool = True):
         self.path = path
         self.stages: dict[str, dict] = {}
         self.rebuilt = False
-        if path.is_file():
-            try:
-                stages = json.loads(path.read_text())["stages"]
-                if not isinstance(stages, dict):
-                    raise ValueError(f"'stages' is a {type(stages).__name__}, not an object")
-                self.stages = stages
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                problem = f"{path} could not be read ({type(error).__name__}: {error})"
-                self.rebuilt = True
-                if not move_aside:  # a dry run changes nothing
-                    warn(f"{problem}; a real run moves it aside and rebuilds it from the files on disk")
-                    return
-                aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-                path.replace(aside)
-                warn(f"{problem}; moved it to {aside.name} and rebuilding the run's state from the manifests "
-                     f"and checkpoints on disk")
+        try:
+            recorded = read_record(path, STATE_FILE)
+        except DamagedRecord as damage:
+            self.rebuilt = True
+            set_aside(path, str(damage), "the run's state is rebuilt from the manifests and checkpoints on disk "
+                                         "(every stage they do not prove done runs again)", warn, move=move_aside)
+            return
+        if recorded is not None:
+            self.stages = recorded["stages"]
 
     def is_done(self, key: str, plan: StagePlan | None = None) -> bool:
-        if plan is not None and plan.manifest is not None and verify_set(plan.manifest) is not None:
+        if plan is not None and plan.writes_set is not None and plan.writes_set.problem() is not None:
             return False  # a set of outputs is done only when its manifest agrees with the files
         if plan is not None and plan.done_when_outputs_exist and all(p.exists() for p in plan.outputs):
             return True  # prepare-data: "when missing" — committed data made by another run counts
+        return self.unproven(key, plan) is None and self.stages.get(key, {}).get("status") == "done"
+
+    def unproven(self, key: str, plan: StagePlan | None = None) -> str | None:
+        """Why state.json's "done" for ``key`` proves nothing, when it does not: the entry must name the plan's
+        outputs (``{"status": "done", "outputs": []}`` names none) and they must be on disk."""
         entry = self.stages.get(key, {})
-        return entry.get("status") == "done" and all(Path(p).exists() for p in entry.get("outputs", []))
+        if entry.get("status") != "done":
+            return None
+        recorded = entry.get("outputs") or []
+        expected = [str(p) for p in plan.outputs] if plan is not None else recorded
+        unnamed = [p for p in expected if p not in recorded]
+        if unnamed:
+            return f"state.json records it as done but does not name {', '.join(unnamed)} among its outputs"
+        gone = [p for p in expected if not Path(p).exists()]
+        return f"state.json records it as done but {', '.join(gone)} is not on disk" if gone else None
 
     def mark(self, key: str, status: str, outputs: list[Path] = ()) -> None:
         entry = self.stages.setdefault(key, {})
@@ -112,19 +126,27 @@ class RunState:
         write_json_atomically({"version": 1, "stages": self.stages}, self.path)
 
     def rebuild(self, plans: list[tuple[str, StagePlan]], print_fn=print) -> None:
-        """After a corrupt state.json: mark done every stage whose files on disk prove it finished.
+        """After a damaged state.json: mark done every stage whose files on disk prove it finished.
 
         Proof is a manifest that agrees with its files (prepare-data, gen-data) or a verl checkpoint
         at its last step. A merge or evaluation leaves no such proof, so it runs again (a merge is
         minutes; it rewrites the same directory).
         """
         for key, plan in plans:
-            proven = ((plan.manifest is not None and verify_set(plan.manifest) is None)
-                      or finished_step(plan) is not None)
-            if not proven:
+            committed = plan.writes_set is not None and plan.writes_set.problem() is None
+            if not committed and finished_step(plan) is None:
                 continue
             self.mark(key, "done", plan.outputs)
             print_fn(f"[rebuilt] {key}: done, as its files on disk show")
+
+
+def set_aside_damaged_sets(plans: list[tuple[str, StagePlan]], warn, move: bool) -> None:
+    """A stage's output manifest that does not parse, or lacks what its readers read, proves nothing and would stop
+    each reader: it is moved aside (a dry run only says so), and the stage that writes it runs again."""
+    for key, plan in plans:
+        damage = plan.writes_set.damage() if plan.writes_set is not None else None
+        if damage is not None:
+            set_aside(plan.writes_set.manifest, damage, f"{key} runs again to write it", warn, move=move)
 
 
 # -- plans -------------------------------------------------------------------------------------------
@@ -183,13 +205,12 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
     Run before the first stage starts, so a solver mistake is found before hours of proposer
     training, not after. Returns the number of problems found.
     """
-    planned: set[Path] = set()
+    planned: set[Path] = set()  # what the stages still to run will (re)write before a later stage reads it
     problems = 0
     for key, plan in plans:
-        if state.is_done(key, plan):
+        if state.is_done(key, plan):  # its outputs are on disk: the stages after it check them as they are
             if verbose:
                 print_fn(f"[skip] {key}: done")
-            planned.update(plan.outputs)
             continue
         if verbose:
             print_fn(f"[plan] {key}\n{plan.describe()}")
@@ -209,12 +230,16 @@ def check_remaining(cfg: EvolveConfig, state: RunState, plans: list[tuple[str, S
             for path in [p for p in plan.inputs if not p.exists() and p not in planned]:
                 problems += 1
                 print_fn(f"  [FAIL] {key}: input {path} does not exist and no earlier stage writes it")
+            for refusal in plan.input_set_problems(planned):
+                problems += 1
+                print_fn(f"  [FAIL] {key}: {refusal}")
         planned.update(plan.outputs)
     return problems
 
 
-def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print) -> int:
-    plans = all_plans(cfg)
+def dry_run(cfg: EvolveConfig, state: RunState, print_fn=print,
+            plans: list[tuple[str, StagePlan]] | None = None) -> int:
+    plans = all_plans(cfg) if plans is None else plans
     problems = check_remaining(cfg, state, plans, print_fn, verbose=True, resolve=True)
     if cfg.ray_address:
         problems += report_checks(cfg, [plan for key, plan in plans if not state.is_done(key, plan)], print_fn)
@@ -226,11 +251,14 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
     cluster = attach(cfg)  # on a Ray cluster: nodes and GPUs from it, the services at this node's address
     if cluster is not None:
         print_fn(cluster.describe())
-    state = RunState(cfg.layout.state, warn=lambda message: print_fn(f"evolve: warning: {message}"),
-                     move_aside=not cfg.dry_run)
-    if cfg.dry_run:
-        return dry_run(cfg, state, print_fn)
+    def warn(message: str) -> None:
+        print_fn(f"evolve: warning: {message}")
+
+    state = RunState(cfg.layout.state, warn=warn, move_aside=not cfg.dry_run)
     plans = all_plans(cfg)
+    set_aside_damaged_sets(plans, warn, move=not cfg.dry_run)
+    if cfg.dry_run:
+        return dry_run(cfg, state, print_fn, plans)
     if state.rebuilt:
         state.rebuild(plans, print_fn)
     if not cfg.skip_preflight:
@@ -257,7 +285,8 @@ def evolve(cfg: EvolveConfig, print_fn=print) -> int:
             state.mark(key, "done", plan.outputs)
             continue
         resumed = state.stages.get(key, {}).get("status") == "running"
-        print_fn(f"[{'resume' if resumed else 'run'}] {key}")
+        unproven = state.unproven(key, plan)
+        print_fn(f"[{'resume' if resumed else 'run'}] {key}" + (f" ({unproven})" if unproven else ""))
         before_stage(cfg, plan, print_fn)  # on a cluster: every node sees what the stages before wrote
         state.mark(key, "running")
         execute(plan)

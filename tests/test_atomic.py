@@ -54,9 +54,11 @@ def test_a_committed_set_verifies_and_any_change_is_caught(tmp_path):
     (tmp_path / "b.txt").unlink()
     assert verify_set(manifest) == "b.txt is missing"
     manifest.write_text("")
-    assert "cannot be read" in verify_set(manifest)
+    assert verify_set(manifest) == "set.manifest.json is damaged: it is empty"
     manifest.write_text(json.dumps({"rows": 2}))
-    assert "lists no files" in verify_set(manifest)
+    assert verify_set(manifest) == 'set.manifest.json is damaged: it has no "files"'
+    manifest.write_text(json.dumps({"files": {"a.parquet": 5}}))  # once an AttributeError
+    assert verify_set(manifest) == 'set.manifest.json is damaged: files["a.parquet"] is an integer (5), not an object'
 
 
 def test_a_failed_writer_leaves_the_old_set_untouched_and_no_temporary(tmp_path):

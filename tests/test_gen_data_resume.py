@@ -130,3 +130,51 @@ def test_shards_rendered_with_other_prompts_are_not_reused(change, tmp_path):
     manifest = {"files": {"seeds.parquet": "abc"}}
     assert journal_key(base, manifest, 0, 40, 4) == journal_key(dataclasses.replace(base), manifest, 0, 40, 4)
     assert journal_key(base, manifest, 0, 40, 4) != journal_key(dataclasses.replace(base, **change), manifest, 0, 40, 4)
+
+
+@pytest.mark.parametrize("damage", ["truncated line", "wrong shape", "damaged key"])
+def test_a_damaged_shard_is_set_aside_and_its_seeds_generated_again(damage, seeds, retriever, tmp_path, monkeypatch,
+                                                                     caplog):
+    """A shard line cut short (a disk fault, a hand edit) once crashed the resumed run with a JSONDecodeError."""
+    from drzero.data import gen_data
+
+    out = tmp_path / "solver_iter1.parquet"
+    shards = shards_dir(out)
+    real_commit = gen_data.commit_set
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(gen_data, "commit_set", disk_full)  # every seed finished and journaled, nothing committed
+    with FakeSGLang(ScriptedProposer(), model="proposer").serve() as url:
+        with pytest.raises(OSError, match="No space left"):
+            run_gen_data(GenDataJob(**_settings(seeds, url, retriever, out), limit=3))
+    first, second = sorted(shards.glob("shard-*.jsonl"))  # 3 train + 3 validation seeds, 4 per shard
+    if damage == "truncated line":
+        first.write_text(first.read_text()[:-40])
+    elif damage == "wrong shape":
+        lines = first.read_text().splitlines()
+        entry = json.loads(lines[0])
+        entry["record"]["verdict"] = "maybe"
+        first.write_text("\n".join([json.dumps(entry)] + lines[1:]) + "\n")
+    else:
+        (shards / "key.json").write_text('{"samples": ')
+
+    monkeypatch.setattr(gen_data, "commit_set", real_commit)
+    proposer = ScriptedProposer()
+    with FakeSGLang(proposer, model="proposer").serve() as url:
+        result = run_gen_data(GenDataJob(**_settings(seeds, url, retriever, out), limit=3))
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    if damage == "damaged key":  # shards of unknown settings: the journal goes aside whole, every seed again
+        assert warnings[0].startswith(f'{shards} is damaged: its key.json is damaged (it is not JSON')
+        assert warnings[0].endswith("and every item is done again")
+        assert sum(result.manifest["resumed_seeds"].values()) == 0 and len(proposer.documents_seen()) == 6
+    else:
+        expected = "it is not JSON" if damage == "truncated line" else 'record["verdict"] is "maybe", not "kept" or'
+        assert warnings[0].startswith(f"{first} is damaged: line ") and expected in warnings[0]
+        assert warnings[0].endswith("and the items it held are done again")
+        assert sum(result.manifest["resumed_seeds"].values()) == 2  # the second shard's; the first's four again
+        assert len(proposer.documents_seen()) == 4
+    assert result.manifest["train"]["seeds"] == 3 and verify_set(result.manifest_path) is None
+    assert not shards.exists()  # committed: the journal goes, a shard set aside in it with it

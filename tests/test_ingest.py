@@ -301,3 +301,68 @@ def test_device_cuda_without_cuda_is_one_sentence_and_writes_nothing(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "device='cuda' is not available" in errors[0] and "--device cpu" in errors[0]
     assert not (tmp_path / "db").exists()
+
+
+# Runs `drzero ingest` and SIGKILLs it where its index check would start: after its last write, before the check.
+KILL_BEFORE_INDEX_CHECK = """
+import os, signal, sys
+from drzero.corpus import ingest
+ingest._verify_index = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+from drzero.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_ingest_killed_before_its_index_check_is_checked_by_the_next_one(tmp_path, caplog):
+    """Issue 29, item 11: the next ingest added nothing, so it never checked the index the killed one wrote."""
+    import signal
+    import subprocess
+    import sys
+
+    from drzero.verl.preflight import corpus_check
+
+    db, corpus = tmp_path / "db", _corpus(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_INDEX_CHECK, "ingest", str(corpus), "--db", str(db),
+                             "--embedder", "minilm"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    written = CorpusStore.open_existing(db).count()
+    assert written > 12
+    refused = corpus_check(db, "corpus")
+    assert not refused.ok and "stopped before checking the vector index" in refused.message
+    assert f"run `drzero ingest --verify --db {db} --collection corpus`" in refused.message
+
+    summary = run_ingest(IngestConfig(sources=[str(corpus)], db=str(db), embedder="minilm"))
+    assert summary.added == 0 and summary.verified == written and summary.unindexed == 0
+    assert "the last ingest into it stopped after writing passages and before checking its index" in caplog.text
+    assert corpus_check(db, "corpus").ok
+    assert run_ingest(IngestConfig(sources=[str(corpus)], db=str(db), embedder="minilm")).verified is None
+
+
+@pytest.mark.parametrize("record", ["", '{"collection": "corpus", "state": "done"}', "[]"])
+def test_a_damaged_index_check_record_is_set_aside_and_the_index_checked(tmp_path, caplog, record):
+    from drzero.corpus.store import index_check_path
+
+    db, corpus = tmp_path / "db", _corpus(tmp_path, documents=4)
+    cfg = IngestConfig(sources=[str(corpus)], db=str(db), embedder="minilm")
+    first = run_ingest(cfg)
+    assert first.verified == first.collection_size  # it added passages, so it checked them
+    index_check_path(db, "corpus").write_text(record)
+    assert run_ingest(cfg).verified == first.collection_size
+    said = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{index_check_path(db, 'corpus')} is damaged: ")
+    assert said[0].endswith("and the index is checked again")
+    assert len(list(db.glob("drzero-index-check.corpus.json.damaged-*"))) == 1
+
+
+@pytest.mark.parametrize("facts", ['"x"', '{"seed": 0, "papers": 5}', '{"seed": 0, "pap'])
+def test_damaged_demo_facts_are_set_aside_with_what_writes_them_again(tmp_path, facts):
+    from drzero.corpus.ingest import load_demo_world
+
+    (tmp_path / DEMO_FACTS_FILE).write_text(facts)
+    with pytest.raises(ConfigError) as refused:
+        load_demo_world(tmp_path)
+    aside = list(tmp_path.glob(f"{DEMO_FACTS_FILE}.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_text() == facts
+    assert str(refused.value).startswith(f"{tmp_path / DEMO_FACTS_FILE} is damaged: ")
+    assert str(refused.value).endswith(f"moved it to {aside[0].name} and `drzero ingest --demo --db {tmp_path}` "
+                                       f"writes it again")

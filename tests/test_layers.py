@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top, as docs/design.md draws them: a module may import its own layer's modules (without a cycle) and
 # the layers below, never the ones above.
 LAYERS = [
-    ["drzero", "drzero.config", "drzero.layout", "drzero.plan", "drzero.checks", "drzero.atomic", "drzero.prompts"],
+    ["drzero", "drzero.config", "drzero.layout", "drzero.plan", "drzero.checks", "drzero.atomic", "drzero.records",
+     "drzero.prompts"],
     ["drzero.models", "drzero.corpus"],
     ["drzero.rollout", "drzero.rewards", "drzero.retrieval", "drzero.data"],
     ["drzero.verl", "drzero.services", "drzero.cluster"],

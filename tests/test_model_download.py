@@ -176,3 +176,23 @@ def test_the_manifest_reads_the_hubs_model_info(monkeypatch):
     assert manifest.revision == REVISION and manifest.size == 1041
     assert manifest.files == (md.HubFile("config.json", 41, git_sha1="b" * 40),
                               md.HubFile("model.safetensors", 1000, sha256="d" * 64))
+
+
+@pytest.mark.parametrize("record", ['"x"', "[]", '{"revision": 5, "complete": true}',
+                                    '{"repo_id": "Qwen/Fake-1B", "rev', ""])
+def test_a_damaged_download_record_is_set_aside_and_every_file_checked_again(hub, record):
+    """A record that is not an object once crashed `status`, `list-models` and the download (AttributeError)."""
+    manifest, fake = hub
+    md.download(manifest, fake.target, fake.fetch, log=lambda line: None)
+    (fake.target / md.MARKER).write_text(record)
+    assert md.recorded_revision(fake.target) is None and md.local_state(fake.target) == "incomplete"
+    fake.calls.clear()
+    said = []
+    md.download(manifest, fake.target, fake.fetch, log=said.append)
+    aside = [p.name for p in fake.target.glob(f"{md.MARKER}.damaged-*")]
+    assert len(aside) == 1 and (fake.target / aside[0]).read_text() == record
+    assert said[0].startswith(f"{fake.target / md.MARKER} is damaged: it ")
+    assert said[0].endswith(f"moved it to {aside[0]} and every file is checked against the hub's sizes and hashes, "
+                            f"and what does not match is fetched again")
+    assert fake.calls == [] and any("verifying 4 files" in line for line in said)  # all were there: none fetched
+    assert md.local_state(fake.target) == "verified" and md.recorded_revision(fake.target) == REVISION

@@ -9,6 +9,9 @@ from drzero import pipeline
 from drzero.atomic import commit_set, parquet_writer
 from drzero.pipeline import EvolveConfig, all_plans, evolve
 
+# what prepare-data's readers need of its manifest (drzero.data.seed.SEED_MANIFEST), beside the files commit_set adds
+SEED_MANIFEST = {"rows": 1, "hop_ratio": "4321", "partitions": [{"partition": 0, "rows": [0, 1]}],
+                 "prompt_tokens": {"max": 100}}
 STAGES = ["prepare-data", "iter1/challenger", "iter1/merge-challenger", "iter1/gen-data", "iter1/solver",
           "iter1/merge-solver"]
 
@@ -33,7 +36,8 @@ class GPUStandIn:
             self.crash_at = None
             raise RuntimeError(f"preempted during {plan.name}")
         if plan.manifest is not None:  # a set of files: committed with its manifest, as the real stages do
-            commit_set({output: parquet_writer([{"written": 1}]) for output in plan.outputs}, plan.manifest, {})
+            commit_set({output: parquet_writer([{"written": 1}]) for output in plan.outputs}, plan.manifest,
+                       SEED_MANIFEST if plan.name == "prepare-data" else {})
             return
         for output in plan.outputs:
             if output.suffix:
@@ -106,7 +110,8 @@ def test_committed_seed_data_counts_as_prepared(config, monkeypatch):
     runner = GPUStandIn()
     monkeypatch.setattr(pipeline, "execute", runner)
     plan = dict(all_plans(config))["prepare-data"]
-    commit_set({output: parquet_writer([{"made by": "another run"}]) for output in plan.outputs}, plan.manifest, {})
+    commit_set({output: parquet_writer([{"made by": "another run"}]) for output in plan.outputs}, plan.manifest,
+               SEED_MANIFEST)
     evolve(config)
     assert "prepare-data" not in runner.ran
 
@@ -177,8 +182,8 @@ def test_an_empty_or_corrupt_state_file_is_set_aside_and_rebuilt_from_disk(confi
     runner.ran.clear()
     assert evolve(config) == 0
     out = capsys.readouterr().out
-    assert "evolve: warning:" in out and "could not be read" in out and "Traceback" not in out
-    assert [p.name.startswith("state.json.corrupt-") for p in Path(config.checkpoints).glob("state.json.*")] == [True]
+    assert "evolve: warning:" in out and "state.json is damaged: it " in out and "Traceback" not in out
+    assert [p.name.startswith("state.json.damaged-") for p in Path(config.checkpoints).glob("state.json.*")] == [True]
     # the seed set and the challenger's finished checkpoint prove themselves; the merge has no proof and reruns
     assert "[rebuilt] prepare-data" in out and "[rebuilt] iter1/challenger" in out
     assert runner.ran == ["merge challenger (iteration 1)", "gen-data (iteration 1)", "solver (iteration 1)",
@@ -229,3 +234,76 @@ def test_each_stage_is_planned_when_it_runs(config, monkeypatch):
     assert merge[merge.index("--local_dir") + 1].endswith("solver_iter1/global_step_50/actor")
     challenger = runner.commands["challenger (iteration 2)"]
     assert any(arg.endswith("challenger_iter1/global_step_50") for arg in challenger)
+
+
+# -- issue 29, item 8: a state.json entry of the wrong shape -----------------------------------------
+
+WRONG_SHAPES = {"a string": "done", "null": None, "outputs a number": {"outputs": 5}, "a list": ["done"],
+                "done with outputs a number": {"status": "done", "outputs": 5}, "another status": {"status": "ok"}}
+
+
+def _crashed_at_gen_data(config, monkeypatch) -> tuple[GPUStandIn, Path]:
+    runner = GPUStandIn(crash_at="gen-data")
+    monkeypatch.setattr(pipeline, "execute", runner)
+    with pytest.raises(RuntimeError):
+        evolve(config)
+    runner.ran.clear()
+    return runner, Path(config.checkpoints, "state.json")
+
+
+def _damage_entry(state_path: Path, key: str, value) -> None:
+    recorded = json.loads(state_path.read_text())
+    recorded["stages"][key] = value
+    state_path.write_text(json.dumps(recorded))
+
+
+@pytest.mark.parametrize("shape", sorted(WRONG_SHAPES))
+def test_a_wrong_shaped_entry_is_set_aside_in_one_sentence_and_the_state_rebuilt(config, monkeypatch, capsys, shape):
+    runner, state_path = _crashed_at_gen_data(config, monkeypatch)
+    _damage_entry(state_path, "iter1/challenger", WRONG_SHAPES[shape])
+    capsys.readouterr()
+    assert evolve(config) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("evolve: warning:")]
+    assert len(warnings) == 1 and 'is damaged: stages["iter1/challenger"]' in warnings[0], out
+    assert "rebuilt from the manifests and checkpoints on disk" in warnings[0]
+    aside = [p.name for p in state_path.parent.glob("state.json.*")]
+    assert len(aside) == 1 and aside[0].startswith("state.json.damaged-") and aside[0] in warnings[0]
+    # the seed set and the challenger's last checkpoint prove themselves; the merge has none and runs again
+    assert "[rebuilt] prepare-data" in out and "[rebuilt] iter1/challenger" in out
+    assert runner.ran == ["merge challenger (iteration 1)", "gen-data (iteration 1)", "solver (iteration 1)",
+                          "merge solver (iteration 1)"]
+    assert all(v["status"] == "done" for v in json.loads(state_path.read_text())["stages"].values())
+
+
+@pytest.mark.parametrize("shape", sorted(WRONG_SHAPES))
+def test_a_dry_run_names_a_wrong_shaped_entry_and_changes_nothing(config, monkeypatch, capsys, shape):
+    _, state_path = _crashed_at_gen_data(config, monkeypatch)
+    _damage_entry(state_path, "iter1/challenger", WRONG_SHAPES[shape])
+    damaged = state_path.read_text()
+    monkeypatch.setattr(pipeline, "run_checks", lambda plan, **kwargs: [])  # verl's composition is not the point
+    monkeypatch.setattr(pipeline, "resolved_config", lambda plan: "{}")
+    capsys.readouterr()
+    assert evolve(EvolveConfig(**{**config.__dict__, "dry_run": True})) == 0
+    out = capsys.readouterr().out
+    assert 'is damaged: stages["iter1/challenger"]' in out and "a real run moves it aside" in out
+    assert state_path.read_text() == damaged and not list(state_path.parent.glob("state.json.*"))
+
+
+def test_done_without_naming_its_outputs_is_no_proof_and_the_challenger_runs(config, monkeypatch, capsys):
+    """{"status": "done", "outputs": []} once skipped the challenger although it had no checkpoint."""
+    runner = GPUStandIn()
+    monkeypatch.setattr(pipeline, "execute", runner)
+    plans = dict(all_plans(config))
+    runner(plans["prepare-data"])
+    state_path = Path(config.checkpoints, "state.json")
+    state_path.parent.mkdir(parents=True)
+    state_path.write_text(json.dumps({"version": 1, "stages": {"iter1/challenger": {"status": "done", "outputs": []},
+                                                               "iter1/solver": {"status": "done"}}}))
+    runner.ran.clear()
+    assert evolve(config) == 0
+    out = capsys.readouterr().out
+    assert runner.ran[0] == "challenger (iteration 1)" and "solver (iteration 1)" in runner.ran
+    checkpoint = plans["iter1/challenger"].outputs[0]
+    assert f"[run] iter1/challenger (state.json records it as done but does not name {checkpoint}" in out
+    assert "Traceback" not in out

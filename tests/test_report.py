@@ -136,7 +136,8 @@ def test_an_empty_run_and_unreadable_files_are_reported_not_raised(tmp_path):
                                      out=str(tmp_path / "report")))
     assert _png_size(result.png_path) == (1200, 900)
     markdown = result.markdown_path.read_text()
-    assert "No `state.json`" in markdown and "no seed manifest" in markdown and "not readable JSON" in markdown
+    assert "No `state.json`" in markdown and "no seed manifest" in markdown
+    assert "summary.json is damaged: it is not JSON" in markdown
     assert result.missing == ["state.json", "iteration 1: not evaluated", "iteration 1: no gen-data manifest",
                               "seed manifest"]
 
@@ -194,3 +195,16 @@ def test_benchmark_evaluations_get_a_table_by_data_source(tmp_path):
     (row,) = _tables(result.markdown_path.read_text())["iteration bamboogle"]
     assert row == {"iteration": "0 (base)", "bamboogle": "1.000", "nq": "0.500", "macro average": "0.750"}
     assert [v.iteration for v in result.run.iterations] == [0, 1]
+
+
+def test_a_wrong_shaped_state_entry_or_manifest_is_listed_as_damaged_not_raised(tmp_path):
+    """Issue 29: a state.json entry of the wrong shape once raised AttributeError in the report as in evolve."""
+    checkpoints, data = tmp_path / "ckpt", tmp_path / "data"
+    _write(checkpoints / "state.json", {"version": 1, "stages": {"iter1/challenger": "done"}})
+    _write(data / "solver_iter1.manifest.json", {"train": "kept them all"})
+    _write(data / "zero_ratio4321.manifest.json", {"rows": "many"})
+    result = run_report(ReportConfig(checkpoints=str(checkpoints), data_dir=str(data), out=str(tmp_path / "report")))
+    markdown = result.markdown_path.read_text()
+    assert 'state.json is damaged: stages["iter1/challenger"] is a string ("done"), not an object' in markdown
+    assert 'solver_iter1.manifest.json is damaged: train is a string ("kept them all"), not an object' in markdown
+    assert 'zero_ratio4321.manifest.json is damaged: rows is a string ("many"), not an integer' in markdown

@@ -381,3 +381,19 @@ def test_children_get_no_secrets_unless_they_name_them(tmp_path, run_dir, monkey
     assert sglang_service("/m").pass_secrets == ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     assert retriever_service("/db").pass_secrets == ()
     assert not is_secret("TOKENIZERS_PARALLELISM") and is_secret("MODAL_TOKEN_SECRET") and is_secret("GITHUB_TOKEN")
+
+
+@pytest.mark.parametrize("content", ['"x"', "[]", '{"pid": "12", "pgid": 12}', '{"pid": 1'])
+def test_a_damaged_pid_file_is_set_aside_in_one_sentence_not_raised(run_dir, content, caplog):
+    """A pid file that is not an object once raised AttributeError when its service stopped."""
+    from drzero.services.ports import forget_pid as _forget_pid, pid_file, stale_server
+
+    run_dir.mkdir()
+    port = free_port()
+    pid_file(port).write_text(content)
+    _forget_pid(port, os.getpid())
+    assert not pid_file(port).exists() and len(list(run_dir.glob(f"service-{port}.json.damaged-*"))) == 1
+    pid_file(port).write_text(content)
+    assert stale_server(port, os.getpid()) is None  # proves nothing: the holder is refused, never stopped
+    said = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(said) == 2 and all(s.endswith("should one still hold the port, stop it by hand") for s in said)

@@ -20,9 +20,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, demo_db, tiny_model_dir):
     """data/ with the seed parquet (and a solver parquet for iteration 1), checkpoints/ empty."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from drzero.atomic import commit_set, parquet_writer
     from drzero.stages.prepare_data import PrepareDataConfig, run_prepare_data
     from drzero.prompts import solver_messages
 
@@ -30,12 +30,14 @@ def workdir(tmp_path_factory, demo_db, tiny_model_dir):
     data = root / "data"
     run_prepare_data(PrepareDataConfig(db=str(demo_db), out=str(data / "zero_ratio4321.parquet"), rows=512,
                                        val_rows=16, tokenizer=str(tiny_model_dir)))
+    solver_data = {}
     for suffix in ("", "_val"):  # stands in for gen-data's output: solver prompts in the same row format
         rows = pq.read_table(data / f"zero_ratio4321{suffix}.parquet").to_pylist()
         for row in rows:
             row["prompt"] = solver_messages(f"Which venue published {row['extra_info']['seed_title']}?")
             row["reward_model"] = {"style": "rule", "ground_truth": {"target": ["x"]}}
-        pq.write_table(pa.Table.from_pylist(rows), data / f"solver_iter1{suffix}.parquet")
+        solver_data[data / f"solver_iter1{suffix}.parquet"] = parquet_writer(rows)
+    commit_set(solver_data, data / "solver_iter1.manifest.json", {})  # committed as a set, as gen-data does
     return {"db": str(demo_db), "data_dir": str(data), "checkpoints": str(root / "checkpoints"),
             "model": str(tiny_model_dir), "logger": "console", "retriever_url": "http://127.0.0.1:8000/retrieve"}
 

@@ -12,12 +12,14 @@ write of one batch overlapping the encoding of the next.
 One ingest writes a store at a time: each holds an exclusive lock beside it (``DB.lock``), and a
 second one exits 2 at once, naming the first. Every ingest that added passages (and
 ``--verify``) ends by checking that each stored passage can be found in the vector index, and
-re-embeds any that cannot (what two writers at once left behind before the lock existed).
+re-embeds any that cannot (what two writers at once left behind before the lock existed). The
+check is recorded beside the collection only once it passed (drzero.corpus.store.record_index_check),
+so an ingest killed after its last write and before its check is checked by the next ingest, even
+one that adds nothing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,19 +34,27 @@ from drzero.corpus.demo import build_demo_world
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
 from drzero.corpus.readers import ReadReport, RecordFields, expand_sources, read_documents
-from drzero.corpus.store import DEFAULT_COLLECTION, CorpusStore, StoreError, writer_lock
+from drzero.corpus.store import (DEFAULT_COLLECTION, INDEX_CHECKED, INDEX_WRITING, CorpusStore, StoreError,
+                                 index_check_path, read_index_check, record_index_check, writer_lock)
+from drzero.records import DamagedRecord, read_record, set_aside
 
 log = logging.getLogger(__name__)
 
 DEMO_FACTS_FILE = "demo_world.json"
+DEMO_FACTS = {"seed": int, "papers": [dict]}  # what load_demo_world reads of it
 
 
 def load_demo_world(db: str | Path):
     """The demo world ingested into ``db``, rebuilt from the seed and size in its ``demo_world.json``."""
     facts_path = Path(db).expanduser() / DEMO_FACTS_FILE
-    if not facts_path.is_file():
+    try:
+        facts = read_record(facts_path, DEMO_FACTS)
+    except DamagedRecord as damage:
+        said: list[str] = []
+        set_aside(facts_path, str(damage), f"`drzero ingest --demo --db {db}` writes it again", said.append)
+        raise ConfigError(said[0]) from None
+    if facts is None:
         raise ConfigError(f"{db} holds no {DEMO_FACTS_FILE}; build it with `drzero ingest --demo --db {db}`.")
-    facts = json.loads(facts_path.read_text())
     return build_demo_world(seed=facts["seed"], papers=len(facts["papers"]))
 
 
@@ -203,9 +213,30 @@ def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> s
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     with writer_lock(cfg.db):
         summary = _ingest(cfg) if cfg.sources or cfg.demo else IngestSummary()
-        if cfg.verify or summary.added:
+        unchecked = None if cfg.verify or summary.added else _unchecked_since(cfg)
+        if unchecked:
+            log.warning("checking the vector index of collection %r in %s: %s", cfg.collection, cfg.db, unchecked)
+        if cfg.verify or summary.added or unchecked:
             _verify_index(cfg, summary)
     return summary
+
+
+def _unchecked_since(cfg: IngestConfig) -> str | None:
+    """Why the collection's index needs a check although this ingest added nothing; None when its last check
+    covers every passage it holds."""
+    try:
+        recorded = read_index_check(cfg.db, cfg.collection)
+    except DamagedRecord as damage:
+        set_aside(index_check_path(cfg.db, cfg.collection), str(damage), "the index is checked again", log.warning)
+        return "its index-check record was damaged"
+    if recorded is None:
+        return "no index check is recorded for it (a store written before drzero recorded them)"
+    if recorded["state"] != INDEX_CHECKED:
+        return "the last ingest into it stopped after writing passages and before checking its index"
+    count = CorpusStore.open_existing(cfg.db, cfg.collection).count()
+    if recorded.get("passages") != count:
+        return f"it holds {count} passages but its last index check saw {recorded.get('passages')}"
+    return None
 
 
 def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
@@ -215,6 +246,7 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
     missing = store.unindexed_ids()
     summary.unindexed = len(missing)
     if missing:
+        record_index_check(cfg.db, cfg.collection, INDEX_WRITING)
         log.warning("%d passages of %s are stored but not in its vector index; re-embedding them", len(missing),
                     cfg.db)
         ids, contents, metadatas = store.records(missing)
@@ -234,6 +266,7 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
             raise StoreError(f"{len(still)} passages of collection {cfg.collection!r} in {cfg.db} are still not in "
                              f"the vector index after re-embedding; rebuild the store with a fresh --db.")
     summary.collection_size = store.count()
+    record_index_check(cfg.db, cfg.collection, INDEX_CHECKED, summary.collection_size)
 
 
 def _ingest(cfg: IngestConfig) -> IngestSummary:
@@ -270,6 +303,7 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
             log.warning("%d of %d passages are longer than %s's %s-token window and are truncated when embedded; "
                         "lower --max-words to keep them whole", summary.over_window, len(todo), spec.name,
                         summary.window_tokens)
+        record_index_check(cfg.db, cfg.collection, INDEX_WRITING)  # until the check at the end passes
         summary.added = _embed_and_write(store, embedder, todo, cfg.batch_size)
     summary.collection_size = store.count()
     if world is not None:

@@ -4,6 +4,11 @@ Each record is one passage: id = content hash, document = ``"title\\ntext"``, me
 title/source/chunk. The collection's own metadata records which embedder wrote it (name,
 dimension, query and passage prefixes) so that the retriever can refuse to query it with
 another model — a mismatch returns nonsense silently, it never crashes.
+
+Beside the collection, ``drzero-index-check.<collection>.json`` records whether its vector index
+was checked after the last write: ``writing`` from before an ingest's first write until its index
+check passes, then ``checked`` with the passage count. A kill in between leaves ``writing``, so the
+next ingest checks the index again and preflight refuses to train on it unchecked.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from drzero.atomic import write_json_atomically
 from drzero.corpus.embedder import EmbedderSpec, canonical_name
+from drzero.records import OneOf, Optional, read_record
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +238,27 @@ def spec_from_metadata(metadata: dict) -> EmbedderSpec | None:
         return None
     return EmbedderSpec(name=name, query_prefix=metadata.get(META_QUERY_PREFIX, ""),
                         passage_prefix=metadata.get(META_PASSAGE_PREFIX, ""))
+
+
+INDEX_WRITING, INDEX_CHECKED = "writing", "checked"
+INDEX_CHECK_RECORD = {"collection": str, "state": OneOf(INDEX_WRITING, INDEX_CHECKED), "passages": Optional(int)}
+
+
+def index_check_path(path: Path | str, collection: str) -> Path:
+    """Where the index check of ``collection`` is recorded: in the store's directory, so it travels with a copy."""
+    return Path(path).expanduser() / f"drzero-index-check.{collection}.json"
+
+
+def read_index_check(path: Path | str, collection: str) -> dict | None:
+    """The recorded state of the collection's index check; None when none is recorded (a store from an older
+    drzero or another system); drzero.records.DamagedRecord when the record is damaged."""
+    return read_record(index_check_path(path, collection), INDEX_CHECK_RECORD)
+
+
+def record_index_check(path: Path | str, collection: str, state: str, passages: int | None = None) -> None:
+    """Record ``writing`` before a write to the collection, ``checked`` (with its passage count) after its check."""
+    write_json_atomically({"collection": collection, "state": state, "passages": passages},
+                          index_check_path(path, collection))
 
 
 def lock_path(path: Path | str) -> Path:

@@ -26,7 +26,6 @@ is committed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
@@ -37,14 +36,18 @@ from typing import Callable
 from tqdm import tqdm
 
 from drzero import __version__
-from drzero.atomic import check_writable, commit_set, parquet_writer, remove_temporaries, verify_set
+from drzero.atomic import (check_writable, commit_set, parquet_writer, read_manifest, remove_temporaries,
+                           verify_set)
 from drzero.config import DEFAULT_RETRIEVER_URL, ROLLOUT_APIS, ConfigError, require
 from drzero.data.journal import ShardJournal
-from drzero.data.questions import (DROPPED_NO_VALID, KEPT, PROBE_TEMPERATURE, REJECTED_NO_SEARCH,
+from drzero.data.seed import SEED_MANIFEST
+from drzero.data.questions import (DROPPED_NO_VALID, KEPT, OUTCOME_RECORD, PROBE_TEMPERATURE, REJECTED_NO_SEARCH,
                                    REJECTED_PROBES_FAILED, REJECTED_UNSOLVED, VERDICTS, SeedOutcome, best_candidate,
                                    generate_calls, outcome_from_record, outcome_record, response_text, seed_document,
                                    solver_row, split_counts, verification_verdict)
+from drzero.layout import Layout
 from drzero.models.files import load_tokenizer
+from drzero.plan import FileSet
 from drzero.prompts import MAX_QUESTION_WORDS, SOLVER_TEMPLATE_ID, cut_question, solver_messages
 from drzero.rewards.proposer import REASONS, FormatScore, format_score, hops_of
 from drzero.rewards.solver import exact_match
@@ -130,6 +133,12 @@ class GenDataJob:
                else Path(self.seeds).expanduser().parent / f"solver_iter{self.iteration}.parquet")
         stem = _stem(out)
         return out, out.with_name(f"{stem}_val.parquet"), out.with_name(f"{stem}.manifest.json")
+
+
+def solver_set(layout: Layout, iteration: int) -> FileSet:
+    """Iteration K's solver data and its validation parquet, committed with their manifest by `drzero gen-data`."""
+    return FileSet(layout.solver_manifest(iteration), (layout.solver_data(iteration), layout.solver_val(iteration)),
+                   writer=f"drzero gen-data --iteration {iteration}")
 
 
 def _stem(path: Path) -> str:
@@ -235,24 +244,23 @@ async def _generate(cfg: GenDataJob, splits: dict[str, list[dict]], tokenizer,
 
 
 def _read_seed_manifest(cfg: GenDataJob) -> dict:
+    """The seed manifest, once its files are the ones it committed and it holds what gen-data reads of it."""
     _, manifest_path = cfg.seed_paths()
     if not manifest_path.is_file():
         raise ConfigError(f"seeds={cfg.seeds!r} has no manifest {manifest_path.name} beside it; run `drzero "
                           f"prepare-data` again to write the seed parquet with its manifest.")
-    manifest = json.loads(manifest_path.read_text())
-    if not manifest.get("partitions"):
-        raise ConfigError(f"seeds={cfg.seeds!r}: its manifest {manifest_path.name} lists no partitions; run "
-                          f"`drzero prepare-data` again to write a current one.")
-    return manifest
+    check_seed_set(cfg)
+    return read_manifest(manifest_path, SEED_MANIFEST)
 
 
 def check_seed_set(cfg: GenDataJob) -> None:
-    """The seed parquet files are the ones their manifest committed (not a half-replaced set)."""
+    """The seed parquet files are the ones their manifest committed (not a half-replaced set), and the manifest
+    holds what gen-data and preflight read of it (drzero.data.seed.SEED_MANIFEST)."""
     _, manifest_path = cfg.seed_paths()
-    problem = verify_set(manifest_path)
+    problem = verify_set(manifest_path, SEED_MANIFEST)
     if problem is not None:
         raise ConfigError(f"seeds={cfg.seeds!r}: the seed files and their manifest do not agree ({problem}); "
-                          f"a `drzero prepare-data` run was interrupted or the files were changed by hand. Run "
+                          f"a `drzero prepare-data` run was interrupted, or the files were changed by hand. Run "
                           f"`drzero prepare-data` again.")
 
 
@@ -309,7 +317,6 @@ def run_gen_data(cfg: GenDataJob) -> GenDataResult:
     remove_temporaries(train_path.parent, [path.name for path in cfg.output_paths()])  # left by a killed run
     seed_val_path, _ = cfg.seed_paths()
     seed_manifest = _read_seed_manifest(cfg)
-    check_seed_set(cfg)
     start, end = _partition_range(cfg, seed_manifest)
     if cfg.limit is not None:
         end = min(end, start + cfg.limit)
@@ -323,7 +330,7 @@ def run_gen_data(cfg: GenDataJob) -> GenDataResult:
     loaded = time.perf_counter()
 
     journal = ShardJournal(shards_dir(train_path), journal_key(cfg, seed_manifest, start, end, len(val_seeds)),
-                           every=cfg.shard_seeds)
+                           every=cfg.shard_seeds, record_shape=OUTCOME_RECORD)
     outcomes, resumed = resume_generate(cfg, seed_rows, tokenizer, journal)
     generated = time.perf_counter()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from drzero.data.seed import AGENT_NAME, hop_histogram_of
 from drzero.prompts import SOLVER_TEMPLATE_ID, extract_source_document, solver_messages
+from drzero.records import Each, OneOf
 from drzero.rewards.proposer import FormatScore, hops_of
 from drzero.rewards.solver import exact_match
 from drzero.rollout.client import Trajectory
@@ -193,6 +194,13 @@ def split_counts(outcomes: list[SeedOutcome], samples: int, hop_levels: int) -> 
 
 
 
+# One finished seed as gen-data's shard journal keeps it (``outcome_record``); a line of another shape is damage.
+OUTCOME_RECORD = {"seed_id": str, "verdict": OneOf(*VERDICTS), "question": (str, None), "answer": (str, None),
+                  "proposer_format": float, "question_cut": bool, "stop_reasons": Each(int),
+                  "invalid_reasons": Each(int), "rollout_errors": int, "first_error": (str, None), "probes": int,
+                  "probe_errors": int, "probes_correct": int, "calls": int}
+
+
 def outcome_record(outcome: SeedOutcome) -> dict:
     # not asdict: it rebuilds a Counter from (key, value) pairs, counting the pairs
     record = {f.name: getattr(outcome, f.name) for f in fields(outcome) if f.name != "seed"}
@@ -202,7 +210,8 @@ def outcome_record(outcome: SeedOutcome) -> dict:
 
 
 def outcome_from_record(record: dict, seed: dict) -> SeedOutcome:
-    outcome = SeedOutcome(seed=seed, **{k: v for k, v in record.items() if k != "seed_id"})
+    known = {f.name for f in fields(SeedOutcome)} - {"seed"}  # a newer drzero's extra keys are not ours to set
+    outcome = SeedOutcome(seed=seed, **{k: v for k, v in record.items() if k in known})
     outcome.stop_reasons, outcome.invalid_reasons = Counter(outcome.stop_reasons), Counter(outcome.invalid_reasons)
     return outcome
 

@@ -15,12 +15,32 @@ import numpy as np
 from tqdm import tqdm
 
 from drzero.corpus.store import CorpusStore
+from drzero.layout import Layout
+from drzero.plan import FileSet
 from drzero.prompts import PROPOSER_TEMPLATE_ID, SEARCH_TOOL_NAME, proposer_messages, render_document
+from drzero.records import Optional
 
 log = logging.getLogger(__name__)
 
 ABILITY = "fact-reasoning"
 AGENT_NAME = "tool_agent"  # verl >= 0.7 runs the tool loop only for rows that name it
+
+# What the seed set's readers read of its manifest: gen-data its partitions, preflight the hop ratio and, when
+# recorded, the longest prompt (else it measures them), the tokenizer and the corpus density. A manifest without the
+# required ones, or with any of the wrong type, is damaged: prepare-data runs again.
+SEED_MANIFEST = {
+    "rows": int,
+    "hop_ratio": str,
+    "partitions": [{"partition": int, "rows": [int, int]}],
+    "prompt_tokens": Optional({"max": int}),
+    "tokenizer": Optional(str),
+    "search_results": Optional({"chars_per_token": Optional({"min": float, "samples": Optional(int)})}),
+}
+
+
+def seed_set(layout: Layout) -> FileSet:
+    """The seed parquet and its validation parquet, committed with their manifest by `drzero prepare-data`."""
+    return FileSet(layout.seeds_manifest, (layout.seeds, layout.seeds_val), SEED_MANIFEST, "drzero prepare-data")
 
 
 @dataclass

@@ -8,7 +8,9 @@ continues where it stopped; the rest are fetched in batches, and ``commit`` (the
 commit) runs after each, so a new container sees what the last one wrote. At the end every file is
 hashed and compared with the manifest; a file that does not match is fetched once more, then the
 download fails naming it. A verified model gets ``.drzero-download.json`` with the hub revision,
-and a later download of that revision only checks the sizes.
+and a later download of that revision only checks the sizes. A record that is damaged (not JSON, or
+not of ``DOWNLOAD_RECORD``'s shape) proves nothing: the download moves it aside, says so, and checks
+every file against the hub again.
 
 Nothing here imports Modal; the hub calls are the default ``fetch``/``manifest``, and the tests
 replace them with a local directory that plays the hub.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -27,8 +28,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from drzero.atomic import write_json_atomically
+from drzero.records import DamagedRecord, read_record, set_aside
 
 MARKER = ".drzero-download.json"
+DOWNLOAD_RECORD = {"repo_id": str, "revision": str, "complete": bool, "size": int, "files": [dict]}  # write_marker
 BATCH_BYTES = 8 * 1024**3   # commit the volume after about this much: a lost container costs at most one batch
 CHUNK = 8 * 1024**2
 
@@ -103,22 +106,26 @@ def verify(root: Path, manifest: Manifest, *, hash_it: bool = True) -> list[str]
     return [p for entry in manifest.files if (p := file_problem(root, entry, hash_it=hash_it))]
 
 
+def _record(root: Path) -> dict | None:
+    """The download record in ``root``; None when there is none or it is damaged (``download`` moves that aside)."""
+    try:
+        return read_record(root / MARKER, DOWNLOAD_RECORD)
+    except DamagedRecord:
+        return None
+
+
 def recorded_revision(root: Path) -> str | None:
     """The hub revision a verified download recorded in ``root``, or None."""
-    try:
-        return json.loads((root / MARKER).read_text()).get("revision")
-    except (OSError, ValueError):
-        return None
+    record = _record(root)
+    return record["revision"] if record is not None else None
 
 
 def local_state(root: Path) -> str:
     """``verified`` (a complete download), ``present`` (weights put there some other way), ``incomplete``
-    (a download that has not finished: run it again to continue) or ``missing``."""
+    (a download that has not finished, or whose record is damaged: run it again to continue) or ``missing``."""
     if (root / MARKER).is_file():
-        try:
-            return "verified" if json.loads((root / MARKER).read_text()).get("complete") else "incomplete"
-        except ValueError:
-            return "incomplete"
+        record = _record(root)
+        return "verified" if record is not None and record["complete"] else "incomplete"
     return "present" if (root / "config.json").is_file() else "missing"
 
 
@@ -149,6 +156,11 @@ def download(manifest: Manifest, target: Path, fetch: Fetch, *, commit: Callable
              log: Callable[[str], None] = print, batch_bytes: int = BATCH_BYTES) -> dict:
     """Bring ``target`` to ``manifest``: fetch what is missing in batches (committing after each), verify all."""
     target = Path(target)
+    try:
+        read_record(target / MARKER, DOWNLOAD_RECORD)
+    except DamagedRecord as damage:
+        set_aside(target / MARKER, str(damage), "every file is checked against the hub's sizes and hashes, and what "
+                                                "does not match is fetched again", log)
     if recorded_revision(target) == manifest.revision and local_state(target) == "verified" \
             and not verify(target, manifest, hash_it=False):
         log(f"{manifest.repo_id} is already complete in {target} ({human(manifest.size)}, revision "

@@ -11,7 +11,6 @@ not named.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from drzero.atomic import write_json_atomically
+from drzero.records import DamagedRecord, Optional, read_record, set_aside
 from drzero.services.specs import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -171,13 +171,27 @@ def record_pid(spec: ServiceSpec, pid: int) -> None:
         log.warning("could not record %s's pid in %s (%s)", spec.name, pid_file(spec.port), error)
 
 
-def forget_pid(port: int, pid: int) -> None:
-    """Remove the pid file of ``port`` when it still names ``pid`` (a later run may have replaced it)."""
+PID_RECORD = {"pid": int, "pgid": int, "start_time": Optional(int)}  # what is read back of a pid file (record_pid)
+
+
+def pid_record(port: int) -> dict | None:
+    """The pid file of the server of ours on ``port``; None when there is none or it is damaged (moved aside)."""
     path = pid_file(port)
     try:
-        if json.loads(path.read_text()).get("pid") == pid:
-            path.unlink()
-    except (OSError, ValueError):
+        return read_record(path, PID_RECORD)
+    except DamagedRecord as damage:
+        set_aside(path, str(damage), "a server it named is not recognized as ours: should one still hold the port, "
+                                     "stop it by hand", log.warning)
+        return None
+
+
+def forget_pid(port: int, pid: int) -> None:
+    """Remove the pid file of ``port`` when it still names ``pid`` (a later run may have replaced it)."""
+    record = pid_record(port)
+    try:
+        if record is not None and record["pid"] == pid:
+            pid_file(port).unlink()
+    except OSError:
         pass
 
 
@@ -188,13 +202,10 @@ def stale_server(port: int, holder: int | None) -> dict | None:
     recorded, and that group's leader, if it still runs, is the very process we started (same
     start time). A group id cannot be reused while any member lives, so nothing else matches.
     """
-    if holder is None:
+    record = pid_record(port) if holder is not None else None
+    if record is None:
         return None
-    try:
-        record = json.loads(pid_file(port).read_text())
-        pgid = int(record["pgid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    pgid = record["pgid"]
     if _pgid(holder) != pgid:
         return None
     leader_start = _start_time(pgid)

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from drzero.checks import report
 from drzero.cluster.ray import RAY_ADDRESS_ENV, attach, stage_cluster_checks, worker_env_overrides
-from drzero.config import ClusterOptions, RunOptions, option, require
+from drzero.config import ClusterOptions, ConfigError, RunOptions, option, require
 from drzero.layout import Layout, checkpointed_step, config_dir
 from drzero.models.memory import Placement, RetrieverLoad
 from drzero.models.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model, thinking_switch
@@ -195,11 +195,15 @@ def resolved_config(plan: StagePlan) -> str:
 
 
 def check_inputs(plan: StagePlan) -> None:
-    """Refuse a plan whose inputs no stage has produced yet (a dry run of one stage checks this too)."""
+    """Refuse a plan whose inputs no stage has produced yet, or whose input sets a killed writer left half
+    replaced (a dry run of one stage checks this too; a real one before any service starts)."""
     missing = [p for p in plan.inputs if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{plan.name} needs {', '.join(map(str, missing))}, which no stage has produced; "
                                 f"run the stage that writes it first (drzero evolve runs them in order).")
+    problems = plan.input_set_problems()
+    if problems:
+        raise ConfigError(f"{plan.name} refused: " + "; ".join(problems) + ".")
 
 
 def finished_step(plan: StagePlan) -> int | None:

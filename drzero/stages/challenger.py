@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from drzero.config import SGLangOptions, option, require
+from drzero.data.seed import seed_set
 from drzero.layout import latest_step
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
@@ -99,7 +100,7 @@ def plan_challenger(cfg: ChallengerConfig) -> StagePlan:
     overrides += cluster_overrides
     return StagePlan(name=f"challenger (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
                      env=env, services=services, inputs=inputs,
-                     outputs=[own], verl_overrides=overrides + cfg.overrides,
+                     outputs=[own], verl_overrides=overrides + cfg.overrides, reads_sets=(seed_set(layout),),
                      # SGLang's own checks only where this stage starts SGLang
                      sglang_parser=base.tool_call_parser if starts_sglang else None,
                      sglang_gpus=(dp, tp) if starts_sglang else None,

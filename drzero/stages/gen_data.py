@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drzero.config import SGLangOptions, option, require
-from drzero.data.gen_data import GenDataJob, run_gen_data, summary_lines
+from drzero.data.gen_data import GenDataJob, run_gen_data, solver_set, summary_lines
+from drzero.data.seed import seed_set
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
 from drzero.prompts import MAX_QUESTION_WORDS
@@ -81,9 +82,9 @@ def plan_gen_data(cfg: GenDataConfig) -> StagePlan:
                      run_label=f"drzero gen-data --iteration {cfg.iteration} (proposer at {proposer_url}, "
                                f"{cfg.samples} samples per seed of partition {cfg.iteration - 1}, thinking "
                                f"{thinking_word(thinking)})",
-                     services=services, inputs=[layout.seeds, proposer],
+                     services=services, inputs=[layout.seeds, proposer], reads_sets=(seed_set(layout),),
                      outputs=[layout.solver_data(cfg.iteration), layout.solver_val(cfg.iteration)],
-                     manifest=layout.solver_manifest(cfg.iteration))
+                     writes_set=solver_set(layout, cfg.iteration))
 
 
 def main(cfg: GenDataConfig) -> int:

@@ -37,7 +37,8 @@ from drzero.atomic import check_writable, commit_set, parquet_writer, remove_tem
 from drzero.config import ConfigError, CorpusOptions, option, require
 from drzero.corpus.store import CorpusStore
 from drzero.data.budget import PromptBudget, TokenBudgetError, chars_per_token_of_results
-from drzero.data.seed import document_order, hop_histogram_of, load_seed_documents, sample_passages, seed_row
+from drzero.data.seed import (document_order, hop_histogram_of, load_seed_documents, sample_passages, seed_row,
+                              seed_set)
 from drzero.models.files import DEFAULT_BASE_MODEL, load_tokenizer
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
@@ -261,5 +262,5 @@ def plan_in_run(run) -> StagePlan:
     return StagePlan(name="prepare-data", run=prepare, inputs=[layout.db],
                      run_label=f"drzero prepare-data --db {layout.db} --out {layout.seeds}{rows} (thinking "
                                f"{thinking_word(thinking)})",
-                     outputs=[layout.seeds, layout.seeds_val], manifest=layout.seeds_manifest,
+                     outputs=[layout.seeds, layout.seeds_val], writes_set=seed_set(layout),
                      done_when_outputs_exist=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from drzero.config import option, require
+from drzero.data.gen_data import solver_set
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
 from drzero.rewards.wiring import reward_overrides
@@ -56,6 +57,7 @@ def plan_solver(cfg: SolverConfig) -> StagePlan:
     return StagePlan(name=f"solver (iteration {cfg.iteration})", command=verl_command(overrides, cfg.overrides),
                      env=env, services=services, inputs=inputs,
                      outputs=[layout.checkpoint("solver", cfg.iteration)], verl_overrides=overrides + cfg.overrides,
+                     reads_sets=(solver_set(layout, cfg.iteration),),
                      memory=cfg.placement(), corpus=cfg.corpus())
 
 

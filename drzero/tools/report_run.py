@@ -10,13 +10,13 @@ Missing pieces stay None (or "not started"); files that exist but cannot be read
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.layout import SEED_STEM
-from drzero.pipeline import ITERATION_STAGES
+from drzero.pipeline import ITERATION_STAGES, STATE_FILE
+from drzero.records import DamagedRecord, Each, Optional, read_record
 
 EVAL_DIR = "eval"  # CHECKPOINTS/eval/iter{K}/summary.json
 _ITERATION_KEY = re.compile(r"iter(\d+)/")
@@ -62,18 +62,23 @@ class RunView:
         return sorted(seen, key=int) or ["1", "2", "3", "4"]
 
 
-def _read_json(path: Path, problems: list[str]) -> dict | None:
-    if not path.is_file():
-        return None
+# What the report reads of each file (drzero.records): a file of another shape is listed as damaged, not drawn.
+_EM = {"em": float}
+EVAL_SUMMARY = {"overall": Optional(_EM), "by_hops": Optional(Each(_EM)), "by_data_source": Optional(Each(_EM)),
+                "macro_average": Optional({"em": Optional(float)})}
+GEN_MANIFEST = {"train": Optional({"seeds": Optional(int), "kept": Optional(int),
+                                   "mean_proposer_format": Optional(float), "hop_histogram": Optional(Each(int)),
+                                   "invalid_candidate_reasons": Optional(Each(int))})}
+SEED_COUNTS = {"rows": Optional(int), "hop_histogram": Optional(Each(int))}
+
+
+def _read_json(path: Path, problems: list[str], shape=dict) -> dict | None:
+    """The file when it has ``shape``; None (with the damage in ``problems``) when it is damaged or absent."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        problems.append(f"{path}: not readable JSON ({error})")
+        return read_record(path, shape)
+    except DamagedRecord as damage:
+        problems.append(f"{path} is damaged: {damage}; the report leaves it out")
         return None
-    if not isinstance(value, dict):
-        problems.append(f"{path}: expected a JSON object")
-        return None
-    return value
 
 
 def _seed_manifest_path(data_dir: Path) -> Path | None:
@@ -89,7 +94,7 @@ def load_run(checkpoints: str | Path, data_dir: str | Path, iterations: int | No
     (default: every iteration it has reached)."""
     checkpoints, data_dir = Path(checkpoints).expanduser(), Path(data_dir).expanduser()
     problems: list[str] = []
-    state = _read_json(checkpoints / "state.json", problems)
+    state = _read_json(checkpoints / "state.json", problems, STATE_FILE)
     stages = state.get("stages", {}) if state else {}
     gen_paths = {int(m.group(1)): p for p in (data_dir.glob("solver_iter*.manifest.json") if data_dir.is_dir() else [])
                  if (m := _GEN_MANIFEST.fullmatch(p.name))}
@@ -102,9 +107,9 @@ def load_run(checkpoints: str | Path, data_dir: str | Path, iterations: int | No
     for iteration in range(0 if 0 in eval_paths else 1, last + 1):
         view = IterationView(iteration)
         if iteration in eval_paths:
-            view.evaluation = _read_json(eval_paths[iteration], problems)
+            view.evaluation = _read_json(eval_paths[iteration], problems, EVAL_SUMMARY)
         if iteration in gen_paths:
-            manifest = _read_json(gen_paths[iteration], problems)
+            manifest = _read_json(gen_paths[iteration], problems, GEN_MANIFEST)
             view.gen = manifest.get("train") if manifest else None
         for name in ITERATION_STAGES if iteration >= 1 else ():
             entry = stages.get(f"iter{iteration}/{name}", {})
@@ -112,7 +117,7 @@ def load_run(checkpoints: str | Path, data_dir: str | Path, iterations: int | No
             view.updated[name] = entry.get("updated", "")
         views.append(view)
     seed_path = _seed_manifest_path(data_dir)
-    seed_manifest = _read_json(seed_path, problems) if seed_path else None
+    seed_manifest = _read_json(seed_path, problems, SEED_COUNTS) if seed_path else None
     return RunView(checkpoints, data_dir, views, stages, state is not None, seed_manifest, seed_path, problems)
 
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from drzero.atomic import commit_set, parquet_writer
 from drzero.checks import Check
 from drzero.config import add_config_arguments, config_from_args, option, require
 from drzero.corpus.demo import build_demo_world
@@ -170,18 +171,16 @@ def verl_step_command(cfg: SmokeConfig, model_path: str, db: Path, work: Path, r
 
 
 def write_solver_data(data_dir: Path, world) -> tuple[Path, Path]:
-    """solver_iter1.parquet and its validation file, from the demo world's 1- to 4-hop questions."""
-    import pyarrow as pa  # ~0.1 s to import, and `drzero --help` imports this module
-    import pyarrow.parquet as pq
-
+    """solver_iter1.parquet and its validation file, from the demo world's 1- to 4-hop questions, committed with
+    their manifest as gen-data commits them (the solver stage reads no less)."""
     questions = [q for hops in (1, 2, 3, 4) for q in world.questions(hops, count=3)]
     train = questions[:VERL_TRAIN_ROWS]
     val = questions[VERL_TRAIN_ROWS:VERL_TRAIN_ROWS + VERL_VAL_ROWS]
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = data_dir / "solver_iter1.parquet", data_dir / "solver_iter1_val.parquet"
     # the solver-data format gen-data writes, with the questions' known answers
-    for rows, path in zip((demo_rows(train, "train"), demo_rows(val, "test")), paths):
-        pq.write_table(pa.Table.from_pylist(rows), path)
+    commit_set({paths[0]: parquet_writer(demo_rows(train, "train")), paths[1]: parquet_writer(demo_rows(val, "test"))},
+               data_dir / "solver_iter1.manifest.json", {})
     return paths
 
 
@@ -229,7 +228,7 @@ def count_gpus() -> tuple[int, str]:
 
 
 def demo_world_of(db: Path):
-    """The demo world a store was ingested with, or None for any other corpus."""
+    """The demo world a store was ingested with, or None for any other corpus (a damaged record of it: ConfigError)."""
     return load_demo_world(db) if (db / DEMO_FACTS_FILE).is_file() else None
 
 

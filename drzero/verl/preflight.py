@@ -19,20 +19,21 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import re
 from dataclasses import replace
 from pathlib import Path
 
 from drzero.checks import Check
-from drzero.corpus.store import CorpusStore, StoreError
+from drzero.corpus.store import INDEX_CHECKED, CorpusStore, StoreError, read_index_check
 from drzero.data.budget import PromptBudget, response_budget_for
+from drzero.data.seed import SEED_MANIFEST
 from drzero.layout import SEED_STEM
 from drzero.models.memory import Placement
 from drzero.models.registry import SGLANG_TOOL_PARSERS, VERL_TOOL_FORMATS
 from drzero.models.shapes import ENCODER_SHAPES
-from drzero.plan import StagePlan
+from drzero.plan import FileSet, StagePlan
+from drzero.records import DamagedRecord, Optional, read_record
 from drzero.rewards.proposer import hops_of
 from drzero.verl.memory_plan import memory_check
 from drzero.verl.overrides import compose
@@ -104,7 +105,9 @@ def machine_check(plans: list[StagePlan]) -> Check:
     return Check("machine", True, "CUDA and SGLang as needed" if needs_cuda or needs_sglang else "nothing GPU-only")
 
 
-def _check_parquet(path_value, planned: set[Path], key: str) -> Check:
+def _check_parquet(path_value, planned: set[Path], key: str, sets: tuple[FileSet, ...] = ()) -> Check:
+    """Each data file: absolute, present (or written earlier in this run), readable, not empty, and, when it
+    belongs to one of ``sets``, the file its manifest committed (not half of a set a kill left behind)."""
     from omegaconf import ListConfig
 
     paths = list(path_value) if isinstance(path_value, (list, tuple, ListConfig)) else [path_value]
@@ -113,9 +116,9 @@ def _check_parquet(path_value, planned: set[Path], key: str) -> Check:
         if not path.is_absolute():
             return Check(key, False, f"{raw} is a relative path; verl resolves it in Ray's working directory: "
                                      f"pass an absolute path")
+        if path in planned:  # what is there now (if anything) is replaced before this stage reads it
+            return Check(key, True, f"{path} will be written by an earlier stage of this run")
         if not path.exists():
-            if path in planned:
-                return Check(key, True, f"{path} will be written by an earlier stage of this run")
             return Check(key, False, f"{path} does not exist and no stage of this run writes it; run "
                                      f"`drzero prepare-data` / `drzero gen-data` first")
         try:
@@ -126,15 +129,29 @@ def _check_parquet(path_value, planned: set[Path], key: str) -> Check:
             return Check(key, False, f"{path} is not a readable parquet file ({error}); regenerate it")
         if rows == 0:
             return Check(key, False, f"{path} has no rows")
+        refusal = next((r for fileset in sets if path in fileset.files and (r := fileset.refusal())), None)
+        if refusal is not None:
+            return Check(key, False, refusal)
     return Check(key, True, ", ".join(str(p) for p in paths))
 
 
+# What preflight reads of the manifest beside a data file (seed or solver data), all of it optional: a manifest
+# without a key is measured another way; one that is damaged is reported by the data files' check.
+MANIFEST_READS = {"prompt_tokens": Optional({"max": Optional(int)}), "tokenizer": Optional(str),
+                  "hop_ratio": Optional(str), "search_results": SEED_MANIFEST["search_results"]}
+
+
 def _manifest_beside(train: Path, *fallbacks: Path) -> dict | None:
-    """The manifest drzero wrote beside a data file (``X.parquet`` -> ``X.manifest.json``), else a fallback's."""
+    """The manifest drzero wrote beside a data file (``X.parquet`` -> ``X.manifest.json``), else a fallback's;
+    None when there is none or it is damaged (so the budgets are measured without it)."""
     stem = train.name[:-len(".parquet")] if train.name.endswith(".parquet") else train.name
     for candidate in (train.with_name(f"{stem}.manifest.json"), *fallbacks):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
+        try:
+            manifest = read_record(candidate, MANIFEST_READS)
+        except DamagedRecord:
+            continue
+        if manifest is not None:
+            return manifest
     return None
 
 
@@ -155,9 +172,9 @@ def _prompt_budget(config, planned: set[Path]) -> Check:
     train = Path(str(config.data.train_files if isinstance(config.data.train_files, str)
                      else config.data.train_files[0]))
     budget = int(config.data.max_prompt_length)
-    if not train.exists():
+    if not train.exists() or train in planned:
         return Check("prompt budget", True, "checked when the data is written", skipped=True)
-    longest = (_manifest_beside(train) or {}).get("prompt_tokens", {}).get("max")
+    longest = ((_manifest_beside(train) or {}).get("prompt_tokens") or {}).get("max")
     if longest is None:
         model = Path(str(config.actor_rollout_ref.model.path))
         if not model.is_dir():
@@ -232,6 +249,15 @@ def corpus_check(store: Path, collection: str, planned: set[Path] = frozenset())
         opened = CorpusStore.open_existing(store, collection)
     except StoreError as error:
         return Check("corpus", False, str(error))
+    verify = f"run `drzero ingest --verify --db {store} --collection {collection}` (it re-embeds what the index lost)"
+    try:
+        recorded = read_index_check(store, collection)
+    except DamagedRecord as damage:
+        return Check("corpus", False, f"the index-check record of collection {collection!r} is damaged ({damage}); "
+                                      f"{verify}")
+    if recorded is not None and recorded["state"] != INDEX_CHECKED:
+        return Check("corpus", False, f"the last `drzero ingest` into {store} wrote passages and stopped before "
+                                      f"checking the vector index (killed, or still running); {verify}")
     spec = opened.recorded_spec()
     return Check("corpus", True, f"{store} collection {collection!r}: {opened.count()} passages, embedder "
                                  f"{spec.name}")
@@ -323,8 +349,11 @@ def run_checks(plan: StagePlan, *, planned: set[Path] = frozenset(), allow_downl
             checks.append(Check(key, False, f"{value} is relative; Ray workers run elsewhere: pass an absolute path"))
         elif value and key != "trainer.default_local_dir" and not Path(str(value)).is_file():
             checks.append(Check(key, False, f"{value} does not exist"))
-    train_files = _check_parquet(config.data.train_files, planned, "data.train_files")
-    checks += [train_files, _check_parquet(config.data.val_files, planned, "data.val_files")]
+    train_files = _check_parquet(config.data.train_files, planned, "data.train_files", plan.reads_sets)
+    val_files = _check_parquet(config.data.val_files, planned, "data.val_files", plan.reads_sets)
+    if not val_files.ok and val_files.message == train_files.message:  # one half-replaced set, said once
+        val_files = Check("data.val_files", False, "part of the same set as data.train_files (above)")
+    checks += [train_files, val_files]
     checks.append(_prompt_budget(config, planned) if train_files.ok
                   else Check("prompt budget", True, "no readable train file to measure", skipped=True))
     checks.append(response_budget(config))
