@@ -115,6 +115,54 @@ def test_connections_beyond_the_limit_get_503_and_are_closed(guarded):
     while time.monotonic() < deadline and _search(guarded).status_code != 200:
         time.sleep(0.1)
     assert _search(guarded).status_code == 200
+    # uvicorn's own WARNING per refused request is a count instead (a flood of them would bury the log)
+    assert httpx.get(f"{guarded.url}/health", trust_env=False).json()["connections_cut_by_reason"][
+        "over --max-connections"] >= 1
+    assert "Exceeded concurrency limit" not in guarded.log()
+
+
+def test_cut_connections_are_counted_and_summarized_not_logged_one_by_one(demo_db, tmp_path):
+    """A slow-sender attack cut ~1,500 connections a minute, each with a WARNING line of its own."""
+    server = start_retriever(demo_db, tmp_path / "cuts.log", "--read-timeout-s", "1", "--cut-log-interval-s", "4")
+    try:
+        port = _port(server)
+        malformed = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        for sock in malformed:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(15)]
+        body = b'{"queries": ["federated learning"]}'
+        trickled = [SlowSender(port, b"POST /retrieve HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\n\r\n" % len(body), body) for _ in range(10)]
+        for sender in trickled:
+            sender.start()
+        for sock in malformed:  # bytes that are not HTTP get the error shape too, not uvicorn's plain text
+            sock.settimeout(5)
+            answer = sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request"), answer[:200]
+            assert b'"field": "request"' in answer and b"not HTTP/1.1" in answer
+        for sender in trickled:
+            sender.join(timeout=10)
+        for sock in silent:
+            sock.settimeout(5)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        health = httpx.get(f"{server.url}/health", trust_env=False).json()
+        assert health["connections_cut"] == 30
+        assert health["connections_cut_by_reason"] == {"malformed HTTP": 5, "head not received in time": 15,
+                                                        "body not received in time": 10}
+        deadline = time.monotonic() + 10
+        while "cut 29 more connections" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lines = [line for line in server.log().splitlines() if "WARNING" in line]
+        assert len(lines) == 2, lines  # the first cut at once, then one summary line for the other 29
+        assert "closing" in lines[0] and "counted and summarized" in lines[0]
+        assert "cut 29 more connections in the last 4s" in lines[1] and "30 since the server started" in lines[1]
+        assert all("drzero.retrieval.http_guards" in line for line in lines)  # uvicorn's own lines are counted
+        assert "Traceback" not in server.log() and " ERROR " not in server.log()
+        assert _search(server).status_code == 200
+    finally:
+        for sock in malformed + silent:
+            sock.close()
+        stop(server)
 
 
 def test_a_request_head_over_64_kib_gets_431(guarded):

@@ -60,22 +60,13 @@ def test_health_and_docs(retriever, demo_db):
     assert "/retrieve" in schema["paths"]
 
 
-BAD_REQUESTS = [
-    ({"queries": []}, 422, "queries"),
-    ({"queries": ["ok", 42]}, 422, "queries[1]"),
+BAD_REQUESTS = [  # what still fails a whole request; tests/test_retriever_contract.py has what no longer does
     ({"queries": "not a list"}, 422, "queries"),
     ({"topk": 3}, 422, "queries"),
-    ({"queries": ["ok"], "topk": 0}, 422, "topk"),
     ({"queries": ["ok"], "topk": -2}, 422, "topk"),
     ({"queries": ["ok"], "topk": 51}, 422, "topk"),
-    ({"queries": ["ok"], "topk": "3"}, 422, "topk"),
-    ({"queries": ["ok", "   "]}, 422, "queries[1]"),
-    ({"queries": ["x" * 2001]}, 422, "queries[0]"),
-    ({"queries": ["fine", "half an emoji \ud83d"]}, 422, "queries[1]"),
-    ({"queries": ["\udfff"]}, 422, "queries[0]"),
     ({"queries": ["x" * 2000] * 51}, 422, "queries"),  # 102,000 characters, over the 100,000 per request
-    ({"queries": ["ok"], "return_scores": "yes"}, 422, "return_scores"),
-    ({"queries": ["ok"], "top_k": 3}, 422, "top_k"),
+    ({"queries": ["ok"], "return_scores": "perhaps"}, 422, "return_scores"),
     (["ok"], 422, "body"),
 ]
 
@@ -99,8 +90,10 @@ def test_the_old_worst_case_request_is_refused_with_the_limit_and_what_to_do(ret
 
 
 def test_a_lone_surrogate_names_its_query(retriever):
-    detail = _post(retriever, {"queries": ["ok", "ok", "a\ud800b"]}).json()["detail"]
-    assert detail.startswith("queries[2]: query holds a lone UTF-16 surrogate ('\\ud800' at character 1)")
+    response = _post(retriever, {"queries": ["ok", "ok", "a\ud800b"]})
+    assert response.status_code == 200
+    (error,) = response.json()["errors"]
+    assert error["detail"].startswith("queries[2]: query holds a lone UTF-16 surrogate ('\\ud800' at character 1)")
 
 
 @pytest.mark.parametrize("content_type,body", [
@@ -127,28 +120,6 @@ def test_json_content_types_and_none_are_served(retriever, content_type):
     response = httpx.post(f"{retriever.url}/retrieve", content=b'{"queries": ["federated learning"]}',
                           headers=headers, trust_env=False, timeout=60)
     assert response.status_code == 200, response.text
-
-
-def test_a_bad_query_in_a_coalesced_batch_fails_alone(retriever):
-    """A lone surrogate in one request must not fail the others coalesced into the same encoder batch."""
-    batches_before = httpx.get(f"{retriever.url}/health", trust_env=False).json()["batches_run"]
-    bodies = [json.dumps({"queries": [f"paper {i} on lattices", "x\ud800" if i % 16 == 7 else "federated"]})
-              for i in range(64)]
-
-    async def burst():
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=retriever.url, limits=limits, timeout=120, trust_env=False) as client:
-            return await asyncio.gather(*(client.post("/retrieve", content=body.encode(),
-                                                      headers={"content-type": "application/json"})
-                                          for body in bodies))
-
-    responses = asyncio.run(burst())
-    bad = [i for i in range(64) if i % 16 == 7]
-    assert [r.status_code for i, r in enumerate(responses) if i in bad] == [422] * len(bad)
-    assert all(responses[i].json()["field"] == "queries[1]" for i in bad)
-    assert [r.status_code for i, r in enumerate(responses) if i not in bad] == [200] * (64 - len(bad))
-    batches = httpx.get(f"{retriever.url}/health", trust_env=False).json()["batches_run"] - batches_before
-    assert batches < 64 - len(bad)  # the good requests really were coalesced
 
 
 def test_malformed_json_and_oversized_bodies(retriever):

@@ -9,6 +9,8 @@
   httptools buffers a request head of any size (20 MB of headers were accepted in a test). Here
   every request must arrive whole within ``read_timeout_s`` of its first byte (or of the
   connection), and its head within ``max_head_bytes``.
+- ``CutLog``: counts the connections those guards cut and logs them as one line per interval, not one
+  each: a slow-sender attack cuts ~1,500 connections a minute, which would bury every other log line.
 
 The connection limit itself is uvicorn's ``limit_concurrency``: past it, each new request gets a
 503 and its connection is closed.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,67 @@ async def send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+class CutLog:
+    """How many connections the guards cut, logged once per ``interval_s`` instead of once each.
+
+    The first cut after a quiet interval is logged at once, with its client and reason; the ones that
+    follow within ``interval_s`` are counted and summarized in one line at its end (and so on while they
+    keep coming). ``total`` and ``by_reason`` count since the server started (``/health`` shows them).
+    """
+
+    def __init__(self, interval_s: float = 60.0):
+        self.interval_s = interval_s
+        self.total = 0
+        self.by_reason: Counter[str] = Counter()
+        self._unlogged: Counter[str] = Counter()  # cut since the last line
+        self._summary: asyncio.TimerHandle | None = None
+
+    def cut(self, client, reason: str, detail: str) -> None:
+        """Count one connection closed for ``reason``; called on the event loop (a protocol or log callback)."""
+        self.total += 1
+        self.by_reason[reason] += 1
+        if self._summary is None:
+            log.warning("closing %s: %s (connections cut in the next %gs are counted and summarized)",
+                        client, detail, self.interval_s)
+            loop = asyncio.get_running_loop()
+            self._summary = loop.call_later(self.interval_s, self._summarize, loop)
+        else:
+            self._unlogged[reason] += 1
+
+    def _summarize(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._unlogged:
+            self._summary = None  # quiet: the next cut is logged at once again
+            return
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self._unlogged.most_common())
+        log.warning("cut %d more connections in the last %gs (%s); %d since the server started",
+                    sum(self._unlogged.values()), self.interval_s, reasons, self.total)
+        self._unlogged.clear()
+        self._summary = loop.call_later(self.interval_s, self._summarize, loop)
+
+
+# uvicorn's own line for each request it refuses (uvicorn/protocols/http/httptools_impl.py), as many as requests
+_UVICORN_REFUSALS = {"Invalid HTTP request received.": None,  # counted by the protocol's send_400_response
+                     "Exceeded concurrency limit.": "over --max-connections"}
+
+
+class CountUvicornRefusals(logging.Filter):
+    """On uvicorn's error logger: its one WARNING per refused request becomes a count in ``cuts`` instead."""
+
+    def __init__(self, cuts: CutLog):
+        super().__init__()
+        self.cuts = cuts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in _UVICORN_REFUSALS:
+            return True
+        reason = _UVICORN_REFUSALS[message]
+        if reason is not None:
+            self.cuts.cut("a client", reason, f"503: {message[:-1].lower()} (--max-connections)")
+        return False
+
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 def _raw_response(status: int, payload: dict) -> bytes:
@@ -99,10 +162,11 @@ def _raw_response(status: int, payload: dict) -> bytes:
             % (status, _REASONS[status], len(body))) + body
 
 
-def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int) -> type[asyncio.Protocol]:
+def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: CutLog) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, closing a connection whose request is not read in time or whose head is too big.
 
-    Pass the class as ``uvicorn.run(..., http=...)``; uvicorn builds one per connection.
+    Pass the class as ``uvicorn.run(..., http=...)``; uvicorn builds one per connection. Each cut is counted
+    (and logged) by ``cuts``.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # ~0.15 s: only a serving process needs it
 
@@ -125,8 +189,9 @@ def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int) -> type[a
             if not self._head_done and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_head_bytes:
-                    self._refuse(431, error_body("headers", f"the request line and headers exceed "
-                                                            f"{max_head_bytes} bytes; send a shorter request"))
+                    self._refuse(431, "head too large", error_body(
+                        "headers", f"the request line and headers exceed {max_head_bytes} bytes; send a shorter "
+                                   f"request"))
 
         # httptools parser callbacks
         def on_message_begin(self) -> None:
@@ -158,13 +223,18 @@ def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int) -> type[a
             message = error_body("request", f"the request was not received within {read_timeout_s:g} s "
                                             f"(--read-timeout-s); send it whole, without pauses")
             if not self._head_done:  # no app has the request yet: answer here
-                self._refuse(408, message)
+                self._refuse(408, "head not received in time", message)
             else:  # the app is waiting for the body: closing hands it an http.disconnect
-                log.warning("closing %s: request body not received within %gs", self.client, read_timeout_s)
+                cuts.cut(self.client, "body not received in time",
+                         f"request body not received within {read_timeout_s:g}s")
                 self.transport.close()
 
-        def _refuse(self, status: int, payload: dict) -> None:
-            log.warning("closing %s: %s", self.client, payload["detail"])
+        def send_400_response(self, msg: str) -> None:  # uvicorn's answer to bytes that are not HTTP/1.1
+            self._refuse(400, "malformed HTTP", error_body("request", f"{msg.rstrip('.')} (not HTTP/1.1); send "
+                                                                      f"POST /retrieve with a JSON body"))
+
+        def _refuse(self, status: int, reason: str, payload: dict) -> None:
+            cuts.cut(self.client, reason, payload["detail"])
             self._disarm()
             self.transport.write(_raw_response(status, payload))
             self.transport.close()

@@ -7,9 +7,12 @@
 list per query, best first (with ``return_scores: false``, the bare documents, as Search-R1
 does). ``GET /health`` is 200 only while the collection is open and the embedder answers;
 ``GET /docs`` is FastAPI's API page. Concurrent requests are coalesced into one encoder batch.
-Bad input gets a 4xx whose ``detail`` names the field; the server keeps serving. Limits per request
-(queries, characters, body bytes), a read deadline and a connection limit keep one client from
-hurting the others (``http_guards``).
+Requests are read liberally, and a bad query gets an empty list and an entry in ``errors`` instead
+of failing its request (``contract``). A body that cannot be read as a request gets a 4xx; that and
+every error the framework would answer itself (404, 405, 500) is ``{"detail", "field"}`` with
+``detail`` naming the field, and the server keeps serving. Limits per request (queries, characters,
+body bytes), a read deadline and a connection limit keep one client from hurting the others
+(``http_guards``).
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.requests import Request  # at the top: FastAPI reads the endpoint's annotation by name
 
-from drzero.config import option, require
+from drzero.config import CorpusOptions, option, require
 from drzero.corpus.embedder import PRECISIONS, require_device
-from drzero.corpus.store import DEFAULT_COLLECTION, StoreError
+from drzero.corpus.store import StoreError
 from drzero.retrieval.batcher import QueryBatcher
+from drzero.retrieval.contract import REQUEST_SCHEMA, RequestRefused, read_request
 from drzero.retrieval.exact_index import INDEXES
-from drzero.retrieval.http_guards import error_body, guard_requests, read_deadline_protocol
-from drzero.retrieval.worker import WorkerClient, WorkerGone
+from drzero.retrieval.http_guards import (CountUvicornRefusals, CutLog, error_body, guard_requests,
+                                         read_deadline_protocol)
+from drzero.retrieval.worker import WorkerClient, WorkerFailed, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +42,18 @@ HEALTH_FRESH_S = 5.0  # a search that succeeded this recently makes a probe unne
 HEALTH_STALL_S = 120.0  # a search running longer than this means the encoder is stuck
 # A request line and headers larger than this get 431; h11's own default is 16 KiB, httptools has none.
 MAX_HEAD_BYTES = 64 * 1024
+MAX_LOGGED_UNKNOWN_KEYS = 100  # unknown request keys are logged once each, up to this many names
 
 
 @dataclass(kw_only=True)
-class RetrieverConfig:
-    db: str = option(help="directory of the ChromaDB store built by `drzero ingest`", metavar="DIR")
-    collection: str = option(DEFAULT_COLLECTION, help="collection name inside the store")
+class RetrieverConfig(CorpusOptions):
     embedder: str | None = option(None, metavar="MODEL", help=(
         "embedder the collection must have been built with; the server refuses to start on a mismatch. "
         "Default: the embedder recorded in the collection"))
     host: str = option("127.0.0.1", help="address to listen on (0.0.0.0 inside a container)")
     port: int = option(8000, help="port to listen on")
     device: str = option("cpu", choices=["cpu", "cuda"], help="device to run the query encoder on")
-    topk: int = option(3, help="passages per query when a request gives no topk")
+    topk: int = option(3, help="passages per query when a request gives no topk (or 0)")
     max_topk: int = option(50, help="largest topk a request may ask for")
     max_query_chars: int = option(2000, help="longest query accepted, in characters")
     max_queries: int = option(512, help="most queries accepted in one request")
@@ -59,6 +63,9 @@ class RetrieverConfig:
     max_body_bytes: int = option(1 << 20, help="largest request body accepted, in bytes")
     read_timeout_s: float = option(10.0, help=(
         "longest a client may take to send one request (headers and body), in seconds; slower ones are cut off"))
+    cut_log_interval_s: float = option(60.0, help=(
+        "connections cut off (slow senders, oversized heads, bytes that are not HTTP, over --max-connections) "
+        "are logged as one summary line per this many seconds, not one line each; /health counts them"))
     # verl runs 8 agent-loop workers by default, each pooling up to 256 search connections
     # (drzero/rollout/search.py): 2,048 at most; twice that leaves room for evaluation and health checks.
     max_connections: int = option(4096, help="most open connections; a request beyond them gets 503")
@@ -83,6 +90,7 @@ class RetrieverConfig:
     log_level: str = option("info", choices=["debug", "info", "warning", "error"], help="log level")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(0 < self.port < 65536, "port", self.port, "an integer from 1 to 65535")
         require(self.max_topk >= 1, "max_topk", self.max_topk, "an integer >= 1")
         require(1 <= self.topk <= self.max_topk, "topk", self.topk, f"an integer from 1 to max_topk={self.max_topk}")
@@ -91,6 +99,7 @@ class RetrieverConfig:
         require(self.max_request_chars >= self.max_query_chars, "max_request_chars", self.max_request_chars,
                 f"an integer >= max_query_chars={self.max_query_chars}")
         require(self.read_timeout_s > 0, "read_timeout_s", self.read_timeout_s, "a number of seconds > 0")
+        require(self.cut_log_interval_s > 0, "cut_log_interval_s", self.cut_log_interval_s, "a number of seconds > 0")
         require(self.max_connections >= 1, "max_connections", self.max_connections, "an integer >= 1")
         require(self.max_body_bytes >= 1024, "max_body_bytes", self.max_body_bytes, "an integer >= 1024")
         require(self.max_batch >= 1, "max_batch", self.max_batch, "an integer >= 1")
@@ -98,33 +107,21 @@ class RetrieverConfig:
         require(self.exact_max_gib > 0, "exact_max_gib", self.exact_max_gib, "a number > 0")
 
 
-class RetrieveRequest(BaseModel):
-    """The body of ``POST /retrieve``; server-side limits (max topk, query length) are checked after it."""
+def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None):
+    """The FastAPI app over a started ``WorkerClient`` (the worker is ready, so the app is healthy at once).
 
-    model_config = ConfigDict(extra="forbid")
-    queries: list[StrictStr] = Field(min_length=1, description="search queries, one result list each")
-    topk: StrictInt | None = Field(None, ge=1, description="passages per query (default: the server's --topk)")
-    return_scores: StrictBool = Field(True, description="wrap each document with its cosine score")
-
-
-def unencodable_at(text: str) -> int | None:
-    """Where ``text`` holds a lone UTF-16 surrogate (valid in JSON, not in Unicode text), else None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        return error.start
-    return None
-
-
-def create_app(worker, cfg: RetrieverConfig):
-    """The FastAPI app over a started ``WorkerClient`` (the worker is ready, so the app is healthy at once)."""
+    ``cuts`` counts the connections the HTTP protocol cut (``serve`` shares it with ``read_deadline_protocol``).
+    """
     # fastapi here, not at the top: it takes ~0.25 s to import, and `drzero --help` imports this module
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     batcher = QueryBatcher(worker.submit, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                            coalesce=cfg.batching)
+    cuts = cuts if cuts is not None else CutLog(cfg.cut_log_interval_s)
+    counts = {"queries_refused": 0}
+    unknown_keys: set[str] = set()
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -136,53 +133,53 @@ def create_app(worker, cfg: RetrieverConfig):
     app = FastAPI(title="drzero retriever", version="1", lifespan=lifespan,
                   description="Search-R1-compatible dense retrieval over a ChromaDB corpus.")
 
-    def error(status: int, field: str, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content=error_body(field, message))
+    def error(status: int, field: str, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(status_code=status, content=error_body(field, message), headers=headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        field = loc[0] if loc else "body"
-        for part in loc[1:]:
-            field += f"[{part}]" if part.isdigit() else f".{part}"
-        if first.get("type") == "json_invalid":
-            return error(400, "body", f"malformed JSON ({first.get('ctx', {}).get('error', 'cannot parse')})")
-        if first.get("type") == "model_attributes_type":
-            return error(422, "body", "expected a JSON object with a 'queries' list")
-        got = f" (got {first['input']!r:.80})" if "input" in first and field != "body" else ""
-        return error(422, field, f"{first.get('msg', 'invalid')}{got}")
+    # Starlette answers these itself, as {"detail": "Not Found"}: give them the service's shape too.
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 404:
+            return error(404, "path", f"no endpoint at {request.url.path[:200]}; the service answers "
+                                      f"POST /retrieve, GET /health and GET /docs")
+        if exc.status_code == 405:
+            allowed = next((value for name, value in (exc.headers or {}).items() if name.lower() == "allow"),
+                           "another method")
+            return error(405, "method", f"{request.method} is not allowed on {request.url.path[:200]}; use "
+                                        f"{allowed}", headers=exc.headers)
+        return error(exc.status_code, "request", str(exc.detail), headers=exc.headers)
 
-    @app.post("/retrieve", summary="Top-k passages for each query")
-    async def retrieve(request: RetrieveRequest):
-        if len(request.queries) > cfg.max_queries:
-            return error(422, "queries", f"{len(request.queries)} queries in one request; the limit is "
-                                         f"{cfg.max_queries} (--max-queries); split them over several requests")
-        for index, query in enumerate(request.queries):
-            if not query.strip():
-                return error(422, f"queries[{index}]", "query is empty")
-            if len(query) > cfg.max_query_chars:
-                return error(422, f"queries[{index}]", f"query is {len(query)} characters; the limit is "
-                                                       f"{cfg.max_query_chars} (--max-query-chars); shorten it")
-            bad = unencodable_at(query)
-            if bad is not None:  # JSON allows "\ud800"; the tokenizer does not, and would fail the whole batch
-                return error(422, f"queries[{index}]", f"query holds a lone UTF-16 surrogate "
-                                                       f"({query[bad]!r} at character {bad}), which is not text; "
-                                                       f"remove it or replace it with U+FFFD")
-        chars = sum(len(query) for query in request.queries)
-        if chars > cfg.max_request_chars:
-            return error(422, "queries", f"the queries hold {chars} characters in all; the limit per request is "
-                                         f"{cfg.max_request_chars} (--max-request-chars); split them over "
-                                         f"several requests")
-        topk = request.topk if request.topk is not None else cfg.topk
-        if topk > cfg.max_topk:
-            return error(422, "topk", f"{topk} is above the limit of {cfg.max_topk}")
+    @app.exception_handler(Exception)
+    async def on_crash(_request: Request, exc: Exception):  # logged with its traceback by Starlette as well
+        return error(500, "retriever", f"internal error ({type(exc).__name__}); the server keeps serving")
+
+    def note_unknown_keys(keys: list[str]) -> None:
+        for key in keys:  # once per name: a typo (top_k) shows in the log without a line per request
+            if key not in unknown_keys and len(unknown_keys) < MAX_LOGGED_UNKNOWN_KEYS:
+                unknown_keys.add(key)
+                log.info("ignoring the key %r in /retrieve requests (read: queries, topk, return_scores)", key[:80])
+
+    # The body is read here, not by FastAPI: its parser answers a non-UTF-8 body, JSON nested too deep or a
+    # number too long with a bare 400 of its own, and its validation would fail a whole request for one query.
+    @app.post("/retrieve", summary="Top-k passages for each query",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": REQUEST_SCHEMA}}}})
+    async def retrieve(http: Request):
         try:
-            hits = await batcher.search(request.queries, topk)
-        except WorkerGone as gone:
-            return error(503, "retriever", str(gone))
-        body = {"result": [[hit.to_json(request.return_scores) for hit in per_query] for per_query in hits]}
-        return Response(orjson.dumps(body), media_type="application/json")  # skips FastAPI's slow re-encoding
+            request = read_request(await http.body(), cfg)
+        except RequestRefused as refused:
+            return error(refused.status, refused.field, refused.message)
+        counts["queries_refused"] += len(request.errors)
+        note_unknown_keys(request.ignored_keys)
+        hits: list = []
+        if request.searchable:
+            try:
+                hits = await batcher.search(request.search_queries, request.topk)
+            except WorkerGone as gone:
+                return error(503, "retriever", str(gone))
+            except WorkerFailed as failed:
+                return error(500, "retriever", f"the search failed: {failed}")
+        return Response(orjson.dumps(request.answer(hits)), media_type="application/json")  # skips FastAPI's encoder
 
     @app.get("/health", summary="200 when the collection is open and the search worker answers")
     async def health():
@@ -205,7 +202,8 @@ def create_app(worker, cfg: RetrieverConfig):
         return {"status": "ok", "collection": info["collection"], "passages": info["passages"],
                 "embedder": info["embedder"], "dimension": info["dimension"], "precision": info["precision"],
                 "index": info["index"], "batching": cfg.batching, "batches_run": batcher.batches_run,
-                "queries_run": batcher.queries_run}
+                "queries_run": batcher.queries_run, "queries_refused": counts["queries_refused"],
+                "connections_cut": cuts.total, "connections_cut_by_reason": dict(cuts.by_reason)}
 
     return guard_requests(app, cfg.max_body_bytes)
 
@@ -224,9 +222,12 @@ def serve(cfg: RetrieverConfig) -> None:
              cfg.collection, info["embedder"], info["precision"], info["index"], cfg.host, cfg.port,
              "on" if cfg.batching else "off")
     try:
-        uvicorn.run(create_app(worker, cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+        cuts = CutLog(cfg.cut_log_interval_s)
+        # uvicorn's logging setup (in uvicorn.run) keeps a logger's filters: this one stays on
+        logging.getLogger("uvicorn.error").addFilter(CountUvicornRefusals(cuts))
+        uvicorn.run(create_app(worker, cfg, cuts), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                     access_log=cfg.log_level == "debug",
-                    http=read_deadline_protocol(cfg.read_timeout_s, MAX_HEAD_BYTES),
+                    http=read_deadline_protocol(cfg.read_timeout_s, MAX_HEAD_BYTES, cuts),
                     # uvicorn counts the connection asking among the open ones (503 once len >= limit), so +1
                     # lets exactly max_connections be served at once.
                     limit_concurrency=cfg.max_connections + 1)
