@@ -66,11 +66,20 @@ def test_bad_parameters_come_back_as_text(monkeypatch, retriever, parameters):
     assert "query_list" in json.loads(response.text)["result"] and metrics["status"] == 0
 
 
+def test_a_refused_query_says_why_and_the_others_are_answered(monkeypatch, retriever):
+    (tool,) = _load_tools(monkeypatch, f"{retriever.url}/retrieve")
+    response, _, metrics = _run(tool, {"query_list": ["x" * 5000, "federated learning"]})
+    first, second = json.loads(response.text)["result"].split("\n---\n")
+    assert first.startswith("Search refused: queries[0]: query is 5000 characters")
+    assert second.startswith("Doc 1 (Title: ")
+    assert metrics["seconds"] < 1.0  # no backoff spent
+
+
 def test_a_rejected_request_is_not_retried_and_says_why(monkeypatch, retriever):
     (tool,) = _load_tools(monkeypatch, f"{retriever.url}/retrieve")
-    response, _, metrics = _run(tool, {"query_list": ["x" * 5000]})
+    response, _, metrics = _run(tool, {"query_list": ["x" * 2000] * 51})  # over --max-request-chars
     text = json.loads(response.text)["result"]
-    assert text.startswith("Search failed: retriever rejected the request: queries[0]")
+    assert text.startswith("Search failed: retriever rejected the request: queries: the queries hold")
     assert metrics["status"] == 0 and metrics["seconds"] < 1.0  # no backoff spent on a 4xx
 
 

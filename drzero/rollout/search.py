@@ -52,13 +52,14 @@ class SearchOutcome:
     seconds: float = 0.0
 
 
-def format_hits(results: list[list[dict]], body_chars: int | None = None) -> str:
+def format_hits(results: list[list[dict]], body_chars: int | None = None, refused: dict | None = None) -> str:
     """Search-R1's layout: ``Doc i (Title: t) body`` per hit, queries separated by ``---``.
 
     ``body_chars`` shortens every body to that many characters, at a word boundary, marked ``…``.
+    ``refused`` maps a query's index to why the retriever did not search it (its ``errors``).
     """
     blocks = []
-    for hits in results:
+    for index, hits in enumerate(results):
         lines = []
         for rank, hit in enumerate(hits, 1):
             document = hit.get("document", hit)
@@ -67,6 +68,8 @@ def format_hits(results: list[list[dict]], body_chars: int | None = None) -> str
             if body_chars is not None and len(body) > body_chars:
                 body = body[:body_chars].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
             lines.append(f"Doc {rank} (Title: {document.get('title') or title}) {body}")
+        if not lines and refused and index in refused:
+            lines.append(f"Search refused: {refused[index]}")
         blocks.append("\n".join(lines) if lines else "No search results found.")
     return "\n---\n".join(blocks)
 
@@ -75,20 +78,20 @@ def _as_model_text(result: str) -> str:
     return json.dumps({"result": result}, ensure_ascii=False)
 
 
-def fitted_text(results: list[list[dict]], max_chars: int | None) -> str:
+def fitted_text(results: list[list[dict]], max_chars: int | None, refused: dict | None = None) -> str:
     """The model's text for ``results``, each passage shortened by the same amount until it fits ``max_chars``.
 
     verl cuts an overlong tool result in the middle (``max_tool_response_length``), which would
     drop the end of one passage and the start of the next; shortening every passage alike keeps
     each one readable.
     """
-    text = _as_model_text(format_hits(results))
+    text = _as_model_text(format_hits(results, refused=refused))
     if max_chars is None or len(text) <= max_chars:
         return text
     hits = max(1, sum(len(h) for h in results))
-    body_chars = max(1, (max_chars - len(_as_model_text(format_hits(results, 0)))) // hits)
+    body_chars = max(1, (max_chars - len(_as_model_text(format_hits(results, 0, refused)))) // hits)
     while body_chars > 1:
-        text = _as_model_text(format_hits(results, body_chars))
+        text = _as_model_text(format_hits(results, body_chars, refused))
         if len(text) <= max_chars:
             return text
         body_chars = int(body_chars * 0.9)  # JSON escapes made it longer than the raw count
@@ -163,7 +166,9 @@ async def search(queries: list[str], settings: SearchSettings) -> SearchOutcome:
             error = "retriever sent a response without a 'result' list"
         else:
             results = decoded["result"]
-            return SearchOutcome(text=fitted_text(results, settings.max_chars), ok=True,
+            refused = {error.get("index"): error.get("detail") for error in decoded.get("errors") or []
+                       if isinstance(error, dict)}  # a bad query's entry is empty; errors says why
+            return SearchOutcome(text=fitted_text(results, settings.max_chars, refused), ok=True,
                                  hits=sum(len(h) for h in results), seconds=time.perf_counter() - started)
     log.warning("search for %r failed: %s", queries[:3], error)
     return SearchOutcome(text=_as_model_text(f"Search failed: {error}. Try again later or answer with what "
