@@ -136,7 +136,7 @@ def test_e5_models_get_their_prefixes():
     assert spec_for("minilm").query_prefix == ""
 
 
-def test_every_batch_is_written_once(tmp_path, monkeypatch):
+def test_every_batch_is_written_once(tmp_path, monkeypatch, capsys):
     """Writes run on a background thread; every batch must still land exactly once."""
     order = []
     real_write = ingest_module._write
@@ -150,6 +150,52 @@ def test_every_batch_is_written_once(tmp_path, monkeypatch):
                                       embedder="minilm", batch_size=5))
     assert len(order) == len(set(order)) == -(-summary.passages // 5)
     assert summary.added == summary.collection_size == summary.passages
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]   # the progress bar's last state
+    assert bar.startswith("embedding: 100%") and f"{summary.passages}/{summary.passages}" in bar
+    assert "passage/s" in bar
+
+
+def _ingest_threads():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("ingest-")]
+
+
+def test_a_failing_write_stops_the_ingest_with_its_own_error_once(tmp_path, monkeypatch, capsys):
+    real_write, calls = ingest_module._write, {"n": 0}
+
+    def fails_on_second_batch(store, batch, vectors):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise StoreError("the disk is full")
+        return real_write(store, batch, vectors)
+
+    monkeypatch.setattr(ingest_module, "_write", fails_on_second_batch)
+    cfg = IngestConfig(sources=[str(_corpus(tmp_path, 12))], db=str(tmp_path / "db"), embedder="minilm", batch_size=8)
+    with pytest.raises(StoreError, match="^the disk is full$"):
+        run_ingest(cfg)
+    assert calls["n"] == 2 and _ingest_threads() == []     # the encoder and the reader stopped too
+    assert "Exception in thread" not in capsys.readouterr().err
+    monkeypatch.setattr(ingest_module, "_write", real_write)
+    resumed = run_ingest(cfg)                               # the lock was released; the first batch is kept
+    assert resumed.already_present == 8 and resumed.added == resumed.passages - 8
+
+
+def test_a_failing_read_stops_the_ingest_with_its_own_error(tmp_path, monkeypatch):
+    from drzero.corpus import passage_batches
+
+    real_split, calls = passage_batches.split_document, {"n": 0}
+
+    def fails_on_fifth_document(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise MemoryError("out of memory while splitting")
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(passage_batches, "split_document", fails_on_fifth_document)
+    with pytest.raises(MemoryError, match="while splitting"):
+        run_ingest(IngestConfig(sources=[str(_corpus(tmp_path, 12))], db=str(tmp_path / "db"), embedder="minilm"))
+    assert _ingest_threads() == []
 
 
 # -- one writer per store; every stored passage findable in the index -----------------------------
@@ -366,3 +412,37 @@ def test_damaged_demo_facts_are_set_aside_with_what_writes_them_again(tmp_path, 
     assert str(refused.value).startswith(f"{tmp_path / DEMO_FACTS_FILE} is damaged: ")
     assert str(refused.value).endswith(f"moved it to {aside[0].name} and `drzero ingest --demo --db {tmp_path}` "
                                        f"writes it again")
+
+
+def test_an_ingest_with_its_encoder_in_a_process_writes_the_same_vectors(tmp_path, monkeypatch, minilm):
+    """What runs on a GPU (the encoder in a child process), run on the CPU."""
+    import os
+
+    monkeypatch.setattr(ingest_module, "ENCODER_PROCESS_DEVICES", ("cpu", "cuda"))
+    db = tmp_path / "db"
+    summary = run_ingest(IngestConfig(sources=[str(_corpus(tmp_path, 6))], db=str(db), embedder="minilm",
+                                      max_words=120, overlap_words=20, batch_size=7))
+    assert summary.added == summary.collection_size == summary.passages and summary.verified == summary.added
+    got = CorpusStore.open_existing(db).collection.get(include=["documents", "embeddings"])
+    assert np.allclose(got["embeddings"], minilm.encode_passages(got["documents"]), atol=1e-4)
+    assert _ingest_threads() == []
+    import time
+
+    deadline = time.monotonic() + 60
+    while _encoder_children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.1)   # told to exit at the end, it exits on its own
+    assert _encoder_children(os.getpid()) == []
+
+
+def _encoder_children(parent: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if (b"drzero.corpus.encoder_process" in (stat.parent / "cmdline").read_bytes()
+                    and int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent):
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # gone while we looked
+    return found

@@ -181,3 +181,30 @@ def test_a_huge_file_is_reported(tmp_path, monkeypatch):
     path.write_text("word " * 1000)
     documents, report = _read([path])
     assert len(documents) == 1 and report.huge_files == [(str(path), 5000)]
+
+
+def test_a_jsonl_file_that_fails_midway_keeps_what_it_gave(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"title": f"T{i}", "text": f"Record {i}."}) + "\n" for i in range(3)))
+
+    def breaks_after_two(path, report, fields):
+        documents = readers._read_jsonl(path, report, fields)
+        yield next(documents)
+        yield next(documents)
+        raise OSError("Input/output error")
+
+    monkeypatch.setitem(readers._READERS, ".jsonl", breaks_after_two)
+    documents, report = _read([path])
+    assert [d.title for d in documents] == ["T0", "T1"] and report.records_read == 2 and report.files_read == 1
+    assert report.skipped == [(str(path), "stopped after 2 records: OSError: Input/output error")]
+    assert report.bytes_read == path.stat().st_size
+
+
+def test_jsonl_documents_come_as_their_lines_are_read(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"title": f"T{i}", "text": f"Record {i}."}) + "\n" for i in range(3)]
+    path.write_text("".join(lines))
+    report = ReadReport()
+    documents = read_documents([path], report)
+    assert next(documents).title == "T0" and report.bytes_read == len(lines[0])   # the rest is not read yet
+    assert len(list(documents)) == 2 and report.bytes_read == path.stat().st_size and report.files_read == 1

@@ -6,8 +6,12 @@
     drzero ingest --verify --db /corpus/chromadb         # check (and repair) the vector index only
 
 Passage ids are content hashes: a re-run adds nothing twice, and a run that was interrupted,
-run again, embeds only what is missing. Passages are embedded and written in batches, the
-write of one batch overlapping the encoding of the next.
+run again, embeds only what is missing. Three stages run at once (drzero.corpus.pipeline), joined
+by bounded queues: reading and splitting (drzero.corpus.passage_batches), encoding (this thread;
+on a GPU it hands each batch to the model in a process of its own, drzero.corpus.encoder_process),
+and writing to the store (with counting each passage's tokens); so the encoder, the slow stage, is
+kept busy and memory stays constant. What was encoded when a run stops is still written. The
+summary says where the time went; the encoder should never wait for the other stages.
 
 One ingest writes a store at a time: each holds an exclusive lock beside it (``DB.lock``), and a
 second one exits 2 at once, naming the first. Every ingest that added passages (and
@@ -20,20 +24,27 @@ one that adds nothing.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from drzero.config import ConfigError, option, require
-from drzero.corpus.chunking import Passage, split_document
+from drzero.corpus.chunking import Passage
 from drzero.corpus.demo import build_demo_world
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
-from drzero.corpus.readers import ReadReport, RecordFields, expand_sources, read_documents
+from drzero.corpus.encoder_process import EncoderProcess
+from drzero.corpus.passage_batches import PassageBatches
+from drzero.corpus.pipeline import Channel, Pipeline
+from drzero.corpus.readers import HUGE_FILE_BYTES, ReadReport, RecordFields, expand_sources
 from drzero.corpus.store import (DEFAULT_COLLECTION, INDEX_CHECKED, INDEX_WRITING, CorpusStore, StoreError,
                                  index_check_path, read_index_check, record_index_check, writer_lock)
 from drzero.records import DamagedRecord, read_record, set_aside
@@ -42,6 +53,12 @@ log = logging.getLogger(__name__)
 
 DEMO_FACTS_FILE = "demo_world.json"
 DEMO_FACTS = {"seed": int, "papers": [dict]}  # what load_demo_world reads of it
+# Batches queued in front of the encoder and behind it: enough to ride out a slow read or write, few enough
+# that memory stays small (4 batches of 256 e5 vectors: 4 MB).
+QUEUED_BATCHES = 4
+# Devices whose encoder runs in a process of its own (drzero.corpus.encoder_process says why); on the CPU the
+# encoder's kernels release the GIL and the cores are shared anyway, so it stays on this thread.
+ENCODER_PROCESS_DEVICES = ("cuda",)
 
 
 def load_demo_world(db: str | Path):
@@ -116,6 +133,7 @@ class IngestSummary:
     verified: int | None = None       # passages checked against the vector index (None: not checked)
     unindexed: int = 0                # of them, not findable in the index
     repaired: int = 0                 # re-embedded and findable again
+    seconds: dict[str, float] = field(default_factory=dict)  # where the embedding's time went (see _embed_and_write)
 
     def render(self) -> str:
         lines = [
@@ -133,6 +151,8 @@ class IngestSummary:
         if self.window_tokens is not None:
             lines.append(f"  over embedder window {self.over_window} passages longer than {self.window_tokens} "
                          f"tokens (only their start is embedded; lower --max-words to avoid this)")
+        if self.seconds:
+            lines.append("  seconds             " + ", ".join(f"{what} {s:.1f}" for what, s in self.seconds.items()))
         if self.verified is not None:
             lines.append(f"  index check         {self.verified} passages, {self.unindexed} not in the vector index, "
                          f"{self.repaired} repaired")
@@ -142,34 +162,24 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def collect_passages(cfg: IngestConfig, summary: IngestSummary, extra: list = ()) -> list[Passage]:
-    """Every passage of every source (and of the ``extra`` documents), duplicates (same content hash) dropped."""
+def batches_to_embed(cfg: IngestConfig, store: CorpusStore | None, store_lock: threading.Lock,
+                     extra: list = ()) -> PassageBatches:
+    """The batches of passages to embed from every source (and the ``extra`` documents), read as they are asked for."""
     report = ReadReport()
     files = expand_sources(cfg.sources, report)
+    for path in files:
+        size = path.stat().st_size if path.is_file() else 0
+        if size > HUGE_FILE_BYTES:
+            words = size / 6   # ~6 bytes a word of English, space included
+            estimate = int(words / max(1, cfg.max_words - cfg.overlap_words))
+            log.warning("%s is %.0f MB: about %d passages to embed; at %d passages/s (%s on %s) that is about %s",
+                        path, size / 1e6, estimate, passages_per_second(cfg), cfg.embedder or "the default embedder",
+                        cfg.device, _duration(estimate / passages_per_second(cfg)))
     fields = RecordFields(text_field=cfg.text_field, title_field=cfg.title_field,
                           metadata_fields=tuple(cfg.metadata_fields) or None, prepend_fields=tuple(cfg.prepend_fields))
-    documents = list(read_documents(tqdm(files, desc="reading", unit="file", disable=len(files) < 20), report,
-                                    fields))
-    documents += list(extra)
-    summary.files_read, summary.records_read = report.files_read, report.records_read
-    summary.skipped, summary.wrappers = report.skipped, report.wrappers
-    for path, size in report.huge_files:
-        words = size / 6   # ~6 bytes a word of English, space included
-        estimate = int(words / max(1, cfg.max_words - cfg.overlap_words))
-        log.warning("%s is %.0f MB: about %d passages to embed; at %d passages/s (%s on %s) that is about %s",
-                    path, size / 1e6, estimate, passages_per_second(cfg), cfg.embedder or "the default embedder",
-                    cfg.device, _duration(estimate / passages_per_second(cfg)))
-    passages: list[Passage] = []
-    seen: set[str] = set()
-    for document in documents:
-        for passage in split_document(document, cfg.max_words, cfg.overlap_words):
-            if passage.id in seen:
-                summary.duplicates_in_input += 1
-                continue
-            seen.add(passage.id)
-            passages.append(passage)
-    summary.passages = len(passages)
-    return passages
+    return PassageBatches(files, extra, report, fields=fields, max_words=cfg.max_words,
+                          overlap_words=cfg.overlap_words, batch_size=cfg.batch_size, store=store,
+                          store_lock=store_lock)
 
 
 def passages_per_second(cfg: IngestConfig) -> int:
@@ -187,18 +197,6 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def count_over_window(embedder: Embedder, passages: list[Passage]) -> int:
-    """How many passages (with the passage prefix) have more tokens than the embedder reads."""
-    window = embedder.max_tokens
-    if window is None:
-        return 0
-    over = 0
-    for start in range(0, len(passages), 1024):
-        texts = [embedder.spec.passage_prefix + p.contents for p in passages[start:start + 1024]]
-        over += sum(n > window for n in embedder.token_counts(texts))
-    return over
 
 
 def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> str:
@@ -251,15 +249,20 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
                     cfg.db)
         ids, contents, metadatas = store.records(missing)
         spec = store.recorded_spec()
-        embedder = Embedder(spec, device=cfg.device)
-        store.check_embedder(spec, embedder.dimension)
         # upserted again (Chroma 1.5 puts an id its index lost back in); deleting it first fails in the
         # index writer ("Failed to apply logs to the hnsw segment writer")
         passages = [Passage(id=i, title=c.partition("\n")[0], text=c.partition("\n")[2],
                             source=m.get("source", ""), chunk=int(m.get("chunk", 0)),
                             extra=tuple((k, v) for k, v in m.items() if k not in ("title", "source", "chunk")))
                     for i, c, m in zip(ids, contents, metadatas)]
-        _embed_and_write(store, embedder, passages, cfg.batch_size)
+        batches = [passages[i:i + cfg.batch_size] for i in range(0, len(passages), cfg.batch_size)]
+
+        def checked(encoder: Embedder | EncoderProcess) -> CorpusStore:
+            store.check_embedder(spec, encoder.dimension)
+            return store
+
+        _embed_and_write(_put_all(batches), lambda: _open_encoder(spec, cfg.device), checked, threading.Lock(),
+                         lambda: len(passages))
         still = set(store.unindexed_ids())
         summary.repaired = len([i for i in ids if i not in still])
         if still:
@@ -282,51 +285,121 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
     world = None
     if cfg.demo:
         world = build_demo_world(seed=cfg.demo_seed, papers=cfg.demo_papers)
-    passages = collect_passages(cfg, summary, world.passages() if world else ())
-    if not passages:
+    store_lock = threading.Lock()
+    source = batches_to_embed(cfg, store, store_lock, world.passages() if world else ())
+
+    def open_for_writing(encoder: Embedder | EncoderProcess) -> CorpusStore:
+        """Called once the encoder is loaded, at the first batch to embed: a run that adds nothing loads no model
+        and creates no collection."""
+        nonlocal store
+        if store is None:
+            store = CorpusStore.create(cfg.db, spec, encoder.dimension, cfg.collection)
+        store.check_embedder(spec, encoder.dimension)
+        summary.window_tokens = encoder.max_tokens
+        record_index_check(cfg.db, cfg.collection, INDEX_WRITING)  # until the check at the end passes
+        return store
+
+    summary.added, summary.over_window, summary.seconds = _embed_and_write(
+        source.produce, lambda: _open_encoder(spec, cfg.device), open_for_writing, store_lock, source.estimated_todo)
+    report = source.report
+    summary.files_read, summary.records_read = report.files_read, report.records_read
+    summary.skipped, summary.wrappers = report.skipped, report.wrappers
+    summary.passages, summary.duplicates_in_input = source.passages, source.duplicates
+    summary.already_present = source.already_present
+    if not summary.passages:
         raise ConfigError(f"no passages came out of {len(cfg.sources)} source(s) "
                           f"({len(summary.skipped)} skipped); nothing to ingest.")
-
-    present = store.existing_ids([p.id for p in passages]) if store is not None else set()
-    todo = [p for p in passages if p.id not in present]
-    summary.already_present = len(present)
-    log.info("%d passages, %d already in the collection, %d to embed", len(passages), len(present), len(todo))
-
-    if todo:
-        embedder = Embedder(spec, device=cfg.device)
-        if store is None:
-            store = CorpusStore.create(cfg.db, spec, embedder.dimension, cfg.collection)
-        store.check_embedder(spec, embedder.dimension)
-        summary.window_tokens = embedder.max_tokens
-        summary.over_window = count_over_window(embedder, todo)
-        if summary.over_window:
-            log.warning("%d of %d passages are longer than %s's %s-token window and are truncated when embedded; "
-                        "lower --max-words to keep them whole", summary.over_window, len(todo), spec.name,
-                        summary.window_tokens)
-        record_index_check(cfg.db, cfg.collection, INDEX_WRITING)  # until the check at the end passes
-        summary.added = _embed_and_write(store, embedder, todo, cfg.batch_size)
+    log.info("%d passages, %d already in the collection, %d embedded", summary.passages, summary.already_present,
+             summary.added)
+    if summary.over_window:
+        log.warning("%d of %d passages were longer than %s's %s-token window and were truncated when embedded; "
+                    "lower --max-words to keep them whole", summary.over_window, summary.added, spec.name,
+                    summary.window_tokens)
     summary.collection_size = store.count()
     if world is not None:
         world.save_json(Path(cfg.db) / DEMO_FACTS_FILE)
     return summary
 
 
-def _embed_and_write(store: CorpusStore, embedder: Embedder, passages: list[Passage], batch_size: int) -> int:
-    """Encode batch i+1 while batch i is written; at most one write in flight."""
-    written = 0
-    pending: Future | None = None
-    with (ThreadPoolExecutor(max_workers=1) as writer,
-          tqdm(total=len(passages), desc="embedding", unit="passage", file=sys.stderr, mininterval=1.0) as bar):
-        for start in range(0, len(passages), batch_size):
-            batch = passages[start:start + batch_size]
-            vectors = embedder.encode_passages([p.contents for p in batch])
-            if pending is not None:
-                written += pending.result()
-            pending = writer.submit(_write, store, batch, vectors)
-            bar.update(len(batch))
-        if pending is not None:
-            written += pending.result()
-    return written
+def _open_encoder(spec: EmbedderSpec, device: str) -> Embedder | EncoderProcess:
+    if device in ENCODER_PROCESS_DEVICES:
+        return EncoderProcess(spec, device=device)
+    return Embedder(spec, device=device)
+
+
+def _embed_and_write(produce: Callable[[Channel], None], open_encoder: Callable[[], Embedder | EncoderProcess],
+                     open_for_writing: Callable[[Embedder | EncoderProcess], CorpusStore], store_lock: threading.Lock,
+                     estimated_total: Callable[[], int]) -> tuple[int, int, dict]:
+    """Encode the batches ``produce`` puts (read on a thread of their own) on this thread, and write them on
+    another; the encoder and the store are opened at the first batch. Returns the passages written, how many of
+    them were longer than the embedder's window, and where the time went: the encoder is the one stage that
+    should never wait (waiting for passages: reading is too slow; for the writer: writing is)."""
+    with contextlib.ExitStack() as after_the_threads, Pipeline("ingest") as pipe:
+        todo = pipe.channel(QUEUED_BATCHES)
+        pipe.start("read", produce, todo, closes=todo)
+        batches = iter(todo)
+        first = next(batches, None)
+        if first is None:
+            return 0, 0, {}
+        started = time.perf_counter()
+        embedder = open_encoder()
+        loaded = time.perf_counter()
+        if isinstance(embedder, EncoderProcess):
+            after_the_threads.callback(embedder.close)
+        store = open_for_writing(embedder)
+        bar = after_the_threads.enter_context(tqdm(total=estimated_total(), desc="embedding", unit="passage",
+                                                   file=sys.stderr, mininterval=1.0))
+        writer = _Writer(store, store_lock, embedder, bar, estimated_total)
+        encoded = pipe.channel(QUEUED_BATCHES)
+        pipe.start("write", writer.run, encoded)
+        reading_wait, encoding = todo.get_wait, 0.0
+        try:
+            for batch in itertools.chain([first], batches):
+                before = time.perf_counter()
+                vectors = embedder.encode_passages([p.contents for p in batch])
+                encoding += time.perf_counter() - before
+                encoded.put((batch, vectors))
+        finally:
+            encoded.close()  # the writer finishes what was encoded, also when encoding stopped
+            encoded_all = time.perf_counter()
+    seconds = {"loading the embedder": loaded - started, "encoding": encoding,
+               "waiting for passages": todo.get_wait - reading_wait, "waiting for the writer": encoded.put_wait,
+               "writing": writer.writing, "counting tokens": writer.counting,
+               "writing after the last encode": time.perf_counter() - encoded_all}
+    return writer.written, writer.over_window, {what: round(s, 2) for what, s in seconds.items()}
+
+
+def _put_all(batches: list[list[Passage]]) -> Callable[[Channel], None]:
+    def produce(out: Channel) -> None:
+        for batch in batches:
+            out.put(batch)
+    return produce
+
+
+class _Writer:
+    """The pipeline's last stage: counts each batch's tokens (for the over-window warning) and writes it."""
+
+    def __init__(self, store: CorpusStore, store_lock: threading.Lock, embedder: Embedder | EncoderProcess, bar: tqdm,
+                 estimated_total: Callable[[], int]):
+        self.store, self.store_lock, self.bar, self.estimated_total = store, store_lock, bar, estimated_total
+        self.window, self.prefix = embedder.max_tokens, embedder.spec.passage_prefix
+        self.count_tokens = embedder.token_counter() if self.window is not None else None
+        self.written = self.over_window = 0
+        self.writing = self.counting = 0.0   # seconds
+
+    def run(self, batches: Channel) -> None:
+        for batch, vectors in batches:
+            started = time.perf_counter()
+            if self.count_tokens is not None:
+                counts = self.count_tokens([self.prefix + p.contents for p in batch])
+                self.over_window += sum(n > self.window for n in counts)
+            counted = time.perf_counter()
+            with self.store_lock:
+                self.written += _write(self.store, batch, vectors)
+            self.counting += counted - started
+            self.writing += time.perf_counter() - counted
+            self.bar.total = max(self.estimated_total(), self.written)
+            self.bar.update(len(batch))
 
 
 def _write(store: CorpusStore, batch: list[Passage], vectors) -> int:

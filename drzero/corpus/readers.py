@@ -13,6 +13,10 @@ A directory is walked without recursion (any depth), symlinked directories unfol
 that cannot be read, or whose type is not supported, is skipped with a warning and counted in
 the ``ReadReport``; so is a malformed record or a JSONL line that is not valid UTF-8 or JSON,
 and the rest of its file is still read.
+
+A JSONL file is read a line at a time (one file can be a whole corpus: wiki-18 is 21 M lines), so
+its documents go on as they are read; every other file is read whole first, and one that fails
+part-way counts nothing. ``ReadReport.bytes_read`` follows the reading, for a progress estimate.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from drzero.corpus.documents import Document
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".pdf")
+STREAMED_SUFFIXES = (".jsonl",)  # read a line at a time; the others are read whole
 TEXT_FIELDS = ("text", "contents", "abstract", "body", "content")
 TITLE_FIELDS = ("title", "name")
 # Metadata keys every passage carries itself; a record field of the same name is kept under "record_<name>".
@@ -59,6 +64,7 @@ class ReadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
     wrappers: dict[str, str] = field(default_factory=dict)         # JSON file -> key that held its records
     huge_files: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
+    bytes_read: int = 0  # of the files read so far (a JSONL file's as its lines are read)
 
     def skip(self, where: str, why: str) -> None:
         log.warning("skipping %s: %s", where, why)
@@ -137,6 +143,7 @@ def _read_jsonl(path: Path, report: ReadReport, fields: RecordFields) -> Iterato
     # Bytes, decoded line by line: one bad byte costs its line, not the file.
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, 1):
+            report.bytes_read += len(raw)
             where = f"{path}:{line_number}"
             try:
                 line = raw.decode("utf-8")
@@ -273,6 +280,9 @@ def read_documents(files: list[Path], report: ReadReport, fields: RecordFields =
             size = 0
         if size > HUGE_FILE_BYTES:
             report.huge_files.append((str(path), size))
+        if path.suffix.lower() in STREAMED_SUFFIXES:
+            yield from _streamed(reader, path, size, report, fields)
+            continue
         records_before, skipped_before = report.records_read, len(report.skipped)
         try:
             documents = list(reader(path, report, fields))
@@ -282,5 +292,23 @@ def read_documents(files: list[Path], report: ReadReport, fields: RecordFields =
             del report.skipped[skipped_before:]
             report.skip(str(path), f"unreadable: {type(error).__name__}: {error}")
             continue
+        finally:
+            report.bytes_read += size
         report.files_read += 1
         yield from documents
+
+
+def _streamed(reader, path: Path, size: int, report: ReadReport, fields: RecordFields) -> Iterator[Document]:
+    """A file's documents as they are read; one that fails part-way keeps what it gave (and counts it)."""
+    records_before, skipped_before, bytes_before = report.records_read, len(report.skipped), report.bytes_read
+    try:
+        yield from reader(path, report, fields)
+    except Exception as error:  # an I/O error part-way: the records before it are already on their way
+        report.bytes_read = bytes_before + size
+        kept = report.records_read - records_before
+        if not kept:
+            del report.skipped[skipped_before:]
+            report.skip(str(path), f"unreadable: {type(error).__name__}: {error}")
+            return
+        report.skip(str(path), f"stopped after {kept} records: {type(error).__name__}: {error}")
+    report.files_read += 1
