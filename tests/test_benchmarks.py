@@ -333,3 +333,19 @@ def test_with_a_store_and_no_retriever_it_serves_the_store_itself(demo_db, bench
     assert result.summary["counts"]["search_failures"] == 0
     corpus = result.manifest["setup"]["corpus"]
     assert corpus["retriever_url"] == url and corpus["collection"] == "corpus" and corpus["passages"] > 100
+
+
+def test_over_the_generate_api_the_tokenizer_comes_from_the_server(retriever, benchmark_dir, tiny_tokenizer_dir,
+                                                                  tmp_path):
+    """No --tokenizer: the URL's SGLang names its own (/get_model_info), so `--model URL --benchmark all` works as
+    typed; the manifest records it and hashes its chat template into the prompt template hash."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    answers = {q: [said] for q, _, said in SETS["musique"]}
+    fake = FakeSGLang(SearchThenAnswer(answers), tokenizer=tokenizer, model_path=str(tiny_tokenizer_dir))
+    result = evaluate(retriever, fake, benchmark_dir, tmp_path / "generate", benchmark="musique", api="generate")
+    assert result.summary["benchmarks"]["sets"]["musique"]["em"] == 0.5
+    agent = result.manifest["setup"]["agent"]
+    assert result.manifest["setup"]["model"]["tokenizer"] == str(tiny_tokenizer_dir) and agent["api"] == "generate"
+    assert agent["prompt_template_sha256"] == prompt_template_hash(tokenizer.chat_template) != prompt_template_hash(None)

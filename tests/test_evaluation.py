@@ -105,7 +105,6 @@ def test_bad_data_is_one_clear_config_error_and_writes_nothing(tmp_path, name, c
     ({"data": "/nowhere/qa.parquet"}, "data='/nowhere/qa.parquet' is not valid: expected an existing parquet"),
     ({"data": "SUFFIX.csv"}, "expected a file ending in .parquet, .jsonl, .json"),
     ({"api": "completions"}, "api='completions' is not valid"),
-    ({"api": "generate", "tokenizer": None}, "tokenizer=None is not valid"),
     ({"retriever_url": "127.0.0.1:8000"}, "retriever_url='127.0.0.1:8000' is not valid"),
     ({"limit": 0}, "limit=0 is not valid"),
     ({"concurrency": 0}, "concurrency=0 is not valid"),

@@ -312,3 +312,16 @@ def test_an_evaluation_without_a_manifest_is_compared_with_a_warning(benchmark_r
     markdown = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none"),
                                        compare=str(theirs))).markdown_path.read_text()
     assert "The setup of the other, iteration 1 is unknown (no manifest.json)" in markdown
+
+
+def test_an_unreadable_published_file_is_listed_not_raised(benchmark_runs, tmp_path, monkeypatch):
+    from drzero.data import published
+
+    damaged = tmp_path / "published.json"
+    damaged.write_text('{"sets": [], "results": [{"key": "x"}]}')
+    monkeypatch.setattr(published, "PUBLISHED_FILE", damaged)
+    ours, _ = benchmark_runs
+    result = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none")))
+    markdown = result.markdown_path.read_text()
+    assert "the published numbers are unreadable" in markdown and "| set | split | questions | EM |" in markdown
+    assert "Search-R1 3B base EM" not in markdown

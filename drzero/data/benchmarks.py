@@ -63,7 +63,8 @@ _ALIASES = {**{b.label.lower(): b.name for b in BENCHMARKS.values()}, "2wiki": "
 def benchmark_table() -> str:
     """The sets as a plain-text table (for --help)."""
     lines = [f"    {'name':<16} {'split':<6} {'questions':>9}  kind"]
-    lines += [f"    {b.name:<16} {b.split:<6} {b.rows:>9,}  {b.kind}" for b in BENCHMARKS.values()]
+    lines += [f"    {b.name:<16} {b.split:<6} {b.rows:>9,}  {b.kind}"
+              + ("; dev: its test answers are not public" if b.split == "dev" else "") for b in BENCHMARKS.values()]
     return "\n".join(lines)
 
 

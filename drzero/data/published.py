@@ -48,8 +48,10 @@ class PublishedResult:
         return any(value is not None for value in self.em.values())
 
 
-def published_results(path: Path = PUBLISHED_FILE) -> list[PublishedResult]:
-    """Every row of the published-numbers file; a ``DamagedRecord`` (what is wrong) for a file of another shape."""
+def published_results(path: Path | None = None) -> list[PublishedResult]:
+    """Every row of the published-numbers file (``published.json`` beside this module unless ``path``); a
+    ``DamagedRecord`` (what is wrong) for a file that is missing or of another shape."""
+    path = path or PUBLISHED_FILE
     data = read_record(path, SHAPE)
     if data is None:
         raise DamagedRecord(f"{path} is missing")

@@ -8,7 +8,8 @@
 
 ``--model`` is either the URL of a running SGLang server (answering to ``--served-model-name``)
 or a model - a directory, a `drzero list-models` key or a hub name - for which the command
-starts SGLang on ``--port`` (8001) and stops it at the end. Every question is asked with our
+starts SGLang on ``--port`` (8001) and stops it at the end; ``--api generate`` renders with
+``--tokenizer``, else the model's own, or the one a URL's server names. Every question is asked with our
 solver prompt (the prompt stored in the file is not used: the model was trained on ours) through
 the same agent loop as training (``drzero.rollout.client``), at temperature 0, with at most
 ``--max-turns`` assistant turns. The data file is read by ``drzero.data.qa.read_qa_file``:
@@ -139,8 +140,6 @@ class EvaluateConfig(RolloutOptions):
             require(data.is_file(), "data", self.data, "an existing parquet or JSONL file of questions and answers")
             require(data.suffix in QA_SUFFIXES, "data", self.data, f"a file ending in {', '.join(QA_SUFFIXES)}")
         self.benchmark_sets()  # an unknown name fails here, naming the known ones
-        require(self.api != "generate" or bool(self.tokenizer) or self.serves_model, "tokenizer", self.tokenizer,
-                "a tokenizer name or directory when api='generate' and --model is a URL")
         for name in ("topk", "dp", "tp"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         require(self.limit is None or self.limit >= 1, "limit", self.limit, "an integer >= 1, or unset for all")
@@ -247,6 +246,21 @@ def _check_served_name(base_url: str, name: str) -> None:
             f"a model the server at {base_url} serves: {', '.join(map(str, served))}")
 
 
+def _tokenizer_name(cfg: EvaluateConfig) -> str:
+    """The tokenizer ``--api generate`` renders with: --tokenizer, the served model's own, or the one the server at
+    the --model URL names (SGLang's /get_model_info)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.serves_model:
+        return resolve_model(cfg.model).path
+    base_url = cfg.model.rstrip("/").removesuffix("/v1")
+    wait_for_health(base_url, timeout=URL_HEALTH_WAIT if cfg.wait is None else cfg.wait)
+    named = (_get_json(f"{base_url}/get_model_info") or {}).get("tokenizer_path")
+    require(isinstance(named, str) and bool(named), "tokenizer", cfg.tokenizer,
+            f"a tokenizer name or directory with --api generate: the server at {base_url} names none")
+    return named
+
+
 def generation_settings(cfg: EvaluateConfig, base_url: str, tokenizer) -> GenerationSettings:
     """How every question is rolled out: training's limits (drzero.rollout.render), greedy."""
     limits = RolloutLimits.from_training_config(SOLVER_PROMPT_LENGTH, cfg.thinking)
@@ -316,9 +330,8 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     questions = gather_questions(cfg)  # every file read and checked before any server starts
     out_dir = cfg.output_dir()
     check_writable(out_dir)  # before any server time is spent
-    tokenizer = None
-    if cfg.api == "generate":
-        tokenizer = load_tokenizer(cfg.tokenizer or resolve_model(cfg.model).path)
+    tokenizer_name = _tokenizer_name(cfg) if cfg.api == "generate" else cfg.tokenizer
+    tokenizer = load_tokenizer(tokenizer_name) if cfg.api == "generate" else None
     retriever_url, services = cfg.retriever_url, _retriever_services(cfg)
     with Supervisor(services) if services else contextlib.nullcontext():
         health = _check_retriever(retriever_url)
@@ -330,7 +343,7 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     records = [score(item, trajectory) for item, trajectory in zip(questions.items, trajectories)]
 
     setup = evaluation_setup(
-        model=model_setup(cfg.model, cfg.served_model_name, model_path, cfg.tokenizer),
+        model=model_setup(cfg.model, cfg.served_model_name, model_path, tokenizer_name),
         corpus=corpus_setup(retriever_url, health), topk=cfg.topk, generation=asdict(generation),
         thinking=cfg.thinking, chat_template=getattr(tokenizer, "chat_template", None), questions=questions.sources)
     summary_path, per_question_path = out_dir / SUMMARY_FILE, out_dir / PER_QUESTION_FILE

@@ -41,6 +41,7 @@ from drzero.config import option, require
 from drzero.config import env_default
 from drzero.data.published import published_results
 from drzero.data.questions import VERDICTS
+from drzero.records import DamagedRecord
 from drzero.tools.report_benchmarks import benchmark_section, comparison_section, comparison_summary
 from drzero.tools.report_figure import write_png
 from drzero.tools.report_run import (EVAL_DIR, NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, IterationView, RunView,
@@ -113,7 +114,7 @@ def _label(view: IterationView) -> str:
     return "0 (base)" if view.iteration == 0 else str(view.iteration)
 
 
-def render_markdown(run: RunView, other: RunView | None = None) -> str:
+def render_markdown(run: RunView, other: RunView | None = None, published: list | None = None) -> str:
     hops = run.hop_labels()
     lines = ["# drzero run report", "",
              f"Checkpoints `{run.checkpoints}` · data `{run.data_dir}` · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -136,7 +137,7 @@ def render_markdown(run: RunView, other: RunView | None = None) -> str:
             [_label(v), *[_num(v.evaluation["by_data_source"].get(s, {}).get("em")) for s in sources],
              _num(v.evaluation.get("macro_average", {}).get("em"))] for v in run.evaluated])
     lines += ["", f"From `{run.checkpoints / EVAL_DIR}/iter<K>/summary.json` (`drzero evaluate --out` there)."]
-    lines += benchmark_section(run, published_results())
+    lines += benchmark_section(run, published_results() if published is None else published)
     if other is not None:
         lines += comparison_section(run, other)
     lines += ["", "## Generated questions (gen-data, train split)", ""]
@@ -247,9 +248,14 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     check_writable(out)
     run = load_run(cfg.checkpoints, cfg.data_dir, cfg.iterations)
     other = load_comparison(cfg.compare) if cfg.compare else None
+    try:
+        published = published_results()
+    except DamagedRecord as damage:  # an install without its data file still reports the run
+        run.problems.append(f"the published numbers are unreadable ({damage}); the report leaves them out")
+        published = []
     png_path, markdown_path = out / PNG_FILE, out / MARKDOWN_FILE
-    write_png(run, png_path, published_results())
-    write_text_atomically(render_markdown(run, other), markdown_path)
+    write_png(run, png_path, published)
+    write_text_atomically(render_markdown(run, other, published), markdown_path)
     result = ReportResult(png_path, markdown_path, run, missing_pieces(run), other=other)
     enabled, why_not = wandb_status(cfg.wandb)
     result.wandb = log_to_wandb(cfg, run, png_path) if enabled else why_not
