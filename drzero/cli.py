@@ -14,6 +14,7 @@
     drzero memory --model M --gpu H100      will it fit? per-GPU memory of every stage
     drzero make-eval-set --demo-db DIR      a QA set with known answers from the demo world
     drzero evaluate --model URL --data F    EM / F1 / cover-EM of the solver with search
+    drzero evaluate --model URL --benchmark all   the papers' seven QA sets (FlashRAG's files), with a manifest
     drzero report --checkpoints DIR         report.png + report.md of a run
 """
 

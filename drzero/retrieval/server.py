@@ -200,6 +200,7 @@ def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None):
                 return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": repr(failure)})
         info = worker.info
         return {"status": "ok", "collection": info["collection"], "passages": info["passages"],
+                "fingerprint": info.get("fingerprint"),
                 "embedder": info["embedder"], "dimension": info["dimension"], "precision": info["precision"],
                 "index": info["index"], "batching": cfg.batching, "batches_run": batcher.batches_run,
                 "queries_run": batcher.queries_run, "queries_refused": counts["queries_refused"],

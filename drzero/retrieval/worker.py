@@ -56,7 +56,8 @@ def worker_main(conn, options: SearchOptions, log_level: str) -> None:
     conn.send(("ready", {"passages": service.passages, "embedder": service.embedder.spec.name,
                          "dimension": service.embedder.dimension, "precision": service.embedder.precision,
                          "index": "exact" if service.exact is not None else "hnsw",
-                         "collection": service.store.collection.name}))
+                         "collection": service.store.collection.name,
+                         "fingerprint": service.store.fingerprint()}))
     send_lock = threading.Lock()
 
     def send(message) -> None:
