@@ -12,8 +12,9 @@ Parts:
    share) and requests' p50/p99. On the CPU, ``--cpu-trajectories`` of them are replayed and the time scaled to
    the step (the CPU server is the bottleneck: time grows with the queries).
 2. ``profile``: closed-loop single-query clients (``--clients``) against the same server, and each of its
-   processes' CPU use over the measured window (``/proc/PID/stat``): the HTTP front at 100% of a core means the
-   front is the limit, the search worker's GPU encode the ceiling otherwise.
+   processes' CPU use over the measured window (``/proc/PID/stat``): an HTTP front at 100% of a core means the
+   fronts are the limit, the search worker's GPU encode the ceiling otherwise. With several fronts (the default
+   on a machine of 4 or more cores) each is listed, and the serving process that watches them as "server".
 
 The corpus, model and ingest are benchmarks/retrieval.py's (synthetic passages, e5-large-v2's architecture with
 random weights); ``--work`` caches them.
@@ -49,17 +50,20 @@ def _ticks(pid: int) -> int:
 
 
 def _family(pid: int) -> dict[int, str]:
-    """The server and its children (the search worker), each with its command's last words."""
-    found = {pid: "front"}
+    """The server and its children, each by its role: with ``--fronts N`` every front process (each names itself
+    ``drzero-front-K``) is a "front" and the serving process a "server"; with one front the server is the front."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                name = (entry / "comm").read_text().strip()
+                command = (entry / "cmdline").read_bytes()
             except (OSError, ValueError, IndexError):
                 continue
-            if parent == pid and b"resource_tracker" not in (entry / "cmdline").read_bytes():
-                found[int(entry.name)] = "worker"
-    return found
+            if parent == pid and b"resource_tracker" not in command:
+                found[int(entry.name)] = "front" if name.startswith("drzero-front") else "worker"
+    return {pid: "server" if "front" in found.values() else "front", **found}
 
 
 class CpuSampler:

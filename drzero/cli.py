@@ -14,6 +14,7 @@
     drzero memory --model M --gpu H100      will it fit? per-GPU memory of every stage
     drzero make-eval-set --demo-db DIR      a QA set with known answers from the demo world
     drzero evaluate --model URL --data F    EM / F1 / cover-EM of the solver with search
+    drzero evaluate --model URL --benchmark all   the papers' seven QA sets (FlashRAG's files), with a manifest
     drzero report --checkpoints DIR         report.png + report.md of a run
 """
 
@@ -38,7 +39,8 @@ from drzero.models.files import ModelNotFound
 from drzero.models.registry import REGISTRY, ListModelsConfig, render_registry
 from drzero.pipeline import EvolveConfig, evolve
 from drzero.retrieval.search_cli import SearchConfig, run_search
-from drzero.retrieval.server import RetrieverConfig, serve
+from drzero.retrieval.server import RetrieverConfig
+from drzero.retrieval.serving import serve
 from drzero.services.specs import ServiceError
 from drzero.stages.registry import EVOLVE, STAGES
 from drzero.tools import eval_set, report, smoke
@@ -61,8 +63,7 @@ def _adopt(cfg: AdoptConfig) -> int:
 
 def _serve_retriever(cfg: RetrieverConfig) -> int:
     logging.getLogger().setLevel(cfg.log_level.upper())
-    serve(cfg)
-    return 0
+    return serve(cfg)
 
 
 def _search(cfg: SearchConfig) -> int:

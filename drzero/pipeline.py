@@ -4,7 +4,7 @@
     drzero evolve --iterations 2 --dry-run          # every stage's plan, config and preflight; nothing runs
 
     prepare-data -> [iteration k: challenger -> merge challenger -> gen-data -> solver -> merge solver
-                     (-> evaluate, with --eval-data)] x N
+                     (-> evaluate, with --eval-data or --eval-benchmarks)] x N
 
 ``state.json`` in the checkpoint directory records each stage's status and outputs. A stage
 that is done (and whose outputs still exist) is skipped; one that was running when the process
@@ -30,7 +30,8 @@ from typing import ClassVar
 from drzero.atomic import write_json_atomically
 from drzero.checks import report
 from drzero.cluster.ray import attach, before_stage, report_checks
-from drzero.config import option, require
+from drzero.config import env_default, option, require
+from drzero.data.benchmarks import BENCHMARKS, resolve_benchmarks
 from drzero.plan import StagePlan
 from drzero.records import DamagedRecord, Each, OneOf, Optional, read_record, set_aside
 from drzero.stages.base import StageConfig, execute, finished_step, resolved_config
@@ -60,12 +61,31 @@ class EvolveConfig(StageConfig):
     eval_data: str | None = option(None, metavar="FILE", help=(
         "QA set to evaluate each iteration's merged solver on (e.g. from `drzero make-eval-set` or Search-R1's "
         "test.parquet); results go to CHECKPOINTS/eval/iter{k} for `drzero report`"))
+    eval_benchmarks: str | None = option(None, metavar="NAME[,NAME...]|all", help=(
+        f"also evaluate each iteration's merged solver on these of the papers' QA sets ({', '.join(BENCHMARKS)}, "
+        f"or all; `drzero evaluate --benchmark`)"))
+    eval_benchmark_dir: str = option(str(Path(env_default("DRZERO_DATA_DIR", "/corpus/data")) / "benchmarks"),
+                                     metavar="DIR", help=(
+        "the benchmark sets as FlashRAG lays them out, DIR/<name>/<split>.jsonl (fetched into it when missing and "
+        "online)"))
+    eval_limit: int | None = option(None, help=(
+        "questions per benchmark set (a seeded subset, the same every iteration) and of --eval-data (its first N)"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.iterations >= 1, "iterations", self.iterations, "an integer >= 1")
+        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", self.eval_limit,
+                "an integer >= 1, or unset for every question")
         if self.eval_data:  # the plan and state.json name absolute paths, whatever directory resumes the run
             self.eval_data = str(Path(self.eval_data).resolve())
+        if self.eval_benchmarks:
+            resolve_benchmarks(self.eval_benchmarks)  # an unknown name fails now, not after a day of training
+            self.eval_benchmark_dir = str(Path(self.eval_benchmark_dir).expanduser().resolve())
+
+    @property
+    def evaluates(self) -> bool:
+        """True when every iteration ends with an evaluation (--eval-data or --eval-benchmarks)."""
+        return bool(self.eval_data or self.eval_benchmarks)
 
 
 # -- state.json ------------------------------------------------------------------------------------
@@ -152,7 +172,7 @@ def set_aside_damaged_sets(plans: list[tuple[str, StagePlan]], warn, move: bool)
 # -- plans -------------------------------------------------------------------------------------------
 
 # One iteration of the loop: (state.json key, the registry's stage, what the stage's plan_in_run takes beyond the run
-# and the iteration). evaluate runs only with --eval-data.
+# and the iteration). evaluate runs only with --eval-data or --eval-benchmarks.
 ITERATION = (("challenger", "challenger", {}), ("merge-challenger", "merge", {"stage": "challenger"}),
              ("gen-data", "gen-data", {}), ("solver", "solver", {}), ("merge-solver", "merge", {"stage": "solver"}),
              ("evaluate", "evaluate", {}))
@@ -162,7 +182,7 @@ ITERATION_STAGES = tuple(key for key, _, _ in ITERATION)
 def iteration_plans(cfg: EvolveConfig, iteration: int) -> dict[str, StagePlan]:
     """The stages of one iteration, planned, by their key in state.json."""
     return {key: STAGES[stage].plan_in_run(cfg, iteration, **extra) for key, stage, extra in ITERATION
-            if stage != "evaluate" or cfg.eval_data}
+            if stage != "evaluate" or cfg.evaluates}
 
 
 def all_plans(cfg: EvolveConfig) -> list[tuple[str, StagePlan]]:

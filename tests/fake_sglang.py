@@ -1,7 +1,7 @@
 """A test stand-in for an SGLang inference server that speaks SGLang's OpenAI-compatible API.
 
 SGLang needs a GPU, so tests and benchmarks of the rollout client and the reward code talk to
-this fake instead. It serves the same wire format on loopback (``/health``, ``/v1/models``,
+this fake instead. It serves the same wire format on loopback (``/health``, ``/v1/models``, ``/get_model_info``,
 ``/v1/chat/completions``, ``/v1/completions`` and SGLang's native ``/generate`` with
 ``input_ids``) and answers every generate request with the output of a *policy*: a plain
 function of the conversation so far that scripts what the assistant says next. ``/generate``
@@ -267,10 +267,12 @@ def _limit(reply: Reply, stop: str | list[str] | None, max_tokens: int | None) -
 class FakeSGLang:
     """An SGLang-compatible HTTP app answering with ``policy``; ``serve()`` runs it on loopback."""
 
-    def __init__(self, policy: Policy, model: str = "solver", faults: Faults | None = None, tokenizer=None):
+    def __init__(self, policy: Policy, model: str = "solver", faults: Faults | None = None, tokenizer=None,
+                 model_path: str | None = None):
         self.policy = policy
         self.tokenizer = tokenizer
         self.model = model
+        self.model_path = model_path  # what /get_model_info names as the weights (SGLang: --model-path)
         self.faults = faults if faults is not None else Faults()
         self.healthy = True
         self.requests: list[dict] = []               # every generate request body (that was JSON), in arrival order
@@ -296,6 +298,11 @@ class FakeSGLang:
         async def models():
             return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
                                                 "owned_by": "sglang"}]}
+
+        @app.get("/get_model_info")
+        async def model_info():  # SGLang's native endpoint; the keys drzero reads
+            return {"model_path": self.model_path or self.model, "tokenizer_path": self.model_path or self.model,
+                    "is_generation": True}
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):

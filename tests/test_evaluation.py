@@ -16,7 +16,8 @@ from drzero.corpus.demo import build_demo_world
 from drzero.data.qa import QaItem, read_qa_file
 from drzero.tools.eval_set import MakeEvalSetConfig, run_make_eval_set
 from drzero.tools.eval_set import summary_lines as eval_set_summary
-from drzero.stages.evaluate import EvaluateConfig, cover_em, em, f1, run_evaluate, summary_lines
+from drzero.rewards.qa_scores import cover_em, em, f1
+from drzero.stages.evaluate import EvaluateConfig, run_evaluate, summary_lines
 from drzero.prompts import solver_messages
 from drzero.rewards.solver import normalize_answer
 from drzero.services.specs import ServiceError
@@ -82,6 +83,8 @@ def test_read_qa_file_accepts_search_r1_verl_and_our_rows(tmp_path, row, expecte
      r"row 0 \('q\?'\) has no gold answer; expected 'golden_answers' or reward_model\.ground_truth\.target"),
     ("empty.jsonl", "", r"holds no rows"),
     ("broken.jsonl", '{"question": "q?"\n', r"is not JSON lines or a JSON list \(line 1"),
+    ("late.jsonl", '{"question": "a?", "golden_answers": ["x"]}\n\n{"question": "q?"\n',
+     r"is not JSON lines or a JSON list \(line 3"),                       # the file's line, blank lines counted
     ("noise.parquet", b"not parquet", r"is not a readable parquet file"),
 ])
 def test_bad_data_is_one_clear_config_error_and_writes_nothing(tmp_path, name, content, message):
@@ -102,7 +105,6 @@ def test_bad_data_is_one_clear_config_error_and_writes_nothing(tmp_path, name, c
     ({"data": "/nowhere/qa.parquet"}, "data='/nowhere/qa.parquet' is not valid: expected an existing parquet"),
     ({"data": "SUFFIX.csv"}, "expected a file ending in .parquet, .jsonl, .json"),
     ({"api": "completions"}, "api='completions' is not valid"),
-    ({"api": "generate", "tokenizer": None}, "tokenizer=None is not valid"),
     ({"retriever_url": "127.0.0.1:8000"}, "retriever_url='127.0.0.1:8000' is not valid"),
     ({"limit": 0}, "limit=0 is not valid"),
     ({"concurrency": 0}, "concurrency=0 is not valid"),

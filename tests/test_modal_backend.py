@@ -78,7 +78,7 @@ def test_gpu_type_and_count_are_chosen_per_launch_with_with_options():
     assert mp.gpu_args("merge", 8) == []
 
 
-@pytest.mark.parametrize("gpu, reward_server", [("H200:8", (2, 4, 0.25)), ("H100:8", (2, 4, 0.3)),
+@pytest.mark.parametrize("gpu, reward_server", [("H200:8", (2, 4, 0.2)), ("H100:8", (2, 4, 0.3)),
                                                  ("H100:4", (2, 2, 0.5))])
 def test_the_challenger_on_modal_gets_the_models_recipe_for_the_gpu_it_runs_on(gpu, reward_server):
     """What the Function runs, parsed by drzero itself: on a full node the registry's recipe for that GPU shapes

@@ -92,7 +92,22 @@ def test_evaluation_joins_each_iteration_when_an_eval_set_is_given(config, tmp_p
     assert list(plans)[-1] == "iter1/evaluate"
     evaluate = plans["iter1/evaluate"]
     assert evaluate.inputs[0] == plans["iter1/merge-solver"].outputs[0]
-    assert evaluate.outputs == [Path(config.checkpoints).resolve() / "eval" / "iter1" / "summary.json"]
+    out = Path(config.checkpoints).resolve() / "eval" / "iter1"
+    assert evaluate.outputs == [out / "summary.json", out / "manifest.json"]  # the manifest commits the set
+
+
+def test_benchmarks_join_each_iteration_and_bad_names_fail_before_training(config, tmp_path, monkeypatch):
+    from drzero.config import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing can fetch them: the preflight must see them missing
+    run = EvolveConfig(**{**config.__dict__, "eval_benchmarks": "nq,bamboogle", "eval_limit": 500,
+                          "eval_benchmark_dir": str(tmp_path / "bench")})
+    evaluate = dict(all_plans(run))["iter1/evaluate"]
+    assert "--benchmark nq,bamboogle" in evaluate.run_label and "--limit 500" in evaluate.run_label
+    assert evaluate.inputs[1:] == [tmp_path / "bench" / "nq" / "test.jsonl",
+                                   tmp_path / "bench" / "bamboogle" / "test.jsonl"]
+    with pytest.raises(ConfigError, match=r"benchmark='nq,squad' is not valid"):
+        EvolveConfig(**{**config.__dict__, "eval_benchmarks": "nq,squad"})
 
 
 def test_a_stage_whose_outputs_vanished_runs_again(config, monkeypatch):

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from drzero.config import ConfigError, add_config_arguments, config_from_args
-from drzero.stages.evaluate import EvaluateConfig, QuestionResult, build_summary
+from drzero.stages.evaluate import EvaluateConfig
+from drzero.stages.evaluate_results import QuestionResult, build_summary
 from drzero.tools.report import ReportConfig, flat_metrics, run_report, summary_lines
 from drzero.tools.report_run import load_run
 
@@ -208,3 +209,119 @@ def test_a_wrong_shaped_state_entry_or_manifest_is_listed_as_damaged_not_raised(
     assert 'state.json is damaged: stages["iter1/challenger"] is a string ("done"), not an object' in markdown
     assert 'solver_iter1.manifest.json is damaged: train is a string ("kept them all"), not an object' in markdown
     assert 'zero_ratio4321.manifest.json is damaged: rows is a string ("many"), not an integer' in markdown
+
+
+# -- benchmarks: the published numbers beside ours, and two runs' setups compared -------------------------------
+
+BENCH_RIGHT = {1: {"nq": 2, "triviaqa": 3, "popqa": 2, "hotpotqa": 1, "2wikimultihopqa": 1, "musique": 0,
+                   "bamboogle": 1},
+               2: {"nq": 3, "triviaqa": 3, "popqa": 2, "hotpotqa": 2, "2wikimultihopqa": 1, "musique": 1,
+                   "bamboogle": 2}}  # of 4 questions per set
+
+
+def _benchmark_evaluation(tmp_path, right: dict, topk: int = 3, checkpoint: str = "a" * 64) -> tuple[dict, dict]:
+    """(summary.json, manifest.json) exactly as `drzero evaluate --benchmark all` builds them."""
+    from dataclasses import asdict
+
+    from drzero.rollout.client import GenerationSettings
+    from drzero.stages.evaluate_setup import corpus_setup, evaluation_setup, model_setup
+
+    records = [QuestionResult(index=i, question=f"{name}{i}", golden_answers=["a"], prediction="a" if i < n else "b",
+                              em=float(i < n), f1=float(i < n), cover_em=float(i < n), hops="unknown",
+                              data_source=name, turns=3, searches=2, stop_reason="answer", error=None)
+               for name, n in right.items() for i in range(4)]
+    cfg = EvaluateConfig(model="http://127.0.0.1:8001", benchmark="all", benchmark_dir=str(tmp_path), tokenizer="tok")
+    summary = build_summary(cfg, records, 28, {})
+    model = model_setup("/checkpoints/solver_iter1_hf", "solver", "/checkpoints/solver_iter1_hf", None)
+    model["checkpoint_sha256"] = checkpoint
+    setup = evaluation_setup(
+        model=model, corpus=corpus_setup("http://127.0.0.1:8000/retrieve", {
+            "collection": "wiki18", "passages": 21015324, "fingerprint": "0123456789abcdef",
+            "embedder": "intfloat/e5-base-v2"}),
+        topk=topk, generation=asdict(GenerationSettings(base_url="x", model="solver", temperature=0.0)),
+        thinking=False, chat_template="{{ messages }}",
+        questions=[{"name": name, "split": "test", "file": f"/data/{name}.jsonl", "rows": 4, "sha256": "f" * 64,
+                    "questions": 4, "subset": None} for name in right])
+    return summary, {"setup": setup, "files": {}}
+
+
+@pytest.fixture
+def benchmark_runs(tmp_path):
+    """This run (iterations 1 and 2 on the seven sets) and another one: top-k 5 and another checkpoint."""
+    runs = {}
+    for name, topk, checkpoint in (("ours", 3, "a" * 64), ("theirs", 5, "b" * 64)):
+        checkpoints = tmp_path / name
+        for iteration, right in BENCH_RIGHT.items():
+            summary, manifest = _benchmark_evaluation(tmp_path, right, topk, checkpoint)
+            _write(checkpoints / "eval" / f"iter{iteration}" / "summary.json", summary)
+            _write(checkpoints / "eval" / f"iter{iteration}" / "manifest.json", manifest)
+        runs[name] = checkpoints
+    return runs["ours"], runs["theirs"]
+
+
+def test_benchmark_tables_put_the_published_numbers_beside_each_iteration(benchmark_runs, tmp_path):
+    from drzero.data.published import published_results
+
+    ours, _ = benchmark_runs
+    result = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none")))
+    markdown = result.markdown_path.read_text()
+    tables = [t for key, t in _tables(markdown).items() if key.startswith("set split")]
+    assert markdown.count("| set | split | questions | EM | F1 |") == 2  # one table per iteration
+    rows = {row["set"]: row for row in _tables(markdown)["set split"]}  # the last table: iteration 2
+    assert tables and rows["NQ"]["EM"] == "0.750" and rows["MuSiQue"]["EM"] == "0.250"
+    assert (rows["NQ"]["answered"], rows["NQ"]["searches"], rows["NQ"]["turns"]) == ("1.000", "2.00", "3.00")
+    assert rows["**Avg.**"]["EM"] == f"{sum(BENCH_RIGHT[2].values()) / 28:.3f}"
+    published = {p.label: p for p in published_results()}
+    assert rows["NQ"]["Search-R1 3B base EM"] == "0.421" and rows["Bamboogle"]["Search-R1 7B instruct EM"] == "0.400"
+    assert rows["**Avg.**"]["Search-R1 7B base EM"] == "0.350"
+    assert rows["NQ"]["Dr. Zero 3B EM"] == "n/c" and rows["**Avg.**"]["Dr. Zero 7B EM"] == "n/c"
+    assert published["Dr. Zero 7B"].citation() in markdown and "n/c = not checked" in markdown
+    assert "Iteration 1:" in markdown and "Iteration 2:" in markdown
+    assert _png_size(result.png_path) == (1200, 1350)  # the benchmark row below the four panels
+    assert "benchmarks     2: EM 0.500 averaged over 7 set(s)" in summary_lines(result)
+    second = flat_metrics(result.run.iterations[1])
+    assert second["eval/bench_em_nq"] == 0.75 and second["eval/bench_em_average"] == pytest.approx(0.5)
+
+
+def test_compare_shows_where_the_setups_differ_before_the_scores(benchmark_runs, tmp_path):
+    ours, theirs = benchmark_runs
+    result = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none"), compare=str(theirs)))
+    markdown = result.markdown_path.read_text()
+    section = markdown.split("## Compared with")[1]
+    assert section.index("Iteration 1: setup") < section.index("Iteration 1: EM") < section.index("Iteration 2: setup")
+    setup = {row["setting"]: row for row in _tables(section)["setting this run"]}  # the last: iteration 2
+    assert set(setup) == {"`model.checkpoint_sha256`", "`retrieval.topk`"}
+    assert (setup["`retrieval.topk`"]["this run"], setup["`retrieval.topk`"]["the other, iteration 2"]) == ("3", "5")
+    assert setup["`retrieval.topk`"][""] == "scores not comparable" and setup["`model.checkpoint_sha256`"][""] == ""
+    assert "1 of these change what the scores measure" in section
+    scores = {row["set"]: row for row in _tables(section)["set this run"]}
+    assert scores["nq"]["difference"] == "+0.000" and scores["overall"]["this run"] == "0.500"  # iteration 2: 14 of 28
+    assert ("compared with  " + str(theirs) + ": iteration 1: 2 setting(s) differ, 1 of them change what is measured"
+            in summary_lines(result))
+    # one evaluation's directory compares with this run's latest iteration; an identical setup says so
+    single = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none"),
+                                     compare=str(ours / "eval" / "iter2"), out=str(tmp_path / "single")))
+    assert "The setups agree in every recorded setting." in single.markdown_path.read_text()
+    with pytest.raises(ConfigError, match=r"compare='/nowhere' is not valid: expected an existing directory"):
+        ReportConfig(checkpoints=str(ours), compare="/nowhere")
+
+
+def test_an_evaluation_without_a_manifest_is_compared_with_a_warning(benchmark_runs, tmp_path):
+    ours, theirs = benchmark_runs
+    (theirs / "eval" / "iter1" / "manifest.json").unlink()
+    markdown = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none"),
+                                       compare=str(theirs))).markdown_path.read_text()
+    assert "The setup of the other, iteration 1 is unknown (no manifest.json)" in markdown
+
+
+def test_an_unreadable_published_file_is_listed_not_raised(benchmark_runs, tmp_path, monkeypatch):
+    from drzero.data import published
+
+    damaged = tmp_path / "published.json"
+    damaged.write_text('{"sets": [], "results": [{"key": "x"}]}')
+    monkeypatch.setattr(published, "PUBLISHED_FILE", damaged)
+    ours, _ = benchmark_runs
+    result = run_report(ReportConfig(checkpoints=str(ours), data_dir=str(tmp_path / "none")))
+    markdown = result.markdown_path.read_text()
+    assert "the published numbers are unreadable" in markdown and "| set | split | questions | EM |" in markdown
+    assert "Search-R1 3B base EM" not in markdown

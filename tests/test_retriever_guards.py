@@ -15,10 +15,15 @@ READ_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 40
 
 
-@pytest.fixture(scope="module")
-def guarded(demo_db, tmp_path_factory):
-    server = start_retriever(demo_db, tmp_path_factory.mktemp("guards") / "retriever.log",
-                             "--read-timeout-s", str(READ_TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS))
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-fronts"])
+def guarded(request, demo_db, tmp_path_factory):
+    """The guards hold for the server as a whole, whether one process serves HTTP or two fronts share the port."""
+    server = start_retriever(demo_db, tmp_path_factory.mktemp("guards") / "retriever.log", "--fronts",
+                             str(request.param), "--read-timeout-s", str(READ_TIMEOUT_S), "--max-connections",
+                             str(MAX_CONNECTIONS))
+    # the processes that hold the connections: the server, or each of its fronts
+    server.front_pids = [front["pid"] for front in httpx.get(f"{server.url}/health", trust_env=False).json()[
+        "per_front"]]
     yield server
     stop(server)
 
@@ -28,7 +33,19 @@ def _port(server) -> int:
 
 
 def _open_fds(server) -> int:
-    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in server.front_pids)
+
+
+def _settled_fds(server) -> int:
+    """The descriptors held once the fixture's own request has been closed on the server's side too."""
+    previous, deadline = _open_fds(server), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _open_fds(server)
+        if now == previous:
+            return now
+        previous = now
+    return previous
 
 
 def _search(server) -> httpx.Response:
@@ -67,7 +84,7 @@ class SlowSender(threading.Thread):
 
 def test_slow_senders_are_cut_off_while_others_are_served(guarded):
     port = _port(guarded)
-    fds_before = _open_fds(guarded)
+    fds_before = _settled_fds(guarded)
     endless_header = b"X-Padding: " + b"a" * 10_000
     body = b'{"queries": ["federated learning"]}' + b" " * 10_000
     senders = (
@@ -79,8 +96,11 @@ def test_slow_senders_are_cut_off_while_others_are_served(guarded):
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]  # connect, send nothing
     for sender in senders:
         sender.start()
-    time.sleep(0.5)
-    assert _open_fds(guarded) >= fds_before + len(senders) + len(silent)
+    held = fds_before + len(senders) + len(silent)
+    deadline = time.monotonic() + 5.0  # every connection accepted (on a busy machine that may take a moment)
+    while _open_fds(guarded) < held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_fds(guarded) >= held
     started = time.monotonic()
     assert _search(guarded).status_code == 200  # served meanwhile, without waiting for the slow ones
     assert time.monotonic() - started < READ_TIMEOUT_S
@@ -123,7 +143,9 @@ def test_connections_beyond_the_limit_get_503_and_are_closed(guarded):
 
 def test_cut_connections_are_counted_and_summarized_not_logged_one_by_one(demo_db, tmp_path):
     """A slow-sender attack cut ~1,500 connections a minute, each with a WARNING line of its own."""
-    server = start_retriever(demo_db, tmp_path / "cuts.log", "--read-timeout-s", "1", "--cut-log-interval-s", "4")
+    # One process: each front logs its own cuts (test_retriever_fronts.py adds up two fronts' counts)
+    server = start_retriever(demo_db, tmp_path / "cuts.log", "--fronts", "1", "--read-timeout-s", "1",
+                             "--cut-log-interval-s", "4")
     try:
         port = _port(server)
         malformed = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]

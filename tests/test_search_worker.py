@@ -15,6 +15,9 @@ from drzero.corpus.embedder import EmbedderSpec, resolve_precision
 from drzero.corpus.store import CorpusStore
 from drzero.retrieval import exact_index
 from drzero.retrieval.exact_index import ExactIndex, choose_index
+from drzero.retrieval.server import RetrieverConfig
+from drzero.retrieval.tally import Tally
+from drzero.retrieval.worker import SearchWorker
 
 
 def test_exact_index_is_brute_force_across_chunks(monkeypatch, tmp_path):
@@ -80,13 +83,12 @@ def test_the_exact_index_serves_exactly_what_brute_force_finds(demo_db, minilm, 
            [[ids[j] for j in row] for row in expected]
 
 
-def _worker_pid(server_pid: int) -> int:
-    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    for pid in children:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"spawn_main" in command and b"resource_tracker" not in command:
-            return int(pid)
-    raise AssertionError(f"no search worker among {children}")
+def _worker_pid(server) -> int:
+    pid = httpx.get(f"{server.url}/health", trust_env=False).json()["worker"]["pid"]
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    assert str(pid) in children, f"the search worker {pid} is not among the server's children {children}"
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "drzero-worker"
+    return pid
 
 
 def _gone(pid: int) -> bool:
@@ -99,7 +101,7 @@ def _gone(pid: int) -> bool:
 def test_a_killed_worker_gives_503s_naming_the_retriever_and_the_server_stays_up(demo_db, tmp_path):
     server = start_retriever(demo_db, tmp_path / "worker.log")
     try:
-        worker = _worker_pid(server.process.pid)
+        worker = _worker_pid(server)
         assert httpx.post(f"{server.url}/retrieve", json={"queries": ["lattice"]}, trust_env=False).status_code == 200
         os.kill(worker, signal.SIGKILL)
         time.sleep(1.0)
@@ -116,10 +118,72 @@ def test_a_killed_worker_gives_503s_naming_the_retriever_and_the_server_stays_up
 
 def test_the_worker_exits_when_the_server_is_killed(demo_db, tmp_path):
     server = start_retriever(demo_db, tmp_path / "orphan.log")
-    worker = _worker_pid(server.process.pid)
+    worker = _worker_pid(server)
     server.process.kill()  # kill -9: no shutdown code runs in the front
     server.process.wait(10)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not _gone(worker):
         time.sleep(0.2)
     assert _gone(worker), "the search worker outlived its server"
+
+
+def _answers(conn, numbers: set[int]) -> dict[int, tuple]:
+    """Read ``conn`` until each batch in ``numbers`` is done or failed: number -> (kind, hits or error)."""
+    answers: dict[int, tuple] = {}
+    while set(answers) != numbers:
+        assert conn.poll(120), f"no answer for batches {numbers - set(answers)}"
+        kind, number, *rest = conn.recv()
+        if kind != "encoded":
+            answers[number] = (kind, *rest)
+    return answers
+
+
+def _ids(hits) -> list[list[str]]:
+    return [[hit.id for hit in per_query] for per_query in hits]
+
+
+def test_the_worker_coalesces_batches_of_several_fronts_and_splits_their_hits_back(demo_db):
+    """Batches that two fronts send while the encoder is busy are one forward pass; each front gets its own hits,
+    with its own topk; a pass that fails is run again batch by batch, so only the bad batch fails."""
+    tally = Tally(2)
+    worker = SearchWorker(RetrieverConfig(db=str(demo_db)), "warning", fronts=2, max_batch=1024, tally=tally)
+    worker.start()
+    first, second = worker.front_conns
+    busy_queries = [("lattice cryptography and federated learning %d " % i) * 20 for i in range(256)]
+    mine, theirs = ["federated learning", "lattice signatures"], ["graph neural networks", "differential privacy",
+                                                                   "who proposed the protocol"]
+
+    def while_busy(*sends):
+        """Keep the encoder busy with a long batch from the first front, then send ``sends`` behind it."""
+        taken = tally.worker["encoder_passes"] + 1
+        first.send(("batch", 100, busy_queries, 1))
+        deadline = time.monotonic() + 60
+        while tally.worker["encoder_passes"] < taken:  # the encoder has taken the long batch, alone
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        for conn, message in sends:
+            conn.send(message)
+
+    try:
+        first.send(("batch", 1, mine, 2))
+        alone_mine = _answers(first, {1})[1][1]
+        second.send(("batch", 1, theirs, 4))
+        alone_theirs = _answers(second, {1})[1][1]
+        passes, several = tally.worker["encoder_passes"], tally.worker["passes_with_several_fronts"]
+
+        while_busy((first, ("batch", 2, mine, 2)), (second, ("batch", 2, theirs, 4)))
+        got_mine, got_theirs = _answers(first, {100, 2}), _answers(second, {2})
+        assert tally.worker["encoder_passes"] == passes + 2  # the long batch, then both fronts' batches in one
+        assert tally.worker["passes_with_several_fronts"] == several + 1
+        assert got_mine[2][0] == got_theirs[2][0] == "done"
+        assert _ids(got_mine[2][1]) == _ids(alone_mine) and {len(hits) for hits in got_mine[2][1]} == {2}
+        assert _ids(got_theirs[2][1]) == _ids(alone_theirs) and {len(hits) for hits in got_theirs[2][1]} == {4}
+
+        # a lone surrogate fails the tokenizer, and with it the pass it shares with the other front's batch
+        while_busy((first, ("batch", 3, ["fine", "a\ud800b"], 3)), (second, ("batch", 3, theirs, 4)))
+        bad, good = _answers(first, {100, 3})[3], _answers(second, {3})[3]
+        assert tally.worker["passes_with_several_fronts"] == several + 2
+        assert bad[0] == "failed"
+        assert good[0] == "done" and _ids(good[1]) == _ids(alone_theirs)
+    finally:
+        worker.stop()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ DEFAULT_COLLECTION = "corpus"
 # 20k-passage corpus (benchmarks/retrieval.py measures the shipped settings' recall); Chroma's defaults (ef_search=100,
 # M=16) sit slightly lower on dense MiniLM/e5 embeddings.
 HNSW_SETTINGS = {"hnsw:space": "cosine", "hnsw:construction_ef": 200, "hnsw:M": 32, "hnsw:search_ef": 128}
+
+FINGERPRINT_SAMPLE = 1000  # ids read for CorpusStore.fingerprint
 
 META_EMBEDDER = "drzero:embedder"
 META_DIMENSION = "drzero:dimension"
@@ -174,6 +178,16 @@ class CorpusStore:
         for offset in range(0, self.count(), page):
             ids.extend(self.collection.get(include=[], limit=page, offset=offset)["ids"])
         return sorted(ids)
+
+    def fingerprint(self, sample: int = FINGERPRINT_SAMPLE) -> str:
+        """A short hash of what the collection holds: its embedder metadata, its passage count and the ids (content
+        hashes) of its first ``sample`` records. It changes when the store is rebuilt from other passages or grows;
+        copies of a store, and stores ingested from the same files in the same order, agree. Cheap at 21 M
+        passages (reading every id would take minutes)."""
+        first = self.collection.get(include=[], limit=sample)["ids"]
+        described = json.dumps({"metadata": {k: v for k, v in sorted((self.collection.metadata or {}).items())},
+                                "passages": self.count(), "first_ids": first}, sort_keys=True, default=str)
+        return hashlib.sha256(described.encode()).hexdigest()[:16]
 
     def existing_ids(self, ids: list[str]) -> set[str]:
         found: set[str] = set()

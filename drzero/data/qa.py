@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from drzero.config import ConfigError
@@ -31,9 +31,10 @@ class QaItem:
     golden_answers: tuple[str, ...]
     data_source: str
     hops: str                          # "1".."4" (from extra_info.hops, a hops column or search_zero_{h}) or "unknown"
+    id: str | None = field(default=None, compare=False)  # the row's own id, when it has one (FlashRAG's "test_0")
 
 
-def _text_answers(value) -> list[str]:
+def text_answers(value) -> list[str]:
     """Gold answers from a list, a string, a number or ``{"target": ...}``; blanks dropped."""
     if isinstance(value, dict):
         value = value.get("target")
@@ -77,7 +78,7 @@ def golden_answers_of(row: dict) -> list[str]:
     candidates = (row.get("golden_answers"), _as_dict(row.get("reward_model")).get("ground_truth"),
                   row.get("answers"), row.get("answer"), _as_dict(row.get("extra_info")).get("answer"))
     for value in candidates:
-        answers = _text_answers(value)
+        answers = text_answers(value)
         if answers:
             return answers
     return []
@@ -107,7 +108,14 @@ def _load_rows(path: Path, limit: int | None) -> tuple[list[dict], int]:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):  # numbered here: the error's own lineno is 1
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        error.lineno = number
+                        raise
     except json.JSONDecodeError as error:
         raise ConfigError(f"data={str(path)!r} is not JSON lines or a JSON list (line {error.lineno}: "
                           f"{error.msg}).") from error
@@ -141,5 +149,7 @@ def read_qa_file(path: str | Path, limit: int | None = None) -> tuple[list[QaIte
                 f"'golden_answers' or reward_model.ground_truth.target (a proposer seed parquet has none: "
                 f"evaluate on solver data or an eval set).")
         source = str(row.get("data_source") or default_source)
-        items.append(QaItem(index, question, tuple(answers), source, hops_label(row, source)))
+        row_id = row.get("id")
+        items.append(QaItem(index, question, tuple(answers), source, hops_label(row, source),
+                            None if row_id is None else str(row_id)))
     return items, total

@@ -76,10 +76,11 @@ REGISTRY = {e.key: e for e in [
                    "H100": Recipe(CPU_OFFLOAD_POLICY + ("actor_rollout_ref.rollout.gpu_memory_utilization=0.7",),
                                   rollout_tp=4, reward_server=(2, 4, 0.3),
                                   note="full fine-tuning with FSDP2 CPU offload: needs ~490 GiB host RAM per node"),
-                   "H200": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25),
+                   # the reward server at 0.2: GPU 0 also holds the retriever (~3 GiB: drzero.models.memory)
+                   "H200": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.2),
                                   note="full fine-tuning, FSDP state on the GPUs, offloaded while the rollout runs"),
                }, thinking=False,
-               # sharded over 32 H100s the FSDP state fits beside the rollout (peak 68.7 of 79.1 GiB in
+               # sharded over 32 H100s the FSDP state fits beside the rollout (peak 71.0 of 79.1 GiB in
                # `drzero memory --model qwen3-32b --nodes 4`); on 2 nodes the challenger's update does not
                cluster_recipes={
                    "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.3), nodes=4,
@@ -87,7 +88,8 @@ REGISTRY = {e.key: e for e in [
                                        "rollout runs: no host-memory training"),
                }),
     ModelEntry("qwen3-14b", "Qwen/Qwen3-14B", "Qwen3-14B", "qwen25", 2, recipes={
-        "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.25)),
+        # the reward server at 0.2: GPU 0 also holds the retriever (~3 GiB: drzero.models.memory)
+        "H100": Recipe(OFFLOAD, rollout_tp=4, reward_server=(2, 4, 0.2)),
         "H200": Recipe(OFFLOAD),
     }, thinking=False),
     ModelEntry("qwen3-8b", "Qwen/Qwen3-8B", "Qwen3-8B", "qwen25", 1, recipes={

@@ -109,11 +109,14 @@ class QueryBatcher(Generic[Result]):
     ``encoded`` resolves when the encoder has taken the batch (the next batch is formed then, from
     everything queued meanwhile); ``done`` resolves to one result list per query. A batch uses the
     largest ``topk`` asked for in it; each request gets its own first ``topk``. With ``coalesce=False``
-    every batch holds one request only (the ``--no-batching`` baseline).
+    every batch holds one request only (the ``--no-batching`` baseline). ``on_success`` is told the number of
+    queries of each batch that comes back (the server's shared counts).
     """
 
-    def __init__(self, submit: Submit, max_batch: int = 256, max_wait_ms: float = 0.0, coalesce: bool = True):
+    def __init__(self, submit: Submit, max_batch: int = 256, max_wait_ms: float = 0.0, coalesce: bool = True,
+                 on_success: Callable[[int], None] | None = None):
         self._submit = submit
+        self._on_success = on_success
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.coalesce = coalesce
@@ -239,6 +242,8 @@ class QueryBatcher(Generic[Result]):
         self.last_success = time.monotonic()
         self.batches_run += 1
         self.queries_run += count
+        if self._on_success is not None:
+            self._on_success(count)
         offset = 0
         for piece in batch:
             request, size = piece.request, piece.end - piece.start

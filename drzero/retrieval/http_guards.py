@@ -13,7 +13,9 @@
   each: a slow-sender attack cuts ~1,500 connections a minute, which would bury every other log line.
 
 The connection limit itself is uvicorn's ``limit_concurrency``: past it, each new request gets a
-503 and its connection is closed.
+503 and its connection is closed. With several front processes on one port (``--fronts``) the limit holds for
+all of them together: each front publishes how many connections it has open (``SharedConnections``, backed by
+``drzero.retrieval.tally``) and lowers its own limit by the others' count.
 """
 
 from __future__ import annotations
@@ -22,10 +24,17 @@ import asyncio
 import json
 import logging
 from collections import Counter
+from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+# Why a connection was cut: every reason ``CutLog.cut`` is given (``/health`` counts each).
+MALFORMED, HEAD_TOO_LARGE, HEAD_LATE, BODY_LATE, OVER_LIMIT = (
+    "malformed HTTP", "head too large", "head not received in time", "body not received in time",
+    "over --max-connections")
+CUT_REASONS = (MALFORMED, HEAD_TOO_LARGE, HEAD_LATE, BODY_LATE, OVER_LIMIT)
 
 
 def error_body(field: str, message: str) -> dict:
@@ -97,11 +106,15 @@ class CutLog:
 
     The first cut after a quiet interval is logged at once, with its client and reason; the ones that
     follow within ``interval_s`` are counted and summarized in one line at its end (and so on while they
-    keep coming). ``total`` and ``by_reason`` count since the server started (``/health`` shows them).
+    keep coming). ``total`` and ``by_reason`` count since ``where`` (this process) started; ``on_cut`` is told
+    each reason as well (the server's shared counts, which ``/health`` shows).
     """
 
-    def __init__(self, interval_s: float = 60.0):
+    def __init__(self, interval_s: float = 60.0, on_cut: Callable[[str], None] | None = None,
+                 where: str = "the server"):
         self.interval_s = interval_s
+        self.on_cut = on_cut
+        self.where = where
         self.total = 0
         self.by_reason: Counter[str] = Counter()
         self._unlogged: Counter[str] = Counter()  # cut since the last line
@@ -111,6 +124,8 @@ class CutLog:
         """Count one connection closed for ``reason``; called on the event loop (a protocol or log callback)."""
         self.total += 1
         self.by_reason[reason] += 1
+        if self.on_cut is not None:
+            self.on_cut(reason)
         if self._summary is None:
             log.warning("closing %s: %s (connections cut in the next %gs are counted and summarized)",
                         client, detail, self.interval_s)
@@ -124,15 +139,15 @@ class CutLog:
             self._summary = None  # quiet: the next cut is logged at once again
             return
         reasons = ", ".join(f"{count} {reason}" for reason, count in self._unlogged.most_common())
-        log.warning("cut %d more connections in the last %gs (%s); %d since the server started",
-                    sum(self._unlogged.values()), self.interval_s, reasons, self.total)
+        log.warning("cut %d more connections in the last %gs (%s); %d since %s started",
+                    sum(self._unlogged.values()), self.interval_s, reasons, self.total, self.where)
         self._unlogged.clear()
         self._summary = loop.call_later(self.interval_s, self._summarize, loop)
 
 
 # uvicorn's own line for each request it refuses (uvicorn/protocols/http/httptools_impl.py), as many as requests
 _UVICORN_REFUSALS = {"Invalid HTTP request received.": None,  # counted by the protocol's send_400_response
-                     "Exceeded concurrency limit.": "over --max-connections"}
+                     "Exceeded concurrency limit.": OVER_LIMIT}
 
 
 class CountUvicornRefusals(logging.Filter):
@@ -162,11 +177,23 @@ def _raw_response(status: int, payload: dict) -> bytes:
             % (status, _REASONS[status], len(body))) + body
 
 
-def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: CutLog) -> type[asyncio.Protocol]:
+class SharedConnections(Protocol):
+    """The open connections of every front on the port (``drzero.retrieval.tally.FrontCounts``)."""
+
+    def here(self, count: int) -> None:
+        """This front has ``count`` connections open now."""
+
+    def elsewhere(self) -> int:
+        """How many the other fronts have open."""
+
+
+def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: CutLog,
+                           connections: SharedConnections | None = None) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol, closing a connection whose request is not read in time or whose head is too big.
 
-    Pass the class as ``uvicorn.run(..., http=...)``; uvicorn builds one per connection. Each cut is counted
-    (and logged) by ``cuts``.
+    Pass the class as ``uvicorn.Config(..., http=...)``; uvicorn builds one per connection. Each cut is counted
+    (and logged) by ``cuts``. With ``connections``, uvicorn's ``limit_concurrency`` counts the connections of
+    every front sharing the port, not only this process's.
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # ~0.15 s: only a serving process needs it
 
@@ -178,10 +205,14 @@ def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: Cut
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()  # uvicorn arms nothing until the first response: a silent client would stay forever
+            if connections is not None:
+                connections.here(len(self.connections))
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+            if connections is not None:
+                connections.here(len(self.connections))
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -189,7 +220,7 @@ def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: Cut
             if not self._head_done and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_head_bytes:
-                    self._refuse(431, "head too large", error_body(
+                    self._refuse(431, HEAD_TOO_LARGE, error_body(
                         "headers", f"the request line and headers exceed {max_head_bytes} bytes; send a shorter "
                                    f"request"))
 
@@ -201,6 +232,10 @@ def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: Cut
 
         def on_headers_complete(self) -> None:
             self._head_done = True
+            if connections is not None and self.config.limit_concurrency is not None:
+                # uvicorn refuses once this process's connections reach its limit: lowered by the other
+                # fronts' count, that is once the server's reach it.
+                self.limit_concurrency = self.config.limit_concurrency - connections.elsewhere()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
@@ -223,14 +258,14 @@ def read_deadline_protocol(read_timeout_s: float, max_head_bytes: int, cuts: Cut
             message = error_body("request", f"the request was not received within {read_timeout_s:g} s "
                                             f"(--read-timeout-s); send it whole, without pauses")
             if not self._head_done:  # no app has the request yet: answer here
-                self._refuse(408, "head not received in time", message)
+                self._refuse(408, HEAD_LATE, message)
             else:  # the app is waiting for the body: closing hands it an http.disconnect
-                cuts.cut(self.client, "body not received in time",
+                cuts.cut(self.client, BODY_LATE,
                          f"request body not received within {read_timeout_s:g}s")
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:  # uvicorn's answer to bytes that are not HTTP/1.1
-            self._refuse(400, "malformed HTTP", error_body("request", f"{msg.rstrip('.')} (not HTTP/1.1); send "
+            self._refuse(400, MALFORMED, error_body("request", f"{msg.rstrip('.')} (not HTTP/1.1); send "
                                                                       f"POST /retrieve with a JSON body"))
 
         def _refuse(self, status: int, reason: str, payload: dict) -> None:

@@ -12,13 +12,15 @@ of failing its request (``contract``). A body that cannot be read as a request g
 every error the framework would answer itself (404, 405, 500) is ``{"detail", "field"}`` with
 ``detail`` naming the field, and the server keeps serving. Limits per request (queries, characters,
 body bytes), a read deadline and a connection limit keep one client from hurting the others
-(``http_guards``).
+(``http_guards``). ``--fronts N`` runs N such HTTP processes on the port in front of the one search worker
+(``serving``); ``/health`` then shows the whole server's counts, each front's, and which front answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,14 +29,14 @@ import orjson
 from starlette.requests import Request  # at the top: FastAPI reads the endpoint's annotation by name
 
 from drzero.config import CorpusOptions, option, require
-from drzero.corpus.embedder import PRECISIONS, require_device
-from drzero.corpus.store import StoreError
+from drzero.corpus.embedder import PRECISIONS
 from drzero.retrieval.batcher import QueryBatcher
 from drzero.retrieval.contract import REQUEST_SCHEMA, RequestRefused, read_request
 from drzero.retrieval.exact_index import INDEXES
-from drzero.retrieval.http_guards import (CountUvicornRefusals, CutLog, error_body, guard_requests,
-                                         read_deadline_protocol)
-from drzero.retrieval.worker import WorkerClient, WorkerFailed, WorkerGone
+from drzero.retrieval.http_guards import (CountUvicornRefusals, CutLog, SharedConnections, error_body,
+                                         guard_requests, read_deadline_protocol)
+from drzero.retrieval.tally import Tally
+from drzero.retrieval.worker_client import WorkerFailed, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,16 @@ HEALTH_STALL_S = 120.0  # a search running longer than this means the encoder is
 # A request line and headers larger than this get 431; h11's own default is 16 KiB, httptools has none.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_LOGGED_UNKNOWN_KEYS = 100  # unknown request keys are logged once each, up to this many names
+# One front process tops out near 2,700 queries/s on one core (H100: the front at 93 % of a core, the worker at
+# 69 %; benchmarks/results/search-step-h100-2026-12-07.md), against a target of 8,000 and an encoder that does
+# 15,000 at batch 256; four fronts have room above the target and leave most cores to the trainer beside them.
+MAX_DEFAULT_FRONTS = 4
+
+
+def default_fronts() -> int:
+    """``--fronts`` when not given: half the CPUs this process may run on, at most MAX_DEFAULT_FRONTS, at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_DEFAULT_FRONTS, cpus // 2))
 
 
 @dataclass(kw_only=True)
@@ -52,6 +64,10 @@ class RetrieverConfig(CorpusOptions):
         "Default: the embedder recorded in the collection"))
     host: str = option("127.0.0.1", help="address to listen on (0.0.0.0 inside a container)")
     port: int = option(8000, help="port to listen on")
+    fronts: int | None = option(None, metavar="N", help=(
+        "HTTP front processes accepting on the port, each batching its own requests, in front of the one search "
+        "worker (which coalesces their batches into one encoder pass); default: half the CPUs, at most "
+        f"{MAX_DEFAULT_FRONTS}, at least 1. 1: one process serves HTTP itself"))
     device: str = option("cpu", choices=["cpu", "cuda"], help="device to run the query encoder on")
     topk: int = option(3, help="passages per query when a request gives no topk (or 0)")
     max_topk: int = option(50, help="largest topk a request may ask for")
@@ -92,6 +108,9 @@ class RetrieverConfig(CorpusOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(0 < self.port < 65536, "port", self.port, "an integer from 1 to 65535")
+        if self.fronts is None:
+            self.fronts = default_fronts()
+        require(self.fronts >= 1, "fronts", self.fronts, "an integer >= 1")
         require(self.max_topk >= 1, "max_topk", self.max_topk, "an integer >= 1")
         require(1 <= self.topk <= self.max_topk, "topk", self.topk, f"an integer from 1 to max_topk={self.max_topk}")
         require(self.max_query_chars >= 1, "max_query_chars", self.max_query_chars, "an integer >= 1")
@@ -107,21 +126,26 @@ class RetrieverConfig(CorpusOptions):
         require(self.exact_max_gib > 0, "exact_max_gib", self.exact_max_gib, "a number > 0")
 
 
-def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None):
-    """The FastAPI app over a started ``WorkerClient`` (the worker is ready, so the app is healthy at once).
+def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None, tally: Tally | None = None,
+               front: int = 1):
+    """The FastAPI app of front ``front`` over a ``WorkerClient`` whose worker is ready (so it is healthy at once).
 
-    ``cuts`` counts the connections the HTTP protocol cut (``serve`` shares it with ``read_deadline_protocol``).
+    ``cuts`` counts the connections the HTTP protocol cut (``run_http`` shares it with ``read_deadline_protocol``);
+    ``tally`` holds the counts of the whole server, shared with the worker and the other fronts.
     """
     # fastapi here, not at the top: it takes ~0.25 s to import, and `drzero --help` imports this module
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
+    tally = tally if tally is not None else Tally(1)
+    counts = tally.front(front)
+    counts["pid"] = os.getpid()
     batcher = QueryBatcher(worker.submit, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
-                           coalesce=cfg.batching)
-    cuts = cuts if cuts is not None else CutLog(cfg.cut_log_interval_s)
-    counts = {"queries_refused": 0}
+                           coalesce=cfg.batching, on_success=counts.batch_done)
+    cuts = cuts if cuts is not None else CutLog(cfg.cut_log_interval_s, on_cut=counts.cut)
     unknown_keys: set[str] = set()
+    answering = {"front": front, "fronts": tally.fronts}
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -169,7 +193,7 @@ def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None):
             request = read_request(await http.body(), cfg)
         except RequestRefused as refused:
             return error(refused.status, refused.field, refused.message)
-        counts["queries_refused"] += len(request.errors)
+        counts.add("queries_refused", len(request.errors))
         note_unknown_keys(request.ignored_keys)
         hits: list = []
         if request.searchable:
@@ -181,55 +205,50 @@ def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None):
                 return error(500, "retriever", f"the search failed: {failed}")
         return Response(orjson.dumps(request.answer(hits)), media_type="application/json")  # skips FastAPI's encoder
 
+    def unhealthy(detail: str) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": detail, **answering})
+
     @app.get("/health", summary="200 when the collection is open and the search worker answers")
     async def health():
-        # A batch that succeeded in the last HEALTH_FRESH_S, or one running for less than HEALTH_STALL_S,
+        # A pass that succeeded in the last HEALTH_FRESH_S, or one running for less than HEALTH_STALL_S,
         # shows the worker works: answering from that keeps /health instant behind a long batch (a probe
-        # would queue behind it). Only an idle server is probed, with a real search through the worker.
-        busy = batcher.busy_for()
+        # would queue behind it). The worker's own times count too: another front's long batch keeps it
+        # busy as much as this one's. Only an idle server is probed, with a real search through the worker.
+        busy = max((s for s in (batcher.busy_for(), tally.worker_busy_for()) if s is not None), default=None)
         if worker.gone:
-            return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": worker.gone})
+            return unhealthy(worker.gone)
         if busy is not None and busy > HEALTH_STALL_S:
-            return JSONResponse(status_code=503, content={
-                "status": "unhealthy", "detail": f"a search has been running for {busy:.0f} s"})
-        if busy is None and time.monotonic() - batcher.last_success > HEALTH_FRESH_S:
+            return unhealthy(f"a search has been running for {busy:.0f} s")
+        last_success = max(batcher.last_success, tally.worker_last_done())
+        if busy is None and time.monotonic() - last_success > HEALTH_FRESH_S:
             try:
                 probe = await asyncio.wait_for(batcher.search(["health"], 1), 30)
                 assert len(probe) == 1
             except Exception as failure:  # report, never crash the health endpoint
-                return JSONResponse(status_code=503, content={"status": "unhealthy", "detail": repr(failure)})
+                return unhealthy(repr(failure))
         info = worker.info
         return {"status": "ok", "collection": info["collection"], "passages": info["passages"],
+                "fingerprint": info.get("fingerprint"),
                 "embedder": info["embedder"], "dimension": info["dimension"], "precision": info["precision"],
-                "index": info["index"], "batching": cfg.batching, "batches_run": batcher.batches_run,
-                "queries_run": batcher.queries_run, "queries_refused": counts["queries_refused"],
-                "connections_cut": cuts.total, "connections_cut_by_reason": dict(cuts.by_reason)}
+                "index": info["index"], "batching": cfg.batching, **answering, **tally.summary()}
 
     return guard_requests(app, cfg.max_body_bytes)
 
 
-def serve(cfg: RetrieverConfig) -> None:
-    """Start the search worker (or exit with its reason), then serve until interrupted."""
-    import uvicorn  # with fastapi (create_app): only a serving process needs it
+def run_http(app, cfg: RetrieverConfig, cuts: CutLog, connections: SharedConnections, sockets=None) -> None:
+    """Serve ``app`` with the guards until SIGTERM/SIGINT: on ``cfg.host``:``cfg.port``, or on ``sockets`` bound
+    already (a front of several)."""
+    import uvicorn  # lazy: with fastapi (create_app), only a serving process needs it
 
-    require_device(cfg.device)  # before starting anything: one sentence, not a worker's traceback
-    worker = WorkerClient(cfg, log_level=cfg.log_level)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                            access_log=cfg.log_level == "debug",
+                            http=read_deadline_protocol(cfg.read_timeout_s, MAX_HEAD_BYTES, cuts, connections),
+                            # uvicorn counts the connection asking among the open ones (503 once len >= limit), so
+                            # +1 lets exactly max_connections be served at once.
+                            limit_concurrency=cfg.max_connections + 1)
+    # after Config, which sets up uvicorn's logging: its one WARNING per refused request becomes a count
+    logging.getLogger("uvicorn.error").addFilter(CountUvicornRefusals(cuts))
     try:
-        info = worker.start()
-    except RuntimeError as error:
-        raise StoreError(str(error)) from None
-    log.info("serving %d passages of %r with %s (%s, %s search) on http://%s:%d (batching %s)", info["passages"],
-             cfg.collection, info["embedder"], info["precision"], info["index"], cfg.host, cfg.port,
-             "on" if cfg.batching else "off")
-    try:
-        cuts = CutLog(cfg.cut_log_interval_s)
-        # uvicorn's logging setup (in uvicorn.run) keeps a logger's filters: this one stays on
-        logging.getLogger("uvicorn.error").addFilter(CountUvicornRefusals(cuts))
-        uvicorn.run(create_app(worker, cfg, cuts), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                    access_log=cfg.log_level == "debug",
-                    http=read_deadline_protocol(cfg.read_timeout_s, MAX_HEAD_BYTES, cuts),
-                    # uvicorn counts the connection asking among the open ones (503 once len >= limit), so +1
-                    # lets exactly max_connections be served at once.
-                    limit_concurrency=cfg.max_connections + 1)
-    finally:
-        worker.stop()
+        uvicorn.Server(config).run(sockets=sockets)  # exits 3 by itself when it cannot listen (its log says why)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for; uvicorn.run swallows it too
+        pass

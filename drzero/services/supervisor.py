@@ -49,7 +49,9 @@ from drzero.services.ports import (describe_pid, forget_pid, live_group_members,
                                    record_pid, stale_server)
 from drzero.services.specs import RETRIEVER_STARTUP_TIMEOUT, ServiceError, ServiceSpec, child_environment
 
-STOP_TIMEOUT = 20.0
+# Every service gets SIGTERM at once and this long together before SIGKILL: under the 15 s a stage's command has
+# to stop on Modal after its SIGTERM (inside Modal's 30 s grace period), so the stop finishes before the last commit.
+STOP_TIMEOUT = 10.0
 LOG_TAIL_LINES = 50
 
 _HEALTH_REQUEST_TIMEOUT = 5.0  # per poll: a loading server may accept and then hang

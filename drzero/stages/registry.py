@@ -67,7 +67,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           hours=2.5, check=("preflight", "solver")),
     Stage("merge", "merge an FSDP checkpoint into a Hugging Face model directory",
           merge, merge.MergeConfig, gpu=True, hours=0.25, check=("merge", "--dry-run")),
-    Stage("evaluate", "answer a QA set with the solver and the search tool: EM, F1, cover-EM",
+    Stage("evaluate", "answer a QA set or the papers' seven benchmarks with the solver and search: EM, F1, cover-EM",
           evaluate, evaluate.EvaluateConfig, gpu=True, hours=0.5),
 ]}
 

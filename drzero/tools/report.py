@@ -11,10 +11,16 @@ evaluated yet, a gen-data stage still running) is shown as missing, never an err
     DATA_DIR/solver_iter{K}.manifest.json    questions kept and rejected in iteration K (`drzero gen-data`)
     CHECKPOINTS/eval/iter{K}/summary.json    iteration K's solver evaluated, written by
                                              `drzero evaluate --out CHECKPOINTS/eval/iter{K}` (iter0: the base model)
+    CHECKPOINTS/eval/iter{K}/manifest.json   the setup of that evaluation (model, corpus, retriever, prompt, ...)
+
+Evaluations on the papers' QA sets (`drzero evaluate --benchmark`) get a table per iteration with the
+numbers the papers publish in columns beside ours (drzero/data/published.json, each with its source and
+whether it was checked). ``--compare DIR`` puts another run (its checkpoint directory, or one evaluation's
+directory) beside this one: first where the two setups differ, then the scores.
 
 and writes ``report.png`` (2x2 panels: EM by iteration and hop count; kept questions by hop;
-what became of the seeds; stage status) and ``report.md`` (the same numbers in tables) to
-``--out`` (default CHECKPOINTS/report/). With ``--wandb`` it also logs them, and the image, to a
+what became of the seeds; stage status; below them EM per benchmark set when there are benchmark
+results) and ``report.md`` (the same numbers in tables) to ``--out`` (default CHECKPOINTS/report/). With ``--wandb`` it also logs them, and the image, to a
 Weights & Biases run - when ``wandb`` is installed and a key is set (``WANDB_API_KEY`` or
 ``wandb login``) or ``WANDB_MODE=offline``.
 """
@@ -33,10 +39,13 @@ from urllib.parse import urlparse
 from drzero.atomic import check_writable, write_text_atomically
 from drzero.config import option, require
 from drzero.config import env_default
+from drzero.data.published import published_results
 from drzero.data.questions import VERDICTS
+from drzero.records import DamagedRecord
+from drzero.tools.report_benchmarks import benchmark_section, comparison_section, comparison_summary
 from drzero.tools.report_figure import write_png
 from drzero.tools.report_run import (EVAL_DIR, NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, IterationView, RunView,
-                                     kept_share, load_run)
+                                     kept_share, load_comparison, load_run)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,9 @@ class ReportConfig:
         "seed and solver data with their manifests ($DRZERO_DATA_DIR)"))
     out: str | None = option(None, metavar="DIR", help="where report.png and report.md go (default: CHECKPOINTS/report/)")
     iterations: int | None = option(None, help="iterations to show (default: every iteration the run has reached)")
+    compare: str | None = option(None, metavar="DIR", help=(
+        "another run's checkpoint directory, or one evaluation's directory (summary.json, manifest.json): where "
+        "the setups differ, then the scores side by side"))
     wandb: bool = option(False, help=(
         "also log the numbers and the image to Weights & Biases (needs WANDB_API_KEY, `wandb login` or "
         "WANDB_MODE=offline)"))
@@ -61,6 +73,8 @@ class ReportConfig:
         require(Path(self.checkpoints).expanduser().is_dir(), "checkpoints", self.checkpoints,
                 "an existing directory: the run's --checkpoints (it holds state.json)")
         require(self.iterations is None or self.iterations >= 1, "iterations", self.iterations, "an integer >= 1")
+        require(self.compare is None or Path(self.compare).expanduser().is_dir(), "compare", self.compare,
+                "an existing directory: another run's --checkpoints, or a `drzero evaluate --out` directory")
 
     def output_dir(self) -> Path:
         return Path(self.out).expanduser() if self.out else Path(self.checkpoints).expanduser() / "report"
@@ -76,6 +90,10 @@ def flat_metrics(view: IterationView) -> dict[str, float]:
         metrics.update({f"eval/{m}": overall[m] for m in ("em", "f1", "cover_em", "answered") if m in overall})
         metrics.update({f"eval/em_hop{h}": g["em"] for h, g in view.evaluation.get("by_hops", {}).items()})
         metrics.update({f"eval/em_{s}": g["em"] for s, g in view.evaluation.get("by_data_source", {}).items()})
+        benchmarks = view.evaluation.get("benchmarks") or {}
+        metrics.update({f"eval/bench_em_{s}": g["em"] for s, g in benchmarks.get("sets", {}).items()})
+        if benchmarks.get("average"):
+            metrics["eval/bench_em_average"] = benchmarks["average"]["em"]
     if view.gen:
         metrics.update({f"gen/{key}": view.gen[key] for key in ("seeds", *VERDICTS, "mean_proposer_format")
                         if key in view.gen})
@@ -96,7 +114,7 @@ def _label(view: IterationView) -> str:
     return "0 (base)" if view.iteration == 0 else str(view.iteration)
 
 
-def render_markdown(run: RunView) -> str:
+def render_markdown(run: RunView, other: RunView | None = None, published: list | None = None) -> str:
     hops = run.hop_labels()
     lines = ["# drzero run report", "",
              f"Checkpoints `{run.checkpoints}` · data `{run.data_dir}` · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -118,8 +136,11 @@ def render_markdown(run: RunView) -> str:
         lines += _table(["iteration", *sources, "macro average"], [
             [_label(v), *[_num(v.evaluation["by_data_source"].get(s, {}).get("em")) for s in sources],
              _num(v.evaluation.get("macro_average", {}).get("em"))] for v in run.evaluated])
-    lines += ["", f"From `{run.checkpoints / EVAL_DIR}/iter<K>/summary.json` (`drzero evaluate --out` there).",
-              "", "## Generated questions (gen-data, train split)", ""]
+    lines += ["", f"From `{run.checkpoints / EVAL_DIR}/iter<K>/summary.json` (`drzero evaluate --out` there)."]
+    lines += benchmark_section(run, published_results() if published is None else published)
+    if other is not None:
+        lines += comparison_section(run, other)
+    lines += ["", "## Generated questions (gen-data, train split)", ""]
     rows = []
     for v in run.trained:
         if v.gen is None:
@@ -212,6 +233,7 @@ class ReportResult:
     run: RunView
     missing: list[str] = field(default_factory=list)
     wandb: str = ""                         # where the W&B run went, or why it did not
+    other: RunView | None = None            # the run given to --compare
 
 
 def missing_pieces(run: RunView) -> list[str]:
@@ -225,10 +247,16 @@ def run_report(cfg: ReportConfig) -> ReportResult:
     out = cfg.output_dir()
     check_writable(out)
     run = load_run(cfg.checkpoints, cfg.data_dir, cfg.iterations)
+    other = load_comparison(cfg.compare) if cfg.compare else None
+    try:
+        published = published_results()
+    except DamagedRecord as damage:  # an install without its data file still reports the run
+        run.problems.append(f"the published numbers are unreadable ({damage}); the report leaves them out")
+        published = []
     png_path, markdown_path = out / PNG_FILE, out / MARKDOWN_FILE
-    write_png(run, png_path)
-    write_text_atomically(render_markdown(run), markdown_path)
-    result = ReportResult(png_path, markdown_path, run, missing_pieces(run))
+    write_png(run, png_path, published)
+    write_text_atomically(render_markdown(run, other, published), markdown_path)
+    result = ReportResult(png_path, markdown_path, run, missing_pieces(run), other=other)
     enabled, why_not = wandb_status(cfg.wandb)
     result.wandb = log_to_wandb(cfg, run, png_path) if enabled else why_not
     return result
@@ -243,6 +271,11 @@ def summary_lines(result: ReportResult) -> str:
              f"({len(run.evaluated)} evaluated)"]
     lines += [f"  latest EM      {_label(v)}: {_num(v.evaluation.get('overall', {}).get('em'))}"
               for v in run.evaluated[-1:]]
+    benchmarks = [v for v in run.evaluated if (v.evaluation.get("benchmarks") or {}).get("average")]
+    lines += [f"  benchmarks     {_label(v)}: EM {_num(v.evaluation['benchmarks']['average']['em'])} averaged over "
+              f"{len(v.evaluation['benchmarks']['sets'])} set(s)" for v in benchmarks[-1:]]
+    if result.other is not None:
+        lines.append(f"  compared with  {result.other.checkpoints}: {comparison_summary(run, result.other)}")
     lines.append(f"  missing        {'; '.join(result.missing) or 'nothing'}")
     lines += [f"  unreadable     {p}" for p in run.problems]
     lines.append(f"  W&B            {result.wandb}")

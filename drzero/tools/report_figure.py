@@ -3,8 +3,11 @@
     EM by iteration and hop count      | kept questions by hop, per iteration
     what became of the seeds (shares)  | stage status per iteration
 
-The figure is ``FIGURE_INCHES`` at ``DPI`` (1200 x 900 pixels) without tight cropping, so its size
-does not depend on its contents. Missing pieces are drawn as labels, never left to fail.
+    EM per benchmark set and iteration, the papers' numbers as marks   (only when a run has benchmark results)
+
+The figure is ``FIGURE_INCHES`` at ``DPI`` (1200 x 900 pixels; 1200 x 1350 with the benchmark row) without
+tight cropping, so its size depends only on whether there are benchmark results. Missing pieces are drawn as
+labels, never left to fail.
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from drzero.atomic import write_atomically
+from drzero.data.benchmarks import BENCHMARKS
+from drzero.data.published import AVG, PublishedResult
 from drzero.data.questions import VERDICTS
 from drzero.pipeline import ITERATION_STAGES
 from drzero.tools.report_run import NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, RunView, kept_share
 
 FIGURE_INCHES = (12, 9)
+BENCHMARK_ROW_INCHES = 4.5
+PUBLISHED_MARKS = (("_", "#e53935"), ("x", "#fb8c00"), ("+", "#1e88e5"), ("1", "#d81b60"), ("2", "#00897b"),
+                   ("3", "#6d4c41"))  # (marker, colour) per published result drawn, in the file's order
 DPI = 100
 STATUS_COLORS = {"done": "#4caf50", "running": "#ff9800", "failed": "#e53935", NOT_STARTED: "#e0e0e0"}
 OTHER_STATUS_COLOR = "#9e9e9e"
@@ -119,20 +127,55 @@ def _stage_panel(ax, run: RunView) -> None:
     _x_axis(ax, [v.iteration for v in run.trained])
 
 
-def write_png(run: RunView, path: Path) -> None:
-    """Draw the four panels and write them to ``path`` through a temporary file."""
+def _benchmark_panel(ax, run: RunView, published: list[PublishedResult]) -> None:
+    """Grouped bars: EM per set (and the average) for each evaluated iteration; the papers' EM as marks."""
+    from matplotlib import colormaps  # matplotlib: only when a picture is drawn (see _hop_colors)
+
+    views = [v for v in run.evaluated if (v.evaluation.get("benchmarks") or {}).get("sets")]
+    names = [name for name in BENCHMARKS if any(name in v.evaluation["benchmarks"]["sets"] for v in views)]
+    columns = names + [AVG]
+    ax.set_title("EM per benchmark set and iteration (marks: published EM)")
+    width = 0.8 / len(views)
+    cmap = colormaps["viridis"]
+    for i, view in enumerate(views):
+        benchmarks = view.evaluation["benchmarks"]
+        heights = [benchmarks["sets"].get(n, {}).get("em", 0.0) for n in names] + [benchmarks["average"]["em"]]
+        label = "base" if view.iteration == 0 else f"iteration {view.iteration}"
+        ax.bar([c + (i - (len(views) - 1) / 2) * width for c in range(len(columns))], heights, width,
+               color=cmap(i / max(1, len(views) - 1) * 0.85), label=label)
+    shown = [p for p in published if p.has_numbers]
+    for (marker, color), result in zip(PUBLISHED_MARKS, shown):
+        points = [(c, result.em[n]) for c, n in enumerate(columns) if result.em.get(n) is not None]
+        if points:
+            ax.plot(*zip(*points), linestyle="none", marker=marker, markersize=16 if marker == "_" else 8,
+                    markeredgewidth=2, color=color, label=result.label)
+    ax.set_xticks(range(len(columns)), [BENCHMARKS[n].label for n in names] + ["Avg."])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact match")
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+
+
+def write_png(run: RunView, path: Path, published: list[PublishedResult] = ()) -> None:
+    """Draw the four panels (and the benchmark row when there are benchmark results) and write them to ``path``
+    through a temporary file."""
     # matplotlib: only when a picture is drawn (see _hop_colors)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)
+    with_benchmarks = any((v.evaluation.get("benchmarks") or {}).get("sets") for v in run.evaluated)
+    width, height = FIGURE_INCHES
+    figure = Figure(figsize=(width, height + (BENCHMARK_ROW_INCHES if with_benchmarks else 0)), dpi=DPI)
     FigureCanvasAgg(figure)  # Agg: no display, and no pyplot state shared with the caller
-    (em_ax, kept_ax), (verdict_ax, stage_ax) = figure.subplots(2, 2)
+    grid = figure.add_gridspec(3 if with_benchmarks else 2, 2)
+    em_ax, kept_ax = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
+    verdict_ax, stage_ax = figure.add_subplot(grid[1, 0]), figure.add_subplot(grid[1, 1])
     colors = _hop_colors(run.hop_labels())
     _em_panel(em_ax, run, colors)
     _kept_panel(kept_ax, run, colors)
     _verdict_panel(verdict_ax, run)
     _stage_panel(stage_ax, run)
+    if with_benchmarks:
+        _benchmark_panel(figure.add_subplot(grid[2, :]), run, list(published))
     figure.suptitle(f"drzero run {run.checkpoints}", fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 0.97))
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))

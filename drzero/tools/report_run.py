@@ -23,6 +23,7 @@ _ITERATION_KEY = re.compile(r"iter(\d+)/")
 _GEN_MANIFEST = re.compile(r"solver_iter(\d+)\.manifest\.json")
 _EVAL_DIR = re.compile(r"iter(\d+)")
 NOT_EVALUATED, NO_GEN_DATA, NOT_STARTED = "not evaluated", "no gen-data manifest", "not started"
+SINGLE_EVALUATION = -1  # the iteration number of an evaluation directory given to --compare on its own
 
 
 @dataclass
@@ -31,6 +32,7 @@ class IterationView:
 
     iteration: int
     evaluation: dict | None = None          # the evaluate summary.json
+    setup: dict | None = None               # its manifest.json's "setup" (drzero.stages.evaluate_setup)
     gen: dict | None = None                 # the gen-data manifest's "train" counts
     stages: dict[str, str] = field(default_factory=dict)  # stage -> status
     updated: dict[str, str] = field(default_factory=dict)
@@ -64,8 +66,12 @@ class RunView:
 
 # What the report reads of each file (drzero.records): a file of another shape is listed as damaged, not drawn.
 _EM = {"em": float}
+_BENCHMARK = {"em": float, "f1": float, "answered": float, "mean_searches": float, "mean_turns": float,
+              "questions": Optional(int), "split": Optional(str)}
 EVAL_SUMMARY = {"overall": Optional(_EM), "by_hops": Optional(Each(_EM)), "by_data_source": Optional(Each(_EM)),
-                "macro_average": Optional({"em": Optional(float)})}
+                "macro_average": Optional({"em": Optional(float)}),
+                "benchmarks": Optional({"sets": Each(_BENCHMARK), "average": _BENCHMARK, "all_seven": bool})}
+EVAL_MANIFEST = {"setup": dict}
 GEN_MANIFEST = {"train": Optional({"seeds": Optional(int), "kept": Optional(int),
                                    "mean_proposer_format": Optional(float), "hop_histogram": Optional(Each(int)),
                                    "invalid_candidate_reasons": Optional(Each(int))})}
@@ -99,7 +105,7 @@ def load_run(checkpoints: str | Path, data_dir: str | Path, iterations: int | No
     gen_paths = {int(m.group(1)): p for p in (data_dir.glob("solver_iter*.manifest.json") if data_dir.is_dir() else [])
                  if (m := _GEN_MANIFEST.fullmatch(p.name))}
     eval_root = checkpoints / EVAL_DIR
-    eval_paths = {int(m.group(1)): p / "summary.json" for p in (eval_root.iterdir() if eval_root.is_dir() else [])
+    eval_paths = {int(m.group(1)): p for p in (eval_root.iterdir() if eval_root.is_dir() else [])
                   if (m := _EVAL_DIR.fullmatch(p.name)) and (p / "summary.json").is_file()}
     reached = [int(m.group(1)) for key in stages if (m := _ITERATION_KEY.match(key))]
     last = iterations or max([1, *reached, *gen_paths, *eval_paths])
@@ -107,7 +113,7 @@ def load_run(checkpoints: str | Path, data_dir: str | Path, iterations: int | No
     for iteration in range(0 if 0 in eval_paths else 1, last + 1):
         view = IterationView(iteration)
         if iteration in eval_paths:
-            view.evaluation = _read_json(eval_paths[iteration], problems, EVAL_SUMMARY)
+            view.evaluation, view.setup = read_evaluation(eval_paths[iteration], problems)
         if iteration in gen_paths:
             manifest = _read_json(gen_paths[iteration], problems, GEN_MANIFEST)
             view.gen = manifest.get("train") if manifest else None
@@ -119,6 +125,25 @@ def load_run(checkpoints: str | Path, data_dir: str | Path, iterations: int | No
     seed_path = _seed_manifest_path(data_dir)
     seed_manifest = _read_json(seed_path, problems, SEED_COUNTS) if seed_path else None
     return RunView(checkpoints, data_dir, views, stages, state is not None, seed_manifest, seed_path, problems)
+
+
+def read_evaluation(directory: Path, problems: list[str]) -> tuple[dict | None, dict | None]:
+    """(summary.json, manifest.json's setup) of one evaluation directory; None for what is missing or damaged."""
+    summary = _read_json(directory / "summary.json", problems, EVAL_SUMMARY)
+    manifest = _read_json(directory / "manifest.json", problems, EVAL_MANIFEST)
+    return summary, (manifest or {}).get("setup")
+
+
+def load_comparison(path: str | Path) -> RunView:
+    """What `drzero report --compare` reads: another run's checkpoint directory (its eval/iter<K>/), or one
+    evaluation's directory (its summary.json and manifest.json, shown as iteration -1)."""
+    path = Path(path).expanduser()
+    if not (path / "summary.json").is_file():
+        return load_run(path, path)
+    problems: list[str] = []
+    summary, setup = read_evaluation(path, problems)
+    views = [IterationView(SINGLE_EVALUATION, summary, setup)] if summary is not None else []
+    return RunView(path, path, views, {}, False, None, None, problems)
 
 
 def kept_share(gen: dict) -> float:
