@@ -446,3 +446,84 @@ def _encoder_children(parent: int) -> list[int]:
         except (OSError, ValueError):
             continue  # gone while we looked
     return found
+
+
+def _store_snapshot(db) -> dict[str, tuple[str, np.ndarray]]:
+    got = CorpusStore.open_existing(db).collection.get(include=["documents", "embeddings"])
+    return {i: (d, np.asarray(e)) for i, d, e in zip(got["ids"], got["documents"], got["embeddings"])}
+
+
+def test_two_encoder_processes_split_the_work_and_write_what_one_writes(tmp_path, caplog):
+    """Every GPU of a node embeds (one encoder process each, one writer); two processes sharing a device here."""
+    import logging
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    source = str(_corpus(tmp_path, 10))
+    run_ingest(IngestConfig(sources=[source], db=str(one), embedder="minilm", max_words=60, overlap_words=10,
+                            batch_size=5))
+    with caplog.at_level(logging.INFO, logger="drzero.corpus.ingest"):
+        summary = run_ingest(IngestConfig(sources=[source], db=str(two), embedder="minilm", max_words=60,
+                                          overlap_words=10, batch_size=5, encoders=2))
+    first, second = _store_snapshot(one), _store_snapshot(two)
+    assert sorted(first) == sorted(second) and len(first) == summary.added > 20
+    for passage_id, (text, vector) in first.items():
+        assert second[passage_id][0] == text
+        assert np.allclose(second[passage_id][1], vector, atol=1e-5)
+    rates = [r for r in caplog.records if r.getMessage().startswith("encoder on cpu:")]
+    assert len(rates) == 2  # each process says what it did ...
+    done = [int(r.getMessage().split(": ")[1].split()[0]) for r in rates]
+    assert sum(done) == summary.added and min(done) > 0  # ... and both took batches
+    assert "encoding on cpu" in summary.render()
+    assert _encoder_children_eventually_gone()
+
+
+def _encoder_children_eventually_gone() -> bool:
+    import os
+    import time
+
+    deadline = time.monotonic() + 60
+    while _encoder_children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _encoder_children(os.getpid()) == []
+
+
+def test_an_ingest_with_two_encoders_killed_mid_run_resumes_to_the_same_store(tmp_path):
+    """kill -9 of the whole ingest (both encoder processes die with it) while it writes; the rerun completes
+    the store to exactly what an uninterrupted run writes."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    source = str(_corpus(tmp_path, 40))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    flags = ["--embedder", "minilm", "--max-words", "60", "--overlap-words", "10", "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    command = [sys.executable, "-m", "drzero.cli", "ingest", source, *flags, "--encoders", "2"]
+    run = subprocess.Popen(command + ["--db", str(killed)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    # progress from the run's own bar (opening the store here while it writes would cache a stale view of it)
+    output = bytearray()
+    reader = threading.Thread(target=lambda: [output.extend(chunk) for chunk in iter(lambda: run.stdout.read1(4096),
+                                                                                      b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    stored = 0
+    while time.monotonic() < deadline and run.poll() is None and stored < 40:
+        time.sleep(0.2)
+        done = re.findall(rb"embedding:.*?\| *(\d+)/", bytes(output))
+        stored = int(done[-1]) if done else 0
+    assert run.poll() is None, bytes(output).decode()[-2000:]  # still running: killed part-way
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    resumed = subprocess.run(command + ["--db", str(killed)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    subprocess.run(command[:-2] + ["--db", str(whole)], env=env, check=True, capture_output=True, timeout=600)
+    after, expected = _store_snapshot(killed), _store_snapshot(whole)
+    assert 40 <= stored < len(expected)
+    assert sorted(after) == sorted(expected)
+    for passage_id, (text, vector) in expected.items():
+        assert after[passage_id][0] == text and np.allclose(after[passage_id][1], vector, atol=1e-5)

@@ -8,8 +8,9 @@
 Passage ids are content hashes: a re-run adds nothing twice, and a run that was interrupted,
 run again, embeds only what is missing. Three stages run at once (drzero.corpus.pipeline), joined
 by bounded queues: reading and splitting (drzero.corpus.passage_batches), encoding (this thread;
-on a GPU it hands each batch to the model in a process of its own, drzero.corpus.encoder_process),
-and writing to the store (with counting each passage's tokens); so the encoder, the slow stage, is
+on a GPU it hands each batch to the model in a process of its own, drzero.corpus.encoder_process;
+on a node of several GPUs one such process per GPU, ``--encoders``, each taking batches in turn),
+and writing to the store by one writer (with counting each passage's tokens); so the encoder, the slow stage, is
 kept busy and memory stays constant. What was encoded when a run stops is still written. The
 summary says where the time went; the encoder should never wait for the other stages.
 
@@ -24,6 +25,7 @@ one that adds nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -41,7 +43,7 @@ from drzero.corpus.chunking import Passage
 from drzero.corpus.demo import build_demo_world
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
-from drzero.corpus.encoder_process import EncoderProcess
+from drzero.corpus.encoder_process import EncoderProcess, encoder_devices
 from drzero.corpus.passage_batches import PassageBatches
 from drzero.corpus.pipeline import Channel, Pipeline
 from drzero.corpus.readers import HUGE_FILE_BYTES, ReadReport, RecordFields, expand_sources
@@ -97,6 +99,9 @@ class IngestConfig:
     query_prefix: str | None = option(None, help="override the model's query prefix (e5: 'query: ')")
     passage_prefix: str | None = option(None, help="override the model's passage prefix (e5: 'passage: ')")
     device: str = option("cpu", choices=["cpu", "cuda"], help="device to run the embedder on")
+    encoders: int = option(0, metavar="N", help=(
+        "encoder processes, each with its own copy of the model: default one per visible GPU with --device cuda "
+        "(every GPU of the node embeds; one process writes), one on the CPU; more than the GPUs share cards"))
     max_words: int = option(200, help="maximum words per passage; passages end on sentence boundaries")
     overlap_words: int = option(30, help="words of trailing sentences repeated at the start of the next passage")
     batch_size: int = option(256, help="passages embedded and written per batch")
@@ -114,6 +119,7 @@ class IngestConfig:
         require(0 <= self.overlap_words < self.max_words // 2, "overlap_words", self.overlap_words,
                 f"an integer from 0 to {self.max_words // 2 - 1} (less than half of max_words)")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.encoders >= 0, "encoders", self.encoders, "an integer >= 0 (0: one per visible GPU)")
         require(self.demo_papers >= 20, "demo_papers", self.demo_papers, "an integer >= 20")
 
 
@@ -261,7 +267,7 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
             store.check_embedder(spec, encoder.dimension)
             return store
 
-        _embed_and_write(_put_all(batches), lambda: _open_encoder(spec, cfg.device), checked, threading.Lock(),
+        _embed_and_write(_put_all(batches), lambda: _open_encoders(spec, cfg), checked, threading.Lock(),
                          lambda: len(passages))
         still = set(store.unindexed_ids())
         summary.repaired = len([i for i in ids if i not in still])
@@ -300,7 +306,7 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
         return store
 
     summary.added, summary.over_window, summary.seconds = _embed_and_write(
-        source.produce, lambda: _open_encoder(spec, cfg.device), open_for_writing, store_lock, source.estimated_todo)
+        source.produce, lambda: _open_encoders(spec, cfg), open_for_writing, store_lock, source.estimated_todo)
     report = source.report
     summary.files_read, summary.records_read = report.files_read, report.records_read
     summary.skipped, summary.wrappers = report.skipped, report.wrappers
@@ -321,19 +327,35 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
     return summary
 
 
-def _open_encoder(spec: EmbedderSpec, device: str) -> Embedder | EncoderProcess:
-    if device in ENCODER_PROCESS_DEVICES:
-        return EncoderProcess(spec, device=device)
-    return Embedder(spec, device=device)
+def _open_encoders(spec: EmbedderSpec, cfg: IngestConfig) -> list[Embedder | EncoderProcess]:
+    """One encoder, on this thread's interpreter on the CPU; in processes of their own on GPUs or when several
+    are asked for, loaded at once (a model load is seconds each)."""
+    devices = encoder_devices(cfg.device, cfg.encoders)
+    if len(devices) == 1 and cfg.device not in ENCODER_PROCESS_DEVICES:
+        return [Embedder(spec, device=cfg.device)]
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        opening = [pool.submit(EncoderProcess, spec, device=device) for device in devices]
+        concurrent.futures.wait(opening)
+    opened = [f.result() for f in opening if f.exception() is None]
+    failed = [f.exception() for f in opening if f.exception() is not None]
+    if failed:
+        for encoder in opened:
+            encoder.close()
+        raise failed[0]
+    if len(opened) > 1:
+        log.info("embedding with %d encoder processes on %s", len(opened), ", ".join(devices))
+    return opened
 
 
-def _embed_and_write(produce: Callable[[Channel], None], open_encoder: Callable[[], Embedder | EncoderProcess],
+def _embed_and_write(produce: Callable[[Channel], None],
+                     open_encoders: Callable[[], list[Embedder | EncoderProcess]],
                      open_for_writing: Callable[[Embedder | EncoderProcess], CorpusStore], store_lock: threading.Lock,
                      estimated_total: Callable[[], int]) -> tuple[int, int, dict]:
-    """Encode the batches ``produce`` puts (read on a thread of their own) on this thread, and write them on
-    another; the encoder and the store are opened at the first batch. Returns the passages written, how many of
-    them were longer than the embedder's window, and where the time went: the encoder is the one stage that
-    should never wait (waiting for passages: reading is too slow; for the writer: writing is)."""
+    """Encode the batches ``produce`` puts (read on a thread of their own), the first encoder on this thread and
+    each other one on a thread of its own (they take batches in turn), and write them on one more thread; the
+    encoders and the store are opened at the first batch. Returns the passages written, how many of them were
+    longer than the embedder's window, and where the time went: the encoders are the stage that should never
+    wait (waiting for passages: reading is too slow; for the writer: writing is)."""
     with contextlib.ExitStack() as after_the_threads, Pipeline("ingest") as pipe:
         todo = pipe.channel(QUEUED_BATCHES)
         pipe.start("read", produce, todo, closes=todo)
@@ -342,31 +364,61 @@ def _embed_and_write(produce: Callable[[Channel], None], open_encoder: Callable[
         if first is None:
             return 0, 0, {}
         started = time.perf_counter()
-        embedder = open_encoder()
+        encoders = open_encoders()
         loaded = time.perf_counter()
-        if isinstance(embedder, EncoderProcess):
-            after_the_threads.callback(embedder.close)
-        store = open_for_writing(embedder)
+        for encoder in encoders:
+            if isinstance(encoder, EncoderProcess):
+                after_the_threads.callback(encoder.close)
+        store = open_for_writing(encoders[0])
         bar = after_the_threads.enter_context(tqdm(total=estimated_total(), desc="embedding", unit="passage",
                                                    file=sys.stderr, mininterval=1.0))
-        writer = _Writer(store, store_lock, embedder, bar, estimated_total)
-        encoded = pipe.channel(QUEUED_BATCHES)
+        writer = _Writer(store, store_lock, encoders[0], bar, estimated_total)
+        encoded = pipe.channel(QUEUED_BATCHES * len(encoders))
         pipe.start("write", writer.run, encoded)
-        reading_wait, encoding = todo.get_wait, 0.0
+        reading_wait = todo.get_wait
+        tallies = [_EncoderTally(encoder) for encoder in encoders]
+        for number, tally in enumerate(tallies[1:], 1):
+            pipe.start(f"encode-{number}", tally.run, todo, encoded)
         try:
-            for batch in itertools.chain([first], batches):
-                before = time.perf_counter()
-                vectors = embedder.encode_passages([p.contents for p in batch])
-                encoding += time.perf_counter() - before
-                encoded.put((batch, vectors))
+            tallies[0].run(itertools.chain([first], batches), encoded)
+        except BaseException:
+            todo.cancel()  # the other encoders stop after their batch in hand, which is still written
+            raise
         finally:
+            for tally in tallies[1:]:
+                tally.done.wait()
             encoded.close()  # the writer finishes what was encoded, also when encoding stopped
             encoded_all = time.perf_counter()
-    seconds = {"loading the embedder": loaded - started, "encoding": encoding,
+    seconds = {"loading the embedder": loaded - started, "encoding": max(t.seconds for t in tallies),
                "waiting for passages": todo.get_wait - reading_wait, "waiting for the writer": encoded.put_wait,
                "writing": writer.writing, "counting tokens": writer.counting,
                "writing after the last encode": time.perf_counter() - encoded_all}
+    if len(tallies) > 1:
+        for tally in tallies:
+            seconds[f"encoding on {tally.device}"] = tally.seconds
+            log.info("encoder on %s: %d passages in %.1f s, %.1f passages/s", tally.device, tally.passages,
+                     tally.seconds, tally.passages / tally.seconds if tally.seconds else 0.0)
     return writer.written, writer.over_window, {what: round(s, 2) for what, s in seconds.items()}
+
+
+class _EncoderTally:
+    """One encoder's loop: batches in, (batch, vectors) out, and what it did (passages, seconds encoding)."""
+
+    def __init__(self, encoder: Embedder | EncoderProcess):
+        self.encoder, self.device = encoder, getattr(encoder, "device", "cpu")
+        self.passages, self.seconds = 0, 0.0
+        self.done = threading.Event()
+
+    def run(self, batches, encoded: Channel) -> None:
+        try:
+            for batch in batches:
+                before = time.perf_counter()
+                vectors = self.encoder.encode_passages([p.contents for p in batch])
+                self.seconds += time.perf_counter() - before
+                self.passages += len(batch)
+                encoded.put((batch, vectors))
+        finally:
+            self.done.set()
 
 
 def _put_all(batches: list[list[Passage]]) -> Callable[[Channel], None]:
