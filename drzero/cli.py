@@ -4,6 +4,7 @@
     drzero ingest --demo --db DIR           the bundled demo research world
     drzero adopt --db DIR --collection C --embedder M   use a collection another system built
     drzero serve-retriever --db DIR         the Search-R1-compatible retrieval service
+                                            (--db also takes a Chroma server: http://host:port)
     drzero search "query"                   ask the retriever at --url (or the store with --db) from the shell
     drzero prepare-data --db DIR            the proposer's seed parquet for verl
     drzero tiny-model --out DIR             a tiny offline tokenizer + model for CPU dry runs

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class AdoptConfig:
-    db: str = option(help="directory of the ChromaDB persistent store holding the collection", metavar="DIR")
+    db: str = option(metavar="DIR|URL", help=(
+        "directory of the ChromaDB persistent store holding the collection, or a Chroma server's address such as "
+        "http://127.0.0.1:8000 (token from $DRZERO_CHROMA_TOKEN)"))
     collection: str = option(DEFAULT_COLLECTION, help="the collection to adopt")
     embedder: str = option(metavar="MODEL", help=(
         "the sentence-transformers model (name or local directory) that made the stored vectors; "

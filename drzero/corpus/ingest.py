@@ -4,6 +4,7 @@
     drzero ingest --demo --db .drzero/demo-db           # the bundled demo research world
 
     drzero ingest --verify --db /corpus/chromadb         # check (and repair) the vector index only
+    drzero ingest papers/ --db http://127.0.0.1:8000 --collection papers   # into a Chroma server
 
 Passage ids are content hashes: a re-run adds nothing twice, and a run that was interrupted,
 run again, embeds only what is missing. Three stages run at once (drzero.corpus.pipeline), joined
@@ -20,7 +21,8 @@ second one exits 2 at once, naming the first. Every ingest that added passages (
 re-embeds any that cannot (what two writers at once left behind before the lock existed). The
 check is recorded beside the collection only once it passed (drzero.corpus.store.record_index_check),
 so an ingest killed after its last write and before its check is checked by the next ingest, even
-one that adds nothing.
+one that adds nothing. A Chroma server (``--db http://host:port``, token in ``$DRZERO_CHROMA_TOKEN``) writes its
+own files alone: there is no lock, and its index is checked only with ``--verify``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ from drzero.corpus.passage_batches import PassageBatches
 from drzero.corpus.pipeline import Channel, Pipeline
 from drzero.corpus.readers import HUGE_FILE_BYTES, ReadReport, RecordFields, expand_sources
 from drzero.corpus.store import (DEFAULT_COLLECTION, INDEX_CHECKED, INDEX_WRITING, CorpusStore, StoreError,
-                                 index_check_path, read_index_check, record_index_check, writer_lock)
+                                 index_check_path, read_index_check, record_index_check, records_index_checks,
+                                 writer_lock)
 from drzero.records import DamagedRecord, read_record, set_aside
+from drzero.store_location import is_server_address
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,9 @@ ENCODER_PROCESS_DEVICES = ("cuda",)
 
 def load_demo_world(db: str | Path):
     """The demo world ingested into ``db``, rebuilt from the seed and size in its ``demo_world.json``."""
+    if is_server_address(db):
+        raise ConfigError(f"the demo world's facts ({DEMO_FACTS_FILE}) are kept only in a local store's directory, "
+                          f"not on the Chroma server {db}; build a local one with `drzero ingest --demo --db DIR`.")
     facts_path = Path(db).expanduser() / DEMO_FACTS_FILE
     try:
         facts = read_record(facts_path, DEMO_FACTS)
@@ -81,7 +88,9 @@ def load_demo_world(db: str | Path):
 class IngestConfig:
     sources: list[str] = option([], positional=True, metavar="SOURCE",
                                 help="files or directories to read: .jsonl/.json records, .txt/.md, .pdf")
-    db: str = option(help="directory of the ChromaDB persistent store (created if missing)", metavar="DIR")
+    db: str = option(metavar="DIR|URL", help=(
+        "directory of the ChromaDB persistent store (created if missing), or a Chroma server's address such as "
+        "http://127.0.0.1:8000 (token from $DRZERO_CHROMA_TOKEN)"))
     collection: str = option(DEFAULT_COLLECTION, help="collection name inside the store")
     embedder: str | None = option(None, metavar="MODEL", help=(
         f"sentence-transformers model name or local directory; aliases: minilm, e5-large-v2. Default: the "
@@ -217,6 +226,14 @@ def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> s
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     with writer_lock(cfg.db):
         summary = _ingest(cfg) if cfg.sources or cfg.demo else IngestSummary()
+        if not records_index_checks(cfg.db):
+            if cfg.verify:
+                _verify_index(cfg, summary)
+            elif summary.added:
+                log.info("the vector index of collection %r on the Chroma server %s is not checked after this write: "
+                         "the server writes its index alone, and the check repairs what two embedded writers leave; "
+                         "`drzero ingest --verify` checks it on demand", cfg.collection, cfg.db)
+            return summary
         unchecked = None if cfg.verify or summary.added else _unchecked_since(cfg)
         if unchecked:
             log.warning("checking the vector index of collection %r in %s: %s", cfg.collection, cfg.db, unchecked)
@@ -322,7 +339,10 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
                     "lower --max-words to keep them whole", summary.over_window, summary.added, spec.name,
                     summary.window_tokens)
     summary.collection_size = store.count()
-    if world is not None:
+    if world is not None and is_server_address(cfg.db):
+        log.info("the demo world's facts (%s) are not kept for the Chroma server %s: they live in a local store's "
+                 "directory, which `drzero eval-set --demo-db` and `drzero smoke` read", DEMO_FACTS_FILE, cfg.db)
+    elif world is not None:
         world.save_json(Path(cfg.db) / DEMO_FACTS_FILE)
     return summary
 
