@@ -156,14 +156,17 @@ def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
     return examples, held_out
 
 
-def train_agent(model, tokenizer, cfg: AgentTrainingConfig = AgentTrainingConfig()) -> dict:
-    """Supervised pass over scripted trajectories; returns loss and held-out answer accuracy."""
+def train_agent(model, tokenizer, cfg: AgentTrainingConfig = AgentTrainingConfig(),
+                extra_conversations: list[list[dict]] = ()) -> dict:
+    """Supervised pass over scripted trajectories (and ``extra_conversations``, chat messages trained the same
+    way); returns loss and held-out answer accuracy."""
     import torch  # seconds to import; `drzero --help` imports this module (through tiny_model)
 
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"   # a GPU does the CPU minutes in seconds
     model.to(device)
     examples, held_out = scripted_examples(tokenizer, cfg.seed)
+    examples += [encode_conversation(tokenizer, messages, [SEARCH_TOOL_SCHEMA]) for messages in extra_conversations]
     rng = random.Random(cfg.seed)
     pad = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -239,12 +242,13 @@ def evaluate_agent(model, tokenizer, questions: list) -> dict:
 
 
 def build_trained_agent(out: str | Path, cfg: AgentTrainingConfig = AgentTrainingConfig(),
-                        vocab_size: int = 4096) -> dict:
-    """Tokenizer + tiny model from the demo world, trained on scripted trajectories, saved to ``out``."""
+                        vocab_size: int = 4096, extra_conversations: list[list[dict]] = ()) -> dict:
+    """Tokenizer + tiny model from the demo world, trained on scripted trajectories (and
+    ``extra_conversations``), saved to ``out``."""
     out = Path(out)
     tokenizer = build_chatml_tokenizer(corpus_texts(None, "corpus"), vocab_size)
     model = build_tiny_model(tokenizer, TRAINED_HIDDEN, TRAINED_LAYERS, cfg.seed)
-    stats = train_agent(model, tokenizer, cfg)
+    stats = train_agent(model, tokenizer, cfg, extra_conversations)
     tokenizer.save_pretrained(out)
     model.save_pretrained(out)
     (out / "tiny_agent.json").write_text(json.dumps(stats, indent=1) + "\n")

@@ -35,6 +35,7 @@ from drzero.verl.hrpo import HRPOTaskRunner
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "hf"
+TURN_LIMIT_KEY = "hf_max_new_tokens"   # actor_rollout_ref.rollout.custom.<this>: see drzero.verl.hf.engine
 
 
 def engine_for(module, tokenizer, rollout_config, device_type: str) -> HFEngine:
@@ -54,8 +55,9 @@ def engine_for(module, tokenizer, rollout_config, device_type: str) -> HFEngine:
         def params_context():
             return FSDP.summon_full_params(module, writeback=False, recurse=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    turn_limit = (getattr(rollout_config, "custom", None) or {}).get(TURN_LIMIT_KEY)
     return HFEngine(module, limits=ResponseLimits(rollout_config.prompt_length, rollout_config.response_length,
-                                                  int(max_model_len)),
+                                                  int(max_model_len), int(turn_limit) if turn_limit else None),
                     stop_token_ids=stop_token_ids_of(model, tokenizer), pad_token_id=pad,
                     max_batch=min(rollout_config.max_num_seqs, 256),
                     autocast_dtype=torch.bfloat16 if device_type == "cuda" else None,
