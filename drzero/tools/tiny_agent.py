@@ -135,16 +135,25 @@ def encode_conversation(tokenizer, messages: list[dict], tools: list[dict]) -> t
     return ids, mask
 
 
+HELD_OUT = 24
+
+
+def split_questions(seed: int = 0, rng: random.Random | None = None) -> tuple[list, list]:
+    """(train, held-out) one-hop demo questions: the split ``scripted_examples`` trains and evaluates on, shuffled
+    by ``rng`` (default: a fresh one seeded with ``seed``, the state ``scripted_examples`` starts from)."""
+    questions = build_demo_world().questions(1, count=400, seed=seed)
+    (rng or random.Random(seed)).shuffle(questions)
+    return questions[HELD_OUT:], questions[:HELD_OUT]
+
+
 def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
     """(train, held-out) encoded trajectories from the demo world: solver one-hop questions, proposer one- and
     two-hop questions (the two-hop ones search, so a proposer step really calls the tool)."""
     world = build_demo_world()
     passages = world.passages()
     by_source = {p.source: p for p in passages}
-    questions = world.questions(1, count=400, seed=seed)
     rng = random.Random(seed)
-    rng.shuffle(questions)
-    held_out, train = questions[:24], questions[24:]
+    train, held_out = split_questions(seed, rng)
     tools = [SEARCH_TOOL_SCHEMA]
     examples = []
     for q in train:

@@ -46,7 +46,7 @@ import difflib
 import functools
 import json
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 

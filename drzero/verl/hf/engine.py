@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
+TURN_LIMIT_KEY = "hf_max_new_tokens"   # actor_rollout_ref.rollout.custom.<this>: the turn limit below
 BATCH_WAIT_S = 0.01   # how long the collector waits for more requests before generating
 MAX_BATCH = 64        # rows per model.generate call: bounds the KV cache of one call
 

@@ -29,13 +29,12 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.fsdp_workers import AsyncActorRolloutRefWorker
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
-from drzero.verl.hf.engine import HFEngine, ResponseLimits, stop_token_ids_of
+from drzero.verl.hf.engine import TURN_LIMIT_KEY, HFEngine, ResponseLimits, stop_token_ids_of
 from drzero.verl.hrpo import HRPOTaskRunner
 
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "hf"
-TURN_LIMIT_KEY = "hf_max_new_tokens"   # actor_rollout_ref.rollout.custom.<this>: see drzero.verl.hf.engine
 
 
 def engine_for(module, tokenizer, rollout_config, device_type: str) -> HFEngine:
