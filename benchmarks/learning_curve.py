@@ -1,13 +1,18 @@
 """Learning, shown on one GPU: a GRPO curve of the solver beside two controls, with verl's real fit() (`hf` engine).
 
-On the lent GPU machine (torch, transformers; no ray or verl), from the repository root, with the wheels that
-benchmarks/gpu_wheels.sh writes carried in `.bench/verl-wheels` (44 MB):
+The wheels first, here (PyPI), into a folder git ignores: ray 2.41.0 without its Java jar and the 24 wheels verl
+0.7.1 imports, 42 MB (the GPU machine has torch and transformers, no ray, verl, hydra):
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/learning_curve.py --wheels .bench/verl-wheels --work /tmp/lc --out $OUT
+    benchmarks/gpu_wheels.sh .bench/verl-wheels
+
+Then on the lent GPU machine, from the repository root, one command of about 8 minutes (`carry`:
+`.bench/verl-wheels`; the script installs them into /tmp and runs itself again, as benchmarks/gpu_smoke.py does):
+
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/learning_curve.py --wheels .bench/verl-wheels \
+        --work /tmp/lc --out $OUT 2>&1 | tee $OUT/run.log
 
     python3 benchmarks/learning_curve.py --dry-run                  # the plan: data, the three runs' commands
-    python benchmarks/learning_curve.py --report-from OUT_DIR       # table and PNG again from steps.jsonl
-    python3 benchmarks/learning_curve.py --wheels W --parts proposer --model AGENT --solver-after SOLVER ...
+    python benchmarks/learning_curve.py --report-from DIR [DIR2]    # table and PNG again (DIR2: a later --runs lr0)
 
 What it does, in one command of about 8 minutes on an H100 (each verl run is a `drzero solver --engine hf`
 process; verl and Ray start three times):
@@ -39,7 +44,12 @@ and tool-call parse failures per trajectory. Targets: the curve's mean reward ov
 `drzero challenger --engine hf` for --proposer-steps HRPO steps twice, the proposer reward's solver probes
 answered by `python -m drzero.verl.hf.server` over the solver before (the agent) and after (the curve's merged
 solver). Dr. Zero's reward pays for questions the solver answers sometimes, not always: proposals about the
-questions the solver learned should earn less difficulty after its training.
+questions the solver learned should earn less difficulty after its training. Bring the first command's
+models.tar back (carried in, say, `.bench/lc-models`), then:
+
+    mkdir -p /tmp/lcm && tar xf .bench/lc-models/models.tar -C /tmp/lcm && python3 benchmarks/learning_curve.py \
+        --wheels .bench/verl-wheels --parts proposer --model /tmp/lcm/agent --solver-after /tmp/lcm/solver_after \
+        --work /tmp/lc --out $OUT
 """
 
 from __future__ import annotations
