@@ -87,7 +87,7 @@ def load_demo_world(db: str | Path):
 @dataclass(kw_only=True)
 class IngestConfig:
     sources: list[str] = option([], positional=True, metavar="SOURCE",
-                                help="files or directories to read: .jsonl/.json records, .txt/.md, .pdf")
+                                help="files or directories to read: .jsonl (or .jsonl.gz)/.json records, .txt/.md, .pdf")
     db: str = option(metavar="DIR|URL", help=(
         "directory of the ChromaDB persistent store (created if missing), or a Chroma server's address such as "
         "http://127.0.0.1:8000 (token from $DRZERO_CHROMA_TOKEN)"))

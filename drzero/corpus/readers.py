@@ -21,20 +21,21 @@ part-way counts nothing. ``ReadReport.bytes_read`` follows the reading, for a pr
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from drzero.corpus.documents import Document
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".pdf")
-STREAMED_SUFFIXES = (".jsonl",)  # read a line at a time; the others are read whole
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt", ".md", ".pdf")
+STREAMED_SUFFIXES = (".jsonl", ".jsonl.gz")  # read a line at a time; the others are read whole
 TEXT_FIELDS = ("text", "contents", "abstract", "body", "content")
 TITLE_FIELDS = ("title", "name")
 # Metadata keys every passage carries itself; a record field of the same name is kept under "record_<name>".
@@ -140,25 +141,45 @@ def record_to_document(record: object, source: str, fields: RecordFields = Recor
 
 
 def _read_jsonl(path: Path, report: ReadReport, fields: RecordFields) -> Iterator[Document]:
-    # Bytes, decoded line by line: one bad byte costs its line, not the file.
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, 1):
-            report.bytes_read += len(raw)
-            where = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                report.skip(where, f"not valid UTF-8 at byte {error.start}: {raw[error.start:error.start + 4]!r}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                document = record_to_document(json.loads(line), where, fields)
-            except (json.JSONDecodeError, ValueError) as error:
-                report.skip(where, str(error))
-                continue
-            report.records_read += 1
-            yield document
+        yield from _jsonl_lines(path, handle, report, fields, lambda raw: len(raw))
+
+
+def _read_jsonl_gz(path: Path, report: ReadReport, fields: RecordFields) -> Iterator[Document]:
+    """A gzipped JSONL file (as wiki-18 is distributed), decompressed as it is read: the progress follows the
+    compressed bytes, so it ends at the file's size."""
+    with path.open("rb") as compressed, gzip.GzipFile(fileobj=compressed) as handle:
+        last = [0]
+
+        def consumed(_raw: bytes) -> int:
+            now = compressed.tell()
+            step, last[0] = now - last[0], now
+            return step
+
+        # a truncated or corrupt archive raises part-way: the lines before it are kept (see _streamed)
+        yield from _jsonl_lines(path, handle, report, fields, consumed)
+
+
+def _jsonl_lines(path: Path, handle, report: ReadReport, fields: RecordFields,
+                 consumed: Callable[[bytes], int]) -> Iterator[Document]:
+    # Bytes, decoded line by line: one bad byte costs its line, not the file.
+    for line_number, raw in enumerate(handle, 1):
+        report.bytes_read += consumed(raw)
+        where = f"{path}:{line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            report.skip(where, f"not valid UTF-8 at byte {error.start}: {raw[error.start:error.start + 4]!r}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            document = record_to_document(json.loads(line), where, fields)
+        except (json.JSONDecodeError, ValueError) as error:
+            report.skip(where, str(error))
+            continue
+        report.records_read += 1
+        yield document
 
 
 def find_records(data: object, path: Path, report: ReadReport) -> list:
@@ -223,7 +244,13 @@ def _read_pdf(path: Path, report: ReadReport, fields: RecordFields) -> Iterator[
     yield Document(title=meta_title.strip() or _title_from_stem(path), text=text.strip(), source=str(path))
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_text, ".md": _read_text, ".pdf": _read_pdf}
+_READERS = {".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl_gz, ".json": _read_json, ".txt": _read_text, ".md": _read_text, ".pdf": _read_pdf}
+
+
+def file_kind(path: Path) -> str:
+    """The suffix that picks a file's reader: ``.jsonl.gz`` for a gzipped JSONL file, else the last suffix."""
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
 
 
 def walk_files(root: Path, report: ReadReport) -> list[Path]:
@@ -269,7 +296,7 @@ def expand_sources(sources: list[str | Path], report: ReadReport) -> list[Path]:
 def read_documents(files: list[Path], report: ReadReport, fields: RecordFields = RecordFields()) -> Iterator[Document]:
     """Documents from every readable file; the rest is skipped and recorded in ``report``."""
     for path in files:
-        reader = _READERS.get(path.suffix.lower())
+        reader = _READERS.get(file_kind(path))
         if reader is None:
             report.skip(str(path), f"unsupported file type {path.suffix or '(none)'!r}; "
                                    f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
@@ -280,7 +307,7 @@ def read_documents(files: list[Path], report: ReadReport, fields: RecordFields =
             size = 0
         if size > HUGE_FILE_BYTES:
             report.huge_files.append((str(path), size))
-        if path.suffix.lower() in STREAMED_SUFFIXES:
+        if file_kind(path) in STREAMED_SUFFIXES:
             yield from _streamed(reader, path, size, report, fields)
             continue
         records_before, skipped_before = report.records_read, len(report.skipped)
