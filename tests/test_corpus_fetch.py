@@ -297,3 +297,14 @@ def test_hub_files_that_match_nothing_are_refused_in_one_sentence(fake_dataset, 
     assert str(refused.value).startswith("no file of the hub dataset RUC-NLPIR/FlashRAG_datasets matches "
                                          "wiki-18.jsonl; give its files' paths")
     assert fake_dataset == []
+
+
+def test_a_run_stopped_between_the_record_and_the_rename_finishes_without_fetching_again(server, tmp_path):
+    server.files["wiki-18.jsonl.gz"] = DATA
+    dest = tmp_path / "wiki-18.jsonl.gz"
+    _fetch(server, dest)
+    dest.rename(tmp_path / ".wiki-18.jsonl.gz.part")   # the record says complete, the rename never happened
+    server.requests.clear()
+    result, _, _ = _fetch(server, dest, sha256=hashlib.sha256(DATA).hexdigest())
+    assert dest.read_bytes() == DATA and result["fetched"] == 0
+    assert [r["range"] for r in server.requests] == [f"bytes={len(DATA)}-"]   # answered 416: nothing after its end

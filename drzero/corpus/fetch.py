@@ -141,7 +141,9 @@ class _Download:
         headers = {"User-Agent": "drzero", "Accept-Encoding": "identity"}  # the bytes as stored, .gz included
         if have:
             headers["Range"] = f"bytes={have}-"
-            validator = (self.record or {}).get("etag") or (self.record or {}).get("last_modified")
+            etag = (self.record or {}).get("etag")
+            strong = etag if etag and not etag.startswith("W/") else None   # If-Range takes only a strong ETag
+            validator = strong or (self.record or {}).get("last_modified")
             if validator:  # a file changed on the server comes back whole (200), not as a wrong tail
                 headers["If-Range"] = validator
         return urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=TIMEOUT)
@@ -276,6 +278,8 @@ def fetch_url(url: str, dest: Path | str, *, commit: Callable[[], None] = lambda
     got = job.hasher.hexdigest()
     if sha256 is not None and got != sha256:
         raise job.refuse(f"its sha256 is {got}, not the {sha256} given")
+    with job.partial.open("rb+") as handle:
+        os.fsync(handle.fileno())
     job.save_record(size=size, sha256=got, complete=True)  # before the rename: a whole partial with it resumes to 416
     os.replace(job.partial, dest)
     fsync_directory(dest.parent)
