@@ -170,15 +170,15 @@ def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
             done = _finished(store, directory, index)
             if done is not None:
                 return FaissAdoptResult(index, done, cfg.collection, directory, already=True)
+        lines = LineIndex.of(corpus, directory / "lines.json")
+        if lines.count != index.count:
+            raise StoreError(f"{index.path} holds {index.count:,} vectors but {corpus} has {lines.count:,} lines; "
+                             f"rows pair with lines by position, so the two must come from the same corpus.")
         embedder = Embedder(base, device=cfg.device)
         if embedder.dimension != index.dimension:
             raise StoreError(f"{index.path} holds {index.dimension}-dimensional vectors but {base.name} makes "
                              f"{embedder.dimension}-dimensional ones: it was built with another embedder; pass the "
                              f"one that built it as --embedder.")
-        lines = LineIndex.of(corpus, directory / "lines.json")
-        if lines.count != index.count:
-            raise StoreError(f"{index.path} holds {index.count:,} vectors but {corpus} has {lines.count:,} lines; "
-                             f"rows pair with lines by position, so the two must come from the same corpus.")
         vectors = index.vectors()
         rows = sample_rows(index.count, cfg.samples)
         documents = [passage(lines.line(int(r)), int(r), corpus.name)[1] for r in rows]
