@@ -2,6 +2,9 @@
 equals unsharded, fp16 with fp32 re-scoring finds what fp32 finds."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +131,14 @@ def test_meta_json_is_plain_and_small(tmp_path):
     _side_file(tmp_path / "v", np.ones((3, 2), np.float32))
     meta = json.loads((tmp_path / "v" / "meta.json").read_text())
     assert meta["complete"] and (meta["rows"], meta["dimension"], meta["dtype"]) == (3, 2, "float32")
+
+
+def test_the_gpu_benchmark_runs_its_cpu_path(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "exact_search.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--passages", "3000", "--dim", "64",
+                             "--queries", "16", "--repeats", "1", "--adopt-mib", "1", "--work", str(tmp_path / "w"),
+                             "--out", str(tmp_path / "report.md")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "card: CPU; 3,000 x 64" in report and "recall@3 vs exact fp32, top 12 re-scored in fp32 | 1.0000" in report
+    assert "adopt's copy pass" in report and not (tmp_path / "w").exists()
