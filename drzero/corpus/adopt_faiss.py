@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 ANCHOR_LINES = 1024        # the line index keeps the byte offset of every 1,024th line (20k numbers for wiki-18)
 SCAN_BYTES = 16 << 20      # the line count reads the corpus this much at a time
-COPY_BYTES = 64 << 20      # vectors copied per step (and per checkpoint of the side file)
+COPY_BYTES = 64 << 20      # vectors copied per step
+CHECKPOINT_EVERY = 16      # steps (1 GiB) between checkpoints of the side file: what a kill can cost to redo
 # One-number placeholder per record; an L2 HNSW over scalars with few links is quick to build and never searched.
 PLACEHOLDER_SETTINGS = {"hnsw:space": "l2", "hnsw:construction_ef": 16, "hnsw:M": 4, "hnsw:search_ef": 16}
 
@@ -117,7 +118,8 @@ def passage(raw: bytes, row: int, source: str) -> tuple[str, str, dict]:
         log.warning("line %d of %s is not a readable record (%s); stored as its raw text", row + 1, source, error)
         return str(row), text, {"title": "", "source": source}
     contents = record["contents"] if isinstance(record.get("contents"), str) else f"{document.title}\n{document.text}"
-    metadata = {**document.metadata, "title": document.title, "source": source}
+    metadata = {key: value for key, value in document.metadata.items() if key != "id"}  # the record's id is its id
+    metadata.update(title=document.title, source=source)
     return str(record.get("id", row)), contents, metadata
 
 
@@ -168,7 +170,8 @@ def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
         if store is not None:
             _check_existing(store, cfg, base)
             done = _finished(store, directory, index)
-            if done is not None:
+            if done is not None:  # (recorded again: a kill may have come between the finish and this record)
+                record_index_check(cfg.db, cfg.collection, INDEX_CHECKED, passages=index.count)
                 return FaissAdoptResult(index, done, cfg.collection, directory, already=True)
         lines = LineIndex.of(corpus, directory / "lines.json")
         if lines.count != index.count:
@@ -234,11 +237,13 @@ def copy_vectors(vectors: np.ndarray, writer: VectorFileWriter, normalize: bool)
     started = time.perf_counter()
     with tqdm(total=(count - start) * dimension * 4, desc="copying vectors", unit="B", unit_scale=True,
               file=sys.stderr, mininterval=1.0) as bar:
-        for begin in range(start, count, step):
-            block = np.array(vectors[begin:begin + step], dtype=np.float32)
+        for n, begin in enumerate(range(start, count, step), 1):
+            block = vectors[begin:begin + step]  # read by the assignment into the side file: one copy
             if normalize:
+                block = np.array(block, dtype=np.float32)
                 block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-            writer.append_vectors(block)
+            # durable (and counted) every CHECKPOINT_EVERY steps: a sync per step would wait on the disk each time
+            writer.append_vectors(block, checkpoint=n % CHECKPOINT_EVERY == 0 or begin + step >= count)
             bar.update(block.nbytes)
     seconds = time.perf_counter() - started
     gbps = (count - start) * dimension * 4 / 1e9 / max(seconds, 1e-9)
