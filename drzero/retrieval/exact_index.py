@@ -11,9 +11,10 @@ Precision: ``fp32`` keeps the rows as stored and takes the products in fp32 (TF3
 that of a brute-force search. ``fp16`` halves the memory (wiki-18 x e5-large-v2: 40 GiB instead of 80): the rows
 are rounded to fp16, the products accumulate and come out in fp32 where the GPU's matmul can (``out_dtype``), and
 the top ``rescore`` x k candidates of each query are re-scored in fp32 from the side file's float32 rows (read
-from its memory map: a few thousand rows per batch). Without fp32 scores, fp16 rounds cosines near 0.8 to steps of
-0.0005, which is where neighbours differ (measured on the H200 before this re-scoring: recall@3 of 0.9 on 87k
-e5-large vectors); ``benchmarks/exact_search.py`` measures recall@3 with and without re-scoring.
+from its memory map: a few thousand rows per batch). Scores that come out in fp16 round cosines near 0.8 to steps
+of 0.0005, which is where e5's neighbours differ: measured earlier on the H200 with fp16 scores, even re-scoring
+64 candidates in fp32 reached only recall@3 0.9 on 87k e5-large vectors. ``benchmarks/exact_search.py`` measures
+recall@3 of this path (fp32 products of fp16 rows) with and without re-scoring, and says which products it got.
 
 Sharding: the rows are split evenly over the devices given (``--exact-devices``); each shard returns its top
 candidates and the shards' lists are merged. One device is one shard, and the CPU runs the same code (tests).
