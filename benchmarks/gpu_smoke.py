@@ -263,12 +263,15 @@ def agent_questions(args) -> list[str]:
     return list(getattr(args, "questions_found", ([], 0))[0])
 
 
-def stage_command(stage: str, args, retriever_url: str, steps: int, extra: list[str]) -> list[str]:
+def stage_command(stage: str, args, retriever_url: str, steps: int, extra: list[str], *, batch: int = BATCH,
+                  overrides: list[str] = VERL_OVERRIDES, checkpoints: Path | None = None, data: Path | None = None,
+                  dump: Path | None = None) -> list[str]:
+    """`drzero <stage> --engine hf` on one GPU (the learning curve gives its own batch, keys and folders)."""
     command = [sys.executable, "-m", "drzero.cli", stage, "--engine", "hf", "--iteration", "1", "--model", args.model,
-               "--db", str(args.work / "db"), "--data-dir", str(args.work / "data"),
-               "--checkpoints", str(args.work / "checkpoints"), "--gpus", "1", "--steps", str(steps),
-               "--train-batch-size", str(BATCH), "--logger", "console,file", "--retriever-url", retriever_url]
-    return command + extra + ["--", *VERL_OVERRIDES, f"trainer.rollout_data_dir={args.work / ('dump_' + stage)}"]
+               "--db", str(args.work / "db"), "--data-dir", str(data or args.work / "data"),
+               "--checkpoints", str(checkpoints or args.work / "checkpoints"), "--gpus", "1", "--steps", str(steps),
+               "--train-batch-size", str(batch), "--logger", "console,file", "--retriever-url", retriever_url]
+    return command + extra + ["--", *overrides, f"trainer.rollout_data_dir={dump or args.work / ('dump_' + stage)}"]
 
 
 def run_logged(command: list[str], log: Path, env: dict, kill_when=None, timeout: float = 240) -> tuple[int, bool]:

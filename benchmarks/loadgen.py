@@ -1,5 +1,5 @@
 """A closed-loop load generator for `POST /retrieve`: C clients, each sending one query per request
-back to back for a fixed time, spread over P processes so that the client does not become the
+(or ``--per-request`` N) back to back for a fixed time, spread over P processes so that the client does not become the
 bottleneck it measures (one aiohttp process tops out at a few thousand requests a second).
 
     python benchmarks/loadgen.py URL --clients 256 --seconds 15 --queries queries.json
@@ -26,10 +26,12 @@ class Load:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    per_request: int = 1  # queries in each request
 
     @property
     def qps(self) -> float:
-        return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
+        """Queries (not requests) answered per second."""
+        return (self.requests - self.errors) * self.per_request / self.seconds if self.seconds else 0.0
 
     @property
     def p50(self) -> float:
@@ -41,7 +43,7 @@ class Load:
 
 
 async def _drive(url: str, queries: list[str], clients: int, seconds: float, offset: int, topk: int,
-                 warmup: float) -> tuple[int, int, list[float]]:
+                 warmup: float, per_request: int = 1) -> tuple[int, int, list[float]]:
     import aiohttp
 
     latencies: list[float] = []
@@ -57,10 +59,10 @@ async def _drive(url: str, queries: list[str], clients: int, seconds: float, off
                 started = time.perf_counter()
                 if started >= stop_at:
                     return
-                i += 1
+                i += per_request
+                batch = [queries[(i + j) % len(queries)] for j in range(per_request)]
                 try:
-                    async with session.post(f"{url}/retrieve",
-                                            json={"queries": [queries[i % len(queries)]], "topk": topk}) as reply:
+                    async with session.post(f"{url}/retrieve", json={"queries": batch, "topk": topk}) as reply:
                         await reply.read()
                         ok = reply.status == 200
                 except Exception:  # a refused or dropped connection is an error of the server under test
@@ -79,11 +81,13 @@ def _process(args) -> tuple[int, int, list[float]]:
 
 
 def run_load(url: str, queries: list[str], clients: int, seconds: float, topk: int = 3, processes: int | None = None,
-             warmup: float = 2.0) -> Load:
-    """``clients`` closed-loop clients for ``seconds`` (after ``warmup``), over up to ``processes`` processes."""
+             warmup: float = 2.0, per_request: int = 1) -> Load:
+    """``clients`` closed-loop clients for ``seconds`` (after ``warmup``), over up to ``processes`` processes, each
+    request carrying ``per_request`` queries."""
     processes = max(1, min(processes or max(1, multiprocessing.cpu_count() // 4), clients))
     shares = [clients // processes + (p < clients % processes) for p in range(processes)]
-    jobs = [(url, queries, share, seconds, p * 104729, topk, warmup) for p, share in enumerate(shares) if share]
+    jobs = [(url, queries, share, seconds, p * 104729, topk, warmup, per_request)
+            for p, share in enumerate(shares) if share]
     if len(jobs) == 1:
         results = [_process(jobs[0])]
     else:
@@ -93,7 +97,7 @@ def run_load(url: str, queries: list[str], clients: int, seconds: float, topk: i
     errors = sum(r[1] for r in results)
     latencies = [x for r in results for x in r[2]]
     # each process counts only the requests it began inside its own ``seconds`` window after the warm-up
-    return Load(clients, requests, errors, seconds, latencies)
+    return Load(clients, requests, errors, seconds, latencies, per_request)
 
 
 def main() -> None:
@@ -102,9 +106,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--processes", type=int, default=None)
+    parser.add_argument("--per-request", type=int, default=1, help="queries in each request")
     parser.add_argument("--queries", required=True, help="a JSON list of query strings")
     args = parser.parse_args()
-    load = run_load(args.url, json.load(open(args.queries)), args.clients, args.seconds, processes=args.processes)
+    load = run_load(args.url, json.load(open(args.queries)), args.clients, args.seconds, processes=args.processes,
+                    per_request=args.per_request)
     print(json.dumps({"clients": load.clients, "qps": load.qps, "p50_ms": load.p50, "p99_ms": load.p99,
                       "errors": load.errors, "requests": load.requests}))
 

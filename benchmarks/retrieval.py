@@ -147,6 +147,8 @@ def bench_ingest(args, embedder_name: str, db: Path, scratch: Path) -> tuple[str
             ["drzero ingest (read, split, load model, embed, write, verify)", summary.added, seconds, rate]]
     text = table("ingest", ["path", "passages", "seconds", "passages/s"], rows)
     text += f"\n\ningest / bare encoder: {rate / bare_rate:.0%} (target >= 70%)"
+    if summary.seconds:  # the encoder should never wait: waiting for passages or for the writer names the culprit
+        text += "\n\nwhere the ingest's seconds went: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items())
     return text, {"bare": bare_rate, "ingest": rate, "passages": summary.added, "ratio": rate / bare_rate}
 
 

@@ -11,7 +11,8 @@ Parts:
    wall time of the replay: the rollouts' generation in between is not simulated, so this is the search's own
    share) and requests' p50/p99. On the CPU, ``--cpu-trajectories`` of them are replayed and the time scaled to
    the step (the CPU server is the bottleneck: time grows with the queries).
-2. ``profile``: closed-loop single-query clients (``--clients``) against the same server, and each of its
+2. ``profile``: closed-loop single-query clients (``--clients``), and on the GPU clients sending 32 queries in
+   each request (``--batch-clients``, ``--per-request``), against the same server, and each of its
    processes' CPU use over the measured window (``/proc/PID/stat``): an HTTP front at 100% of a core means the
    fronts are the limit, the search worker's GPU encode the ceiling otherwise. With several fronts (the default
    on a machine of 4 or more cores) each is listed, and the serving process that watches them as "server".
@@ -120,18 +121,20 @@ def bench_step(device: str, port: int, queries: list[str], trajectories: int) ->
             float(np.percentile(latencies, 99))]
 
 
-def bench_profile(device: str, server, port: int, queries: list[str], clients: list[int], seconds: float) -> list:
+def bench_profile(device: str, server, port: int, queries: list[str], clients: list[tuple[int, int]],
+                  seconds: float) -> list:
+    """``clients``: (closed-loop clients, queries per request) pairs."""
     rows = []
-    for count in clients:
+    for count, per_request in clients:
         sampler = CpuSampler(server.pid)
         timer = threading.Timer(2.0, sampler.start)  # after loadgen's warm-up
         timer.start()
-        load = run_load(f"http://127.0.0.1:{port}", queries, count, seconds)
+        load = run_load(f"http://127.0.0.1:{port}", queries, count, seconds, per_request=per_request)
         cpu = sampler.stop()
         shares = ", ".join(f"{name}: {share:.0%}" for name, share in cpu.items())
-        print(f"  {device} {count:>3} clients: {load.qps:8.1f} q/s p50 {load.p50:.1f} ms p99 {load.p99:.1f} ms; "
-              f"CPU {shares}", flush=True)
-        rows.append([device, count, load.qps, load.p50, load.p99, load.errors, shares])
+        print(f"  {device} {count:>3} clients x {per_request} queries: {load.qps:8.1f} q/s p50 {load.p50:.1f} ms "
+              f"p99 {load.p99:.1f} ms; CPU {shares}", flush=True)
+        rows.append([device, count, per_request, load.qps, load.p50, load.p99, load.errors, shares])
     return rows
 
 
@@ -175,6 +178,9 @@ def main() -> int:
     parser.add_argument("--passages", type=int, default=20_000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--clients", default="1,16,256", help="profile: closed-loop single-query clients")
+    parser.add_argument("--batch-clients", default="16", help="profile on the GPU: clients sending --per-request "
+                                                              "queries in each request (comma-separated)")
+    parser.add_argument("--per-request", type=int, default=32, help="queries in each request of --batch-clients")
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--servers", default="drzero", help="comma-separated: drzero, no-fast-encoder (GPU only)")
     parser.add_argument("--cpu-trajectories", type=int, default=32, help="step on the CPU: trajectories replayed")
@@ -204,7 +210,9 @@ def main() -> int:
         try:
             trajectories = PROMPTS * ROLLOUT_N if device == "cuda" else args.cpu_trajectories
             steps.append(bench_step(label, port, queries, trajectories))
-            clients = [int(c) for c in args.clients.split(",")] if device == "cuda" else [1, 16]
+            clients = [(int(c), 1) for c in args.clients.split(",")] if device == "cuda" else [(1, 1), (16, 1)]
+            if device == "cuda":
+                clients += [(int(c), args.per_request) for c in args.batch_clients.split(",") if c]
             profiles += bench_profile(label, server, port, queries, clients, args.seconds)
         finally:
             server.terminate()
@@ -215,8 +223,9 @@ def main() -> int:
     report.append(table("a solver step's searches (256 prompts x 5 trajectories, 1-4 calls each, 1-3 queries "
                         "per call)", ["retriever", "trajectories", "requests", "queries", "seconds",
                                       "seconds per step", "p50 ms", "p99 ms"], steps))
-    report.append(table("closed-loop single-query clients, and each retriever process's CPU (one core = 100%)",
-                        ["retriever", "clients", "queries/s", "p50 ms", "p99 ms", "errors", "CPU"], profiles))
+    report.append(table("closed-loop clients, and each retriever process's CPU (one core = 100%)",
+                        ["retriever", "clients", "queries per request", "queries/s", "p50 ms", "p99 ms", "errors",
+                         "CPU"], profiles))
     print("\n".join(report[3:]))
     if args.out:
         args.out.write_text("\n".join(report) + "\n")

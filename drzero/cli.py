@@ -5,6 +5,7 @@
     drzero adopt --db DIR --collection C --embedder M   use a collection another system built
     drzero adopt --faiss-index F --corpus J --embedder M --db DIR   use a FAISS flat index and its corpus
     drzero serve-retriever --db DIR         the Search-R1-compatible retrieval service
+                                            (--db also takes a Chroma server: http://host:port)
     drzero search "query"                   ask the retriever at --url (or the store with --db) from the shell
     drzero prepare-data --db DIR            the proposer's seed parquet for verl
     drzero tiny-model --out DIR             a tiny offline tokenizer + model for CPU dry runs

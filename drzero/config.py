@@ -137,7 +137,9 @@ class CorpusOptions(Options):
 
     title: ClassVar[str] = "corpus"
 
-    db: str = option(metavar="DIR", help="directory of the ChromaDB persistent store (`drzero ingest` builds it)")
+    db: str = option(metavar="DIR|URL", help=(
+        "directory of the ChromaDB persistent store (`drzero ingest` builds it), or a Chroma server's address such "
+        "as http://127.0.0.1:8000 (token from $DRZERO_CHROMA_TOKEN)"))
     collection: str = option(DEFAULT_COLLECTION, help="the corpus collection inside --db (`drzero ingest/adopt "
                                                       "--collection`)")
 
@@ -148,7 +150,8 @@ class RunOptions(CorpusOptions):
 
     title: ClassVar[str] = "corpus, data and checkpoints"
 
-    db: str = option(env_default("DRZERO_DB", "/corpus/chromadb"), metavar="DIR", help="corpus store ($DRZERO_DB)")
+    db: str = option(env_default("DRZERO_DB", "/corpus/chromadb"), metavar="DIR|URL", help=(
+        "corpus store: a directory, or a Chroma server's http(s)://host:port ($DRZERO_DB)"))
     data_dir: str = option(env_default("DRZERO_DATA_DIR", "/corpus/data"), metavar="DIR",
                            help="seed and solver parquet files ($DRZERO_DATA_DIR)")
     checkpoints: str = option(env_default("DRZERO_CHECKPOINTS", "/checkpoints"), metavar="DIR",

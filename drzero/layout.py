@@ -1,6 +1,6 @@
 """Where every stage reads and writes: one place for the volume layout (docs/design.md).
 
-    /corpus/chromadb/                 the corpus collection            (--db, $DRZERO_DB)
+    /corpus/chromadb/                 the corpus collection            (--db, $DRZERO_DB; or a Chroma server's URL)
     /corpus/data/                     seed parquet, solver data        (--data-dir, $DRZERO_DATA_DIR)
     /corpus/models/<name>/            cached weights                   ($DRZERO_MODELS_DIR)
     /checkpoints/challenger_iter{k}/  verl FSDP checkpoints            (--checkpoints, $DRZERO_CHECKPOINTS)
@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from drzero.store_location import resolved_db
+
 SEED_STEM = "zero_ratio4321"
 
 
@@ -25,14 +27,14 @@ def config_dir() -> Path:
 
 @dataclass(frozen=True)
 class Layout:
-    db: Path
+    db: Path | str  # a local store's directory, or a Chroma server's address (drzero.store_location)
     data_dir: Path
     checkpoints: Path
     seed_stem: str = SEED_STEM
 
     @classmethod
     def of(cls, db: str, data_dir: str, checkpoints: str, seed_stem: str = SEED_STEM) -> "Layout":
-        return cls(Path(db).resolve(), Path(data_dir).resolve(), Path(checkpoints).resolve(), seed_stem)
+        return cls(resolved_db(db), Path(data_dir).resolve(), Path(checkpoints).resolve(), seed_stem)
 
     @property
     def seeds(self) -> Path:

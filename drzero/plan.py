@@ -62,7 +62,7 @@ class StagePlan:
     reads_sets: tuple[FileSet, ...] = ()              # inputs that are such sets: checked before it starts
     run_label: str = ""                               # what ``run`` does, for dry runs
     memory: object | None = None                      # drzero.models.memory.Placement: the memory check's inputs
-    corpus: tuple[Path, str] | None = None            # (store, collection) its retriever serves: preflight opens it
+    corpus: tuple[Path | str, str] | None = None      # (store, collection) its retriever serves: preflight opens it
     # Planned again just before it runs, when part of the plan is known only once the stage before has run
     # (a merge of "the latest step" of a checkpoint that does not exist yet).
     replan: Callable[[], "StagePlan"] | None = None

@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline MiniLM embedder, a small demo corpus, and a live retriever on loopback."""
+"""Shared fixtures: the offline MiniLM embedder, a small demo corpus, a live retriever on loopback, a Chroma server."""
 
 from __future__ import annotations
 
@@ -99,3 +99,47 @@ def retriever(demo_db, tmp_path_factory):
     server = start_retriever(demo_db, tmp_path_factory.mktemp("logs") / "retriever.log")
     yield server
     stop(server)
+
+
+class ChromaServer:
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+        self.process, self.url, self.log_path = process, url, log_path
+
+
+def start_chroma_server(path: Path, log_path: Path, timeout: float = 60.0) -> ChromaServer:
+    """`chroma run` (the server that ships in the chromadb package) on a free loopback port, once its heartbeat
+    answers."""
+    import httpx
+
+    port = free_port()
+    handle = log_path.open("w")
+    process = subprocess.Popen([sys.executable, "-c", "from chromadb.cli.cli import app; app()", "run",
+                                "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                               stdout=handle, stderr=subprocess.STDOUT, cwd=path.parent)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"chroma run exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/api/v2/heartbeat", timeout=5, trust_env=False).status_code == 200:
+                return ChromaServer(process, url, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"chroma run not answering after {timeout}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    """A real Chroma server for the tests of one module, stopped after them."""
+    work = tmp_path_factory.mktemp("chroma-server")
+    server = start_chroma_server(work / "data", work / "chroma.log")
+    yield server
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()

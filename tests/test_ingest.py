@@ -136,7 +136,7 @@ def test_e5_models_get_their_prefixes():
     assert spec_for("minilm").query_prefix == ""
 
 
-def test_every_batch_is_written_once(tmp_path, monkeypatch):
+def test_every_batch_is_written_once(tmp_path, monkeypatch, capsys):
     """Writes run on a background thread; every batch must still land exactly once."""
     order = []
     real_write = ingest_module._write
@@ -150,6 +150,52 @@ def test_every_batch_is_written_once(tmp_path, monkeypatch):
                                       embedder="minilm", batch_size=5))
     assert len(order) == len(set(order)) == -(-summary.passages // 5)
     assert summary.added == summary.collection_size == summary.passages
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]   # the progress bar's last state
+    assert bar.startswith("embedding: 100%") and f"{summary.passages}/{summary.passages}" in bar
+    assert "passage/s" in bar
+
+
+def _ingest_threads():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("ingest-")]
+
+
+def test_a_failing_write_stops_the_ingest_with_its_own_error_once(tmp_path, monkeypatch, capsys):
+    real_write, calls = ingest_module._write, {"n": 0}
+
+    def fails_on_second_batch(store, batch, vectors):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise StoreError("the disk is full")
+        return real_write(store, batch, vectors)
+
+    monkeypatch.setattr(ingest_module, "_write", fails_on_second_batch)
+    cfg = IngestConfig(sources=[str(_corpus(tmp_path, 12))], db=str(tmp_path / "db"), embedder="minilm", batch_size=8)
+    with pytest.raises(StoreError, match="^the disk is full$"):
+        run_ingest(cfg)
+    assert calls["n"] == 2 and _ingest_threads() == []     # the encoder and the reader stopped too
+    assert "Exception in thread" not in capsys.readouterr().err
+    monkeypatch.setattr(ingest_module, "_write", real_write)
+    resumed = run_ingest(cfg)                               # the lock was released; the first batch is kept
+    assert resumed.already_present == 8 and resumed.added == resumed.passages - 8
+
+
+def test_a_failing_read_stops_the_ingest_with_its_own_error(tmp_path, monkeypatch):
+    from drzero.corpus import passage_batches
+
+    real_split, calls = passage_batches.split_document, {"n": 0}
+
+    def fails_on_fifth_document(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise MemoryError("out of memory while splitting")
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(passage_batches, "split_document", fails_on_fifth_document)
+    with pytest.raises(MemoryError, match="while splitting"):
+        run_ingest(IngestConfig(sources=[str(_corpus(tmp_path, 12))], db=str(tmp_path / "db"), embedder="minilm"))
+    assert _ingest_threads() == []
 
 
 # -- one writer per store; every stored passage findable in the index -----------------------------
@@ -366,3 +412,118 @@ def test_damaged_demo_facts_are_set_aside_with_what_writes_them_again(tmp_path, 
     assert str(refused.value).startswith(f"{tmp_path / DEMO_FACTS_FILE} is damaged: ")
     assert str(refused.value).endswith(f"moved it to {aside[0].name} and `drzero ingest --demo --db {tmp_path}` "
                                        f"writes it again")
+
+
+def test_an_ingest_with_its_encoder_in_a_process_writes_the_same_vectors(tmp_path, monkeypatch, minilm):
+    """What runs on a GPU (the encoder in a child process), run on the CPU."""
+    import os
+
+    monkeypatch.setattr(ingest_module, "ENCODER_PROCESS_DEVICES", ("cpu", "cuda"))
+    db = tmp_path / "db"
+    summary = run_ingest(IngestConfig(sources=[str(_corpus(tmp_path, 6))], db=str(db), embedder="minilm",
+                                      max_words=120, overlap_words=20, batch_size=7))
+    assert summary.added == summary.collection_size == summary.passages and summary.verified == summary.added
+    got = CorpusStore.open_existing(db).collection.get(include=["documents", "embeddings"])
+    assert np.allclose(got["embeddings"], minilm.encode_passages(got["documents"]), atol=1e-4)
+    assert _ingest_threads() == []
+    import time
+
+    deadline = time.monotonic() + 60
+    while _encoder_children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.1)   # told to exit at the end, it exits on its own
+    assert _encoder_children(os.getpid()) == []
+
+
+def _encoder_children(parent: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if (b"drzero.corpus.encoder_process" in (stat.parent / "cmdline").read_bytes()
+                    and int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent):
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # gone while we looked
+    return found
+
+
+def _store_snapshot(db) -> dict[str, tuple[str, np.ndarray]]:
+    got = CorpusStore.open_existing(db).collection.get(include=["documents", "embeddings"])
+    return {i: (d, np.asarray(e)) for i, d, e in zip(got["ids"], got["documents"], got["embeddings"])}
+
+
+def test_two_encoder_processes_split_the_work_and_write_what_one_writes(tmp_path, caplog):
+    """Every GPU of a node embeds (one encoder process each, one writer); two processes sharing a device here."""
+    import logging
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    source = str(_corpus(tmp_path, 10))
+    run_ingest(IngestConfig(sources=[source], db=str(one), embedder="minilm", max_words=60, overlap_words=10,
+                            batch_size=5))
+    with caplog.at_level(logging.INFO, logger="drzero.corpus.ingest"):
+        summary = run_ingest(IngestConfig(sources=[source], db=str(two), embedder="minilm", max_words=60,
+                                          overlap_words=10, batch_size=5, encoders=2))
+    first, second = _store_snapshot(one), _store_snapshot(two)
+    assert sorted(first) == sorted(second) and len(first) == summary.added > 20
+    for passage_id, (text, vector) in first.items():
+        assert second[passage_id][0] == text
+        assert np.allclose(second[passage_id][1], vector, atol=1e-5)
+    rates = [r for r in caplog.records if r.getMessage().startswith("encoder on cpu:")]
+    assert len(rates) == 2  # each process says what it did ...
+    done = [int(r.getMessage().split(": ")[1].split()[0]) for r in rates]
+    assert sum(done) == summary.added and min(done) > 0  # ... and both took batches
+    assert "encoding on cpu" in summary.render()
+    assert _encoder_children_eventually_gone()
+
+
+def _encoder_children_eventually_gone() -> bool:
+    import os
+    import time
+
+    deadline = time.monotonic() + 60
+    while _encoder_children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _encoder_children(os.getpid()) == []
+
+
+def test_an_ingest_with_two_encoders_killed_mid_run_resumes_to_the_same_store(tmp_path):
+    """kill -9 of the whole ingest (both encoder processes die with it) while it writes; the rerun completes
+    the store to exactly what an uninterrupted run writes."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    source = str(_corpus(tmp_path, 40))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    flags = ["--embedder", "minilm", "--max-words", "60", "--overlap-words", "10", "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    command = [sys.executable, "-m", "drzero.cli", "ingest", source, *flags, "--encoders", "2"]
+    run = subprocess.Popen(command + ["--db", str(killed)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    # progress from the run's own bar (opening the store here while it writes would cache a stale view of it)
+    output = bytearray()
+    reader = threading.Thread(target=lambda: [output.extend(chunk) for chunk in iter(lambda: run.stdout.read1(4096),
+                                                                                      b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    stored = 0
+    while time.monotonic() < deadline and run.poll() is None and stored < 40:
+        time.sleep(0.2)
+        done = re.findall(rb"embedding:.*?\| *(\d+)/", bytes(output))
+        stored = int(done[-1]) if done else 0
+    assert run.poll() is None, bytes(output).decode()[-2000:]  # still running: killed part-way
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    resumed = subprocess.run(command + ["--db", str(killed)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    subprocess.run(command[:-2] + ["--db", str(whole)], env=env, check=True, capture_output=True, timeout=600)
+    after, expected = _store_snapshot(killed), _store_snapshot(whole)
+    assert 40 <= stored < len(expected)
+    assert sorted(after) == sorted(expected)
+    for passage_id, (text, vector) in expected.items():
+        assert after[passage_id][0] == text and np.allclose(after[passage_id][1], vector, atol=1e-5)

@@ -181,3 +181,63 @@ def test_a_huge_file_is_reported(tmp_path, monkeypatch):
     path.write_text("word " * 1000)
     documents, report = _read([path])
     assert len(documents) == 1 and report.huge_files == [(str(path), 5000)]
+
+
+def test_a_jsonl_file_that_fails_midway_keeps_what_it_gave(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"title": f"T{i}", "text": f"Record {i}."}) + "\n" for i in range(3)))
+
+    def breaks_after_two(path, report, fields):
+        documents = readers._read_jsonl(path, report, fields)
+        yield next(documents)
+        yield next(documents)
+        raise OSError("Input/output error")
+
+    monkeypatch.setitem(readers._READERS, ".jsonl", breaks_after_two)
+    documents, report = _read([path])
+    assert [d.title for d in documents] == ["T0", "T1"] and report.records_read == 2 and report.files_read == 1
+    assert report.skipped == [(str(path), "stopped after 2 records: OSError: Input/output error")]
+    assert report.bytes_read == path.stat().st_size
+
+
+def test_jsonl_documents_come_as_their_lines_are_read(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"title": f"T{i}", "text": f"Record {i}."}) + "\n" for i in range(3)]
+    path.write_text("".join(lines))
+    report = ReadReport()
+    documents = read_documents([path], report)
+    assert next(documents).title == "T0" and report.bytes_read == len(lines[0])   # the rest is not read yet
+    assert len(list(documents)) == 2 and report.bytes_read == path.stat().st_size and report.files_read == 1
+
+
+def _wiki18_lines(count: int) -> list[str]:
+    """Lines as wiki-18.jsonl has them: ``id`` and ``contents``, the title quoted on the first line."""
+    return [json.dumps({"id": str(i), "contents": f'"Article {i}"\nArticle {i} is the subject of passage {i}, '
+                                                  f'one hundred words in the real corpus.'}) + "\n"
+            for i in range(count)]
+
+
+def test_wiki18_jsonl_and_its_gzip_read_with_no_field_mapping(tmp_path):
+    import gzip
+
+    plain, packed = tmp_path / "wiki-18.jsonl", tmp_path / "wiki-18b.jsonl.gz"
+    lines = _wiki18_lines(300)
+    plain.write_text("".join(lines))
+    with gzip.open(packed, "wt") as handle:
+        handle.write("".join(lines))
+    for path in (plain, packed):
+        documents, report = _read([path])
+        assert len(documents) == 300 and report.files_read == 1 and report.skipped == []
+        assert documents[7].title == "Article 7" and documents[7].text.startswith("Article 7 is the subject")
+        assert documents[7].metadata == {"id": "7"}  # the corpus's own id stays with the passage
+        assert report.bytes_read == path.stat().st_size  # progress ends at the file's own (compressed) size
+
+
+def test_a_truncated_gzip_keeps_the_lines_before_the_damage(tmp_path):
+    import gzip
+
+    path = tmp_path / "wiki-18.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(_wiki18_lines(2000)).encode())[:-2000])
+    documents, report = _read([path])
+    assert 0 < len(documents) < 2000 and report.files_read == 1
+    assert len(report.skipped) == 1 and report.skipped[0][1].startswith(f"stopped after {len(documents)} records")

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class AdoptConfig:
-    db: str = option(help=("directory of the ChromaDB persistent store holding the collection (with --faiss-index: "
-                           "where the collection is made)"), metavar="DIR")
+    db: str = option(metavar="DIR|URL", help=(
+        "directory of the ChromaDB persistent store holding the collection, or a Chroma server's address such as "
+        "http://127.0.0.1:8000 (token from $DRZERO_CHROMA_TOKEN); with --faiss-index, a directory: where the "
+        "collection is made, its vectors in a side file beside it"))
     collection: str = option(DEFAULT_COLLECTION, help="the collection to adopt")
     embedder: str = option(metavar="MODEL", help=(
         "the sentence-transformers model (name or local directory) that made the stored vectors; "

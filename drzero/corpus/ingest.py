@@ -4,10 +4,16 @@
     drzero ingest --demo --db .drzero/demo-db           # the bundled demo research world
 
     drzero ingest --verify --db /corpus/chromadb         # check (and repair) the vector index only
+    drzero ingest papers/ --db http://127.0.0.1:8000 --collection papers   # into a Chroma server
 
 Passage ids are content hashes: a re-run adds nothing twice, and a run that was interrupted,
-run again, embeds only what is missing. Passages are embedded and written in batches, the
-write of one batch overlapping the encoding of the next.
+run again, embeds only what is missing. Three stages run at once (drzero.corpus.pipeline), joined
+by bounded queues: reading and splitting (drzero.corpus.passage_batches), encoding (this thread;
+on a GPU it hands each batch to the model in a process of its own, drzero.corpus.encoder_process;
+on a node of several GPUs one such process per GPU, ``--encoders``, each taking batches in turn),
+and writing to the store by one writer (with counting each passage's tokens); so the encoder, the slow stage, is
+kept busy and memory stays constant. What was encoded when a run stops is still written. The
+summary says where the time went; the encoder should never wait for the other stages.
 
 One ingest writes a store at a time: each holds an exclusive lock beside it (``DB.lock``), and a
 second one exits 2 at once, naming the first. Every ingest that added passages (and
@@ -15,37 +21,57 @@ second one exits 2 at once, naming the first. Every ingest that added passages (
 re-embeds any that cannot (what two writers at once left behind before the lock existed). The
 check is recorded beside the collection only once it passed (drzero.corpus.store.record_index_check),
 so an ingest killed after its last write and before its check is checked by the next ingest, even
-one that adds nothing.
+one that adds nothing. A Chroma server (``--db http://host:port``, token in ``$DRZERO_CHROMA_TOKEN``) writes its
+own files alone: there is no lock, and its index is checked only with ``--verify``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import itertools
 import logging
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from drzero.config import ConfigError, option, require
-from drzero.corpus.chunking import Passage, split_document
+from drzero.corpus.chunking import Passage
 from drzero.corpus.demo import build_demo_world
 from drzero.corpus.embedder import (PRODUCTION_EMBEDDER, TEST_EMBEDDER, Embedder, EmbedderSpec, canonical_name,
                                     spec_for)
-from drzero.corpus.readers import ReadReport, RecordFields, expand_sources, read_documents
+from drzero.corpus.encoder_process import EncoderProcess, encoder_devices
+from drzero.corpus.passage_batches import PassageBatches
+from drzero.corpus.pipeline import Channel, Pipeline
+from drzero.corpus.readers import HUGE_FILE_BYTES, ReadReport, RecordFields, expand_sources
 from drzero.corpus.store import (DEFAULT_COLLECTION, INDEX_CHECKED, INDEX_WRITING, CorpusStore, StoreError,
-                                 index_check_path, read_index_check, record_index_check, writer_lock)
+                                 index_check_path, read_index_check, record_index_check, records_index_checks,
+                                 writer_lock)
 from drzero.records import DamagedRecord, read_record, set_aside
+from drzero.store_location import is_server_address
 
 log = logging.getLogger(__name__)
 
 DEMO_FACTS_FILE = "demo_world.json"
 DEMO_FACTS = {"seed": int, "papers": [dict]}  # what load_demo_world reads of it
+# Batches queued in front of the encoder and behind it: enough to ride out a slow read or write, few enough
+# that memory stays small (4 batches of 256 e5 vectors: 4 MB).
+QUEUED_BATCHES = 4
+# Devices whose encoder runs in a process of its own (drzero.corpus.encoder_process says why); on the CPU the
+# encoder's kernels release the GIL and the cores are shared anyway, so it stays on this thread.
+ENCODER_PROCESS_DEVICES = ("cuda",)
 
 
 def load_demo_world(db: str | Path):
     """The demo world ingested into ``db``, rebuilt from the seed and size in its ``demo_world.json``."""
+    if is_server_address(db):
+        raise ConfigError(f"the demo world's facts ({DEMO_FACTS_FILE}) are kept only in a local store's directory, "
+                          f"not on the Chroma server {db}; build a local one with `drzero ingest --demo --db DIR`.")
     facts_path = Path(db).expanduser() / DEMO_FACTS_FILE
     try:
         facts = read_record(facts_path, DEMO_FACTS)
@@ -61,8 +87,10 @@ def load_demo_world(db: str | Path):
 @dataclass(kw_only=True)
 class IngestConfig:
     sources: list[str] = option([], positional=True, metavar="SOURCE",
-                                help="files or directories to read: .jsonl/.json records, .txt/.md, .pdf")
-    db: str = option(help="directory of the ChromaDB persistent store (created if missing)", metavar="DIR")
+                                help="files or directories to read: .jsonl (or .jsonl.gz)/.json records, .txt/.md, .pdf")
+    db: str = option(metavar="DIR|URL", help=(
+        "directory of the ChromaDB persistent store (created if missing), or a Chroma server's address such as "
+        "http://127.0.0.1:8000 (token from $DRZERO_CHROMA_TOKEN)"))
     collection: str = option(DEFAULT_COLLECTION, help="collection name inside the store")
     embedder: str | None = option(None, metavar="MODEL", help=(
         f"sentence-transformers model name or local directory; aliases: minilm, e5-large-v2. Default: the "
@@ -80,6 +108,9 @@ class IngestConfig:
     query_prefix: str | None = option(None, help="override the model's query prefix (e5: 'query: ')")
     passage_prefix: str | None = option(None, help="override the model's passage prefix (e5: 'passage: ')")
     device: str = option("cpu", choices=["cpu", "cuda"], help="device to run the embedder on")
+    encoders: int = option(0, metavar="N", help=(
+        "encoder processes, each with its own copy of the model: default one per visible GPU with --device cuda "
+        "(every GPU of the node embeds; one process writes), one on the CPU; more than the GPUs share cards"))
     max_words: int = option(200, help="maximum words per passage; passages end on sentence boundaries")
     overlap_words: int = option(30, help="words of trailing sentences repeated at the start of the next passage")
     batch_size: int = option(256, help="passages embedded and written per batch")
@@ -97,6 +128,7 @@ class IngestConfig:
         require(0 <= self.overlap_words < self.max_words // 2, "overlap_words", self.overlap_words,
                 f"an integer from 0 to {self.max_words // 2 - 1} (less than half of max_words)")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.encoders >= 0, "encoders", self.encoders, "an integer >= 0 (0: one per visible GPU)")
         require(self.demo_papers >= 20, "demo_papers", self.demo_papers, "an integer >= 20")
 
 
@@ -116,6 +148,7 @@ class IngestSummary:
     verified: int | None = None       # passages checked against the vector index (None: not checked)
     unindexed: int = 0                # of them, not findable in the index
     repaired: int = 0                 # re-embedded and findable again
+    seconds: dict[str, float] = field(default_factory=dict)  # where the embedding's time went (see _embed_and_write)
 
     def render(self) -> str:
         lines = [
@@ -133,6 +166,8 @@ class IngestSummary:
         if self.window_tokens is not None:
             lines.append(f"  over embedder window {self.over_window} passages longer than {self.window_tokens} "
                          f"tokens (only their start is embedded; lower --max-words to avoid this)")
+        if self.seconds:
+            lines.append("  seconds             " + ", ".join(f"{what} {s:.1f}" for what, s in self.seconds.items()))
         if self.verified is not None:
             lines.append(f"  index check         {self.verified} passages, {self.unindexed} not in the vector index, "
                          f"{self.repaired} repaired")
@@ -142,34 +177,24 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def collect_passages(cfg: IngestConfig, summary: IngestSummary, extra: list = ()) -> list[Passage]:
-    """Every passage of every source (and of the ``extra`` documents), duplicates (same content hash) dropped."""
+def batches_to_embed(cfg: IngestConfig, store: CorpusStore | None, store_lock: threading.Lock,
+                     extra: list = ()) -> PassageBatches:
+    """The batches of passages to embed from every source (and the ``extra`` documents), read as they are asked for."""
     report = ReadReport()
     files = expand_sources(cfg.sources, report)
+    for path in files:
+        size = path.stat().st_size if path.is_file() else 0
+        if size > HUGE_FILE_BYTES:
+            words = size / 6   # ~6 bytes a word of English, space included
+            estimate = int(words / max(1, cfg.max_words - cfg.overlap_words))
+            log.warning("%s is %.0f MB: about %d passages to embed; at %d passages/s (%s on %s) that is about %s",
+                        path, size / 1e6, estimate, passages_per_second(cfg), cfg.embedder or "the default embedder",
+                        cfg.device, _duration(estimate / passages_per_second(cfg)))
     fields = RecordFields(text_field=cfg.text_field, title_field=cfg.title_field,
                           metadata_fields=tuple(cfg.metadata_fields) or None, prepend_fields=tuple(cfg.prepend_fields))
-    documents = list(read_documents(tqdm(files, desc="reading", unit="file", disable=len(files) < 20), report,
-                                    fields))
-    documents += list(extra)
-    summary.files_read, summary.records_read = report.files_read, report.records_read
-    summary.skipped, summary.wrappers = report.skipped, report.wrappers
-    for path, size in report.huge_files:
-        words = size / 6   # ~6 bytes a word of English, space included
-        estimate = int(words / max(1, cfg.max_words - cfg.overlap_words))
-        log.warning("%s is %.0f MB: about %d passages to embed; at %d passages/s (%s on %s) that is about %s",
-                    path, size / 1e6, estimate, passages_per_second(cfg), cfg.embedder or "the default embedder",
-                    cfg.device, _duration(estimate / passages_per_second(cfg)))
-    passages: list[Passage] = []
-    seen: set[str] = set()
-    for document in documents:
-        for passage in split_document(document, cfg.max_words, cfg.overlap_words):
-            if passage.id in seen:
-                summary.duplicates_in_input += 1
-                continue
-            seen.add(passage.id)
-            passages.append(passage)
-    summary.passages = len(passages)
-    return passages
+    return PassageBatches(files, extra, report, fields=fields, max_words=cfg.max_words,
+                          overlap_words=cfg.overlap_words, batch_size=cfg.batch_size, store=store,
+                          store_lock=store_lock)
 
 
 def passages_per_second(cfg: IngestConfig) -> int:
@@ -189,18 +214,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def count_over_window(embedder: Embedder, passages: list[Passage]) -> int:
-    """How many passages (with the passage prefix) have more tokens than the embedder reads."""
-    window = embedder.max_tokens
-    if window is None:
-        return 0
-    over = 0
-    for start in range(0, len(passages), 1024):
-        texts = [embedder.spec.passage_prefix + p.contents for p in passages[start:start + 1024]]
-        over += sum(n > window for n in embedder.token_counts(texts))
-    return over
-
-
 def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> str:
     """--embedder, else the collection's own, else the demo's or the production default."""
     if cfg.embedder is not None:
@@ -213,6 +226,14 @@ def resolve_embedder_name(cfg: IngestConfig, recorded: EmbedderSpec | None) -> s
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     with writer_lock(cfg.db):
         summary = _ingest(cfg) if cfg.sources or cfg.demo else IngestSummary()
+        if not records_index_checks(cfg.db):
+            if cfg.verify:
+                _verify_index(cfg, summary)
+            elif summary.added:
+                log.info("the vector index of collection %r on the Chroma server %s is not checked after this write: "
+                         "the server writes its index alone, and the check repairs what two embedded writers leave; "
+                         "`drzero ingest --verify` checks it on demand", cfg.collection, cfg.db)
+            return summary
         unchecked = None if cfg.verify or summary.added else _unchecked_since(cfg)
         if unchecked:
             log.warning("checking the vector index of collection %r in %s: %s", cfg.collection, cfg.db, unchecked)
@@ -251,15 +272,20 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
                     cfg.db)
         ids, contents, metadatas = store.records(missing)
         spec = store.recorded_spec()
-        embedder = Embedder(spec, device=cfg.device)
-        store.check_embedder(spec, embedder.dimension)
         # upserted again (Chroma 1.5 puts an id its index lost back in); deleting it first fails in the
         # index writer ("Failed to apply logs to the hnsw segment writer")
         passages = [Passage(id=i, title=c.partition("\n")[0], text=c.partition("\n")[2],
                             source=m.get("source", ""), chunk=int(m.get("chunk", 0)),
                             extra=tuple((k, v) for k, v in m.items() if k not in ("title", "source", "chunk")))
                     for i, c, m in zip(ids, contents, metadatas)]
-        _embed_and_write(store, embedder, passages, cfg.batch_size)
+        batches = [passages[i:i + cfg.batch_size] for i in range(0, len(passages), cfg.batch_size)]
+
+        def checked(encoder: Embedder | EncoderProcess) -> CorpusStore:
+            store.check_embedder(spec, encoder.dimension)
+            return store
+
+        _embed_and_write(_put_all(batches), lambda: _open_encoders(spec, cfg), checked, threading.Lock(),
+                         lambda: len(passages))
         still = set(store.unindexed_ids())
         summary.repaired = len([i for i in ids if i not in still])
         if still:
@@ -282,51 +308,170 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
     world = None
     if cfg.demo:
         world = build_demo_world(seed=cfg.demo_seed, papers=cfg.demo_papers)
-    passages = collect_passages(cfg, summary, world.passages() if world else ())
-    if not passages:
+    store_lock = threading.Lock()
+    source = batches_to_embed(cfg, store, store_lock, world.passages() if world else ())
+
+    def open_for_writing(encoder: Embedder | EncoderProcess) -> CorpusStore:
+        """Called once the encoder is loaded, at the first batch to embed: a run that adds nothing loads no model
+        and creates no collection."""
+        nonlocal store
+        if store is None:
+            store = CorpusStore.create(cfg.db, spec, encoder.dimension, cfg.collection)
+        store.check_embedder(spec, encoder.dimension)
+        summary.window_tokens = encoder.max_tokens
+        record_index_check(cfg.db, cfg.collection, INDEX_WRITING)  # until the check at the end passes
+        return store
+
+    summary.added, summary.over_window, summary.seconds = _embed_and_write(
+        source.produce, lambda: _open_encoders(spec, cfg), open_for_writing, store_lock, source.estimated_todo)
+    report = source.report
+    summary.files_read, summary.records_read = report.files_read, report.records_read
+    summary.skipped, summary.wrappers = report.skipped, report.wrappers
+    summary.passages, summary.duplicates_in_input = source.passages, source.duplicates
+    summary.already_present = source.already_present
+    if not summary.passages:
         raise ConfigError(f"no passages came out of {len(cfg.sources)} source(s) "
                           f"({len(summary.skipped)} skipped); nothing to ingest.")
-
-    present = store.existing_ids([p.id for p in passages]) if store is not None else set()
-    todo = [p for p in passages if p.id not in present]
-    summary.already_present = len(present)
-    log.info("%d passages, %d already in the collection, %d to embed", len(passages), len(present), len(todo))
-
-    if todo:
-        embedder = Embedder(spec, device=cfg.device)
-        if store is None:
-            store = CorpusStore.create(cfg.db, spec, embedder.dimension, cfg.collection)
-        store.check_embedder(spec, embedder.dimension)
-        summary.window_tokens = embedder.max_tokens
-        summary.over_window = count_over_window(embedder, todo)
-        if summary.over_window:
-            log.warning("%d of %d passages are longer than %s's %s-token window and are truncated when embedded; "
-                        "lower --max-words to keep them whole", summary.over_window, len(todo), spec.name,
-                        summary.window_tokens)
-        record_index_check(cfg.db, cfg.collection, INDEX_WRITING)  # until the check at the end passes
-        summary.added = _embed_and_write(store, embedder, todo, cfg.batch_size)
+    log.info("%d passages, %d already in the collection, %d embedded", summary.passages, summary.already_present,
+             summary.added)
+    if summary.over_window:
+        log.warning("%d of %d passages were longer than %s's %s-token window and were truncated when embedded; "
+                    "lower --max-words to keep them whole", summary.over_window, summary.added, spec.name,
+                    summary.window_tokens)
     summary.collection_size = store.count()
-    if world is not None:
+    if world is not None and is_server_address(cfg.db):
+        log.info("the demo world's facts (%s) are not kept for the Chroma server %s: they live in a local store's "
+                 "directory, which `drzero eval-set --demo-db` and `drzero smoke` read", DEMO_FACTS_FILE, cfg.db)
+    elif world is not None:
         world.save_json(Path(cfg.db) / DEMO_FACTS_FILE)
     return summary
 
 
-def _embed_and_write(store: CorpusStore, embedder: Embedder, passages: list[Passage], batch_size: int) -> int:
-    """Encode batch i+1 while batch i is written; at most one write in flight."""
-    written = 0
-    pending: Future | None = None
-    with (ThreadPoolExecutor(max_workers=1) as writer,
-          tqdm(total=len(passages), desc="embedding", unit="passage", file=sys.stderr, mininterval=1.0) as bar):
-        for start in range(0, len(passages), batch_size):
-            batch = passages[start:start + batch_size]
-            vectors = embedder.encode_passages([p.contents for p in batch])
-            if pending is not None:
-                written += pending.result()
-            pending = writer.submit(_write, store, batch, vectors)
-            bar.update(len(batch))
-        if pending is not None:
-            written += pending.result()
-    return written
+def _open_encoders(spec: EmbedderSpec, cfg: IngestConfig) -> list[Embedder | EncoderProcess]:
+    """One encoder, on this thread's interpreter on the CPU; in processes of their own on GPUs or when several
+    are asked for, loaded at once (a model load is seconds each)."""
+    devices = encoder_devices(cfg.device, cfg.encoders)
+    if len(devices) == 1 and cfg.device not in ENCODER_PROCESS_DEVICES:
+        return [Embedder(spec, device=cfg.device)]
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        opening = [pool.submit(EncoderProcess, spec, device=device) for device in devices]
+        concurrent.futures.wait(opening)
+    opened = [f.result() for f in opening if f.exception() is None]
+    failed = [f.exception() for f in opening if f.exception() is not None]
+    if failed:
+        for encoder in opened:
+            encoder.close()
+        raise failed[0]
+    if len(opened) > 1:
+        log.info("embedding with %d encoder processes on %s", len(opened), ", ".join(devices))
+    return opened
+
+
+def _embed_and_write(produce: Callable[[Channel], None],
+                     open_encoders: Callable[[], list[Embedder | EncoderProcess]],
+                     open_for_writing: Callable[[Embedder | EncoderProcess], CorpusStore], store_lock: threading.Lock,
+                     estimated_total: Callable[[], int]) -> tuple[int, int, dict]:
+    """Encode the batches ``produce`` puts (read on a thread of their own), the first encoder on this thread and
+    each other one on a thread of its own (they take batches in turn), and write them on one more thread; the
+    encoders and the store are opened at the first batch. Returns the passages written, how many of them were
+    longer than the embedder's window, and where the time went: the encoders are the stage that should never
+    wait (waiting for passages: reading is too slow; for the writer: writing is)."""
+    with contextlib.ExitStack() as after_the_threads, Pipeline("ingest") as pipe:
+        todo = pipe.channel(QUEUED_BATCHES)
+        pipe.start("read", produce, todo, closes=todo)
+        batches = iter(todo)
+        first = next(batches, None)
+        if first is None:
+            return 0, 0, {}
+        started = time.perf_counter()
+        encoders = open_encoders()
+        loaded = time.perf_counter()
+        for encoder in encoders:
+            if isinstance(encoder, EncoderProcess):
+                after_the_threads.callback(encoder.close)
+        store = open_for_writing(encoders[0])
+        bar = after_the_threads.enter_context(tqdm(total=estimated_total(), desc="embedding", unit="passage",
+                                                   file=sys.stderr, mininterval=1.0))
+        writer = _Writer(store, store_lock, encoders[0], bar, estimated_total)
+        encoded = pipe.channel(QUEUED_BATCHES * len(encoders))
+        pipe.start("write", writer.run, encoded)
+        reading_wait = todo.get_wait
+        tallies = [_EncoderTally(encoder) for encoder in encoders]
+        for number, tally in enumerate(tallies[1:], 1):
+            pipe.start(f"encode-{number}", tally.run, todo, encoded)
+        try:
+            tallies[0].run(itertools.chain([first], batches), encoded)
+        except BaseException:
+            todo.cancel()  # the other encoders stop after their batch in hand, which is still written
+            raise
+        finally:
+            for tally in tallies[1:]:
+                tally.done.wait()
+            encoded.close()  # the writer finishes what was encoded, also when encoding stopped
+            encoded_all = time.perf_counter()
+    seconds = {"loading the embedder": loaded - started, "encoding": max(t.seconds for t in tallies),
+               "waiting for passages": todo.get_wait - reading_wait, "waiting for the writer": encoded.put_wait,
+               "writing": writer.writing, "counting tokens": writer.counting,
+               "writing after the last encode": time.perf_counter() - encoded_all}
+    if len(tallies) > 1:
+        for tally in tallies:
+            seconds[f"encoding on {tally.device}"] = tally.seconds
+            log.info("encoder on %s: %d passages in %.1f s, %.1f passages/s", tally.device, tally.passages,
+                     tally.seconds, tally.passages / tally.seconds if tally.seconds else 0.0)
+    return writer.written, writer.over_window, {what: round(s, 2) for what, s in seconds.items()}
+
+
+class _EncoderTally:
+    """One encoder's loop: batches in, (batch, vectors) out, and what it did (passages, seconds encoding)."""
+
+    def __init__(self, encoder: Embedder | EncoderProcess):
+        self.encoder, self.device = encoder, getattr(encoder, "device", "cpu")
+        self.passages, self.seconds = 0, 0.0
+        self.done = threading.Event()
+
+    def run(self, batches, encoded: Channel) -> None:
+        try:
+            for batch in batches:
+                before = time.perf_counter()
+                vectors = self.encoder.encode_passages([p.contents for p in batch])
+                self.seconds += time.perf_counter() - before
+                self.passages += len(batch)
+                encoded.put((batch, vectors))
+        finally:
+            self.done.set()
+
+
+def _put_all(batches: list[list[Passage]]) -> Callable[[Channel], None]:
+    def produce(out: Channel) -> None:
+        for batch in batches:
+            out.put(batch)
+    return produce
+
+
+class _Writer:
+    """The pipeline's last stage: counts each batch's tokens (for the over-window warning) and writes it."""
+
+    def __init__(self, store: CorpusStore, store_lock: threading.Lock, embedder: Embedder | EncoderProcess, bar: tqdm,
+                 estimated_total: Callable[[], int]):
+        self.store, self.store_lock, self.bar, self.estimated_total = store, store_lock, bar, estimated_total
+        self.window, self.prefix = embedder.max_tokens, embedder.spec.passage_prefix
+        self.count_tokens = embedder.token_counter() if self.window is not None else None
+        self.written = self.over_window = 0
+        self.writing = self.counting = 0.0   # seconds
+
+    def run(self, batches: Channel) -> None:
+        for batch, vectors in batches:
+            started = time.perf_counter()
+            if self.count_tokens is not None:
+                counts = self.count_tokens([self.prefix + p.contents for p in batch])
+                self.over_window += sum(n > self.window for n in counts)
+            counted = time.perf_counter()
+            with self.store_lock:
+                self.written += _write(self.store, batch, vectors)
+            self.counting += counted - started
+            self.writing += time.perf_counter() - counted
+            self.bar.total = max(self.estimated_total(), self.written)
+            self.bar.update(len(batch))
 
 
 def _write(store: CorpusStore, batch: list[Passage], vectors) -> int:

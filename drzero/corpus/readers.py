@@ -13,23 +13,29 @@ A directory is walked without recursion (any depth), symlinked directories unfol
 that cannot be read, or whose type is not supported, is skipped with a warning and counted in
 the ``ReadReport``; so is a malformed record or a JSONL line that is not valid UTF-8 or JSON,
 and the rest of its file is still read.
+
+A JSONL file is read a line at a time (one file can be a whole corpus: wiki-18 is 21 M lines), so
+its documents go on as they are read; every other file is read whole first, and one that fails
+part-way counts nothing. ``ReadReport.bytes_read`` follows the reading, for a progress estimate.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from drzero.corpus.documents import Document
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".pdf")
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".txt", ".md", ".pdf")
+STREAMED_SUFFIXES = (".jsonl", ".jsonl.gz")  # read a line at a time; the others are read whole
 TEXT_FIELDS = ("text", "contents", "abstract", "body", "content")
 TITLE_FIELDS = ("title", "name")
 # Metadata keys every passage carries itself; a record field of the same name is kept under "record_<name>".
@@ -59,6 +65,7 @@ class ReadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
     wrappers: dict[str, str] = field(default_factory=dict)         # JSON file -> key that held its records
     huge_files: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
+    bytes_read: int = 0  # of the files read so far (a JSONL file's as its lines are read)
 
     def skip(self, where: str, why: str) -> None:
         log.warning("skipping %s: %s", where, why)
@@ -134,24 +141,45 @@ def record_to_document(record: object, source: str, fields: RecordFields = Recor
 
 
 def _read_jsonl(path: Path, report: ReadReport, fields: RecordFields) -> Iterator[Document]:
-    # Bytes, decoded line by line: one bad byte costs its line, not the file.
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, 1):
-            where = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                report.skip(where, f"not valid UTF-8 at byte {error.start}: {raw[error.start:error.start + 4]!r}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                document = record_to_document(json.loads(line), where, fields)
-            except (json.JSONDecodeError, ValueError) as error:
-                report.skip(where, str(error))
-                continue
-            report.records_read += 1
-            yield document
+        yield from _jsonl_lines(path, handle, report, fields, lambda raw: len(raw))
+
+
+def _read_jsonl_gz(path: Path, report: ReadReport, fields: RecordFields) -> Iterator[Document]:
+    """A gzipped JSONL file (as wiki-18 is distributed), decompressed as it is read: the progress follows the
+    compressed bytes, so it ends at the file's size."""
+    with path.open("rb") as compressed, gzip.GzipFile(fileobj=compressed) as handle:
+        last = [0]
+
+        def consumed(_raw: bytes) -> int:
+            now = compressed.tell()
+            step, last[0] = now - last[0], now
+            return step
+
+        # a truncated or corrupt archive raises part-way: the lines before it are kept (see _streamed)
+        yield from _jsonl_lines(path, handle, report, fields, consumed)
+
+
+def _jsonl_lines(path: Path, handle, report: ReadReport, fields: RecordFields,
+                 consumed: Callable[[bytes], int]) -> Iterator[Document]:
+    # Bytes, decoded line by line: one bad byte costs its line, not the file.
+    for line_number, raw in enumerate(handle, 1):
+        report.bytes_read += consumed(raw)
+        where = f"{path}:{line_number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            report.skip(where, f"not valid UTF-8 at byte {error.start}: {raw[error.start:error.start + 4]!r}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            document = record_to_document(json.loads(line), where, fields)
+        except (json.JSONDecodeError, ValueError) as error:
+            report.skip(where, str(error))
+            continue
+        report.records_read += 1
+        yield document
 
 
 def find_records(data: object, path: Path, report: ReadReport) -> list:
@@ -216,7 +244,13 @@ def _read_pdf(path: Path, report: ReadReport, fields: RecordFields) -> Iterator[
     yield Document(title=meta_title.strip() or _title_from_stem(path), text=text.strip(), source=str(path))
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_text, ".md": _read_text, ".pdf": _read_pdf}
+_READERS = {".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl_gz, ".json": _read_json, ".txt": _read_text, ".md": _read_text, ".pdf": _read_pdf}
+
+
+def file_kind(path: Path) -> str:
+    """The suffix that picks a file's reader: ``.jsonl.gz`` for a gzipped JSONL file, else the last suffix."""
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
 
 
 def walk_files(root: Path, report: ReadReport) -> list[Path]:
@@ -262,7 +296,7 @@ def expand_sources(sources: list[str | Path], report: ReadReport) -> list[Path]:
 def read_documents(files: list[Path], report: ReadReport, fields: RecordFields = RecordFields()) -> Iterator[Document]:
     """Documents from every readable file; the rest is skipped and recorded in ``report``."""
     for path in files:
-        reader = _READERS.get(path.suffix.lower())
+        reader = _READERS.get(file_kind(path))
         if reader is None:
             report.skip(str(path), f"unsupported file type {path.suffix or '(none)'!r}; "
                                    f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
@@ -273,6 +307,9 @@ def read_documents(files: list[Path], report: ReadReport, fields: RecordFields =
             size = 0
         if size > HUGE_FILE_BYTES:
             report.huge_files.append((str(path), size))
+        if file_kind(path) in STREAMED_SUFFIXES:
+            yield from _streamed(reader, path, size, report, fields)
+            continue
         records_before, skipped_before = report.records_read, len(report.skipped)
         try:
             documents = list(reader(path, report, fields))
@@ -282,5 +319,23 @@ def read_documents(files: list[Path], report: ReadReport, fields: RecordFields =
             del report.skipped[skipped_before:]
             report.skip(str(path), f"unreadable: {type(error).__name__}: {error}")
             continue
+        finally:
+            report.bytes_read += size
         report.files_read += 1
         yield from documents
+
+
+def _streamed(reader, path: Path, size: int, report: ReadReport, fields: RecordFields) -> Iterator[Document]:
+    """A file's documents as they are read; one that fails part-way keeps what it gave (and counts it)."""
+    records_before, skipped_before, bytes_before = report.records_read, len(report.skipped), report.bytes_read
+    try:
+        yield from reader(path, report, fields)
+    except Exception as error:  # an I/O error part-way: the records before it are already on their way
+        report.bytes_read = bytes_before + size
+        kept = report.records_read - records_before
+        if not kept:
+            del report.skipped[skipped_before:]
+            report.skip(str(path), f"unreadable: {type(error).__name__}: {error}")
+            return
+        report.skip(str(path), f"stopped after {kept} records: {type(error).__name__}: {error}")
+    report.files_read += 1

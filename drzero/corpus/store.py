@@ -1,4 +1,4 @@
-"""The corpus store: one ChromaDB persistent collection in cosine space.
+"""The corpus store: one ChromaDB collection in cosine space, in a local directory or on a Chroma server.
 
 Each record is one passage: id = content hash, document = ``"title\\ntext"``, metadata
 title/source/chunk. The collection's own metadata records which embedder wrote it (name,
@@ -9,6 +9,10 @@ Beside the collection, ``drzero-index-check.<collection>.json`` records whether 
 was checked after the last write: ``writing`` from before an ingest's first write until its index
 check passes, then ``checked`` with the passage count. A kill in between leaves ``writing``, so the
 next ingest checks the index again and preflight refuses to train on it unchecked.
+
+``--db`` may also name a Chroma server (``http://host:port``, drzero.store_location). The server is the one
+process that writes its files, so the local-only guards have nothing to guard there: no writer's lock, and
+no index-check record (the lost-index damage they catch comes from two embedded writers); each says so in the log.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import numpy as np
 
 from drzero.atomic import write_json_atomically
 from drzero.corpus.embedder import EmbedderSpec, canonical_name
+from drzero.corpus.chroma_server import ServerUnavailable, server_client
 from drzero.records import OneOf, Optional, read_record
+from drzero.store_location import StoreLocation, parse_db
 
 log = logging.getLogger(__name__)
 
@@ -64,35 +70,47 @@ class Hit:
         return {"document": document, "score": round(self.score, 6)} if with_score else document
 
 
-def _client(path: Path):
-    import chromadb  # seconds to import: only opening a store needs it, not `drzero --help`
-
+def _client(location: StoreLocation):
+    """The Chroma client of the store: embedded on a local directory, over HTTP on a server."""
     # Telemetry off: it phones home, and this must run with no network.
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    return chromadb.PersistentClient(path=str(path), settings=chromadb.Settings(anonymized_telemetry=False))
+    if location.is_server:
+        try:
+            return server_client(location)
+        except ServerUnavailable as error:
+            raise StoreError(str(error)) from None
+    import chromadb  # seconds to import: only opening a store needs it, not `drzero --help`
+
+    return chromadb.PersistentClient(path=str(location.path), settings=chromadb.Settings(anonymized_telemetry=False))
 
 
 def _collection_names(client) -> list[str]:
     return [c if isinstance(c, str) else c.name for c in client.list_collections()]
 
 
+def _missing(location: StoreLocation) -> bool:
+    """A local store whose directory does not exist (a server is asked instead)."""
+    return not location.is_server and not location.path.is_dir()
+
+
 class CorpusStore:
     """A passage collection plus the embedder spec it was built with."""
 
-    def __init__(self, collection: Any, path: Path):
+    def __init__(self, collection: Any, path: Path | StoreLocation):
         self.collection = collection
-        self.path = path
+        self.path = path  # a local store's directory, or the server's StoreLocation (both print as --db takes them)
 
     # -- opening -----------------------------------------------------------------------------
 
     @classmethod
     def open_existing(cls, path: Path | str, name: str = DEFAULT_COLLECTION) -> "CorpusStore":
         """Open a collection that must exist and hold passages (the retriever's path)."""
-        path = Path(path)
-        if not path.is_dir():
+        location = parse_db(path)
+        path = location.path or location
+        if _missing(location):
             raise StoreError(f"no corpus at {path}: the directory does not exist; build one with "
                              f"`drzero ingest SOURCE... --db {path}` or `drzero ingest --demo --db {path}`.")
-        client = _client(path)
+        client = _client(location)
         names = _collection_names(client)
         if name not in names:
             found = ", ".join(sorted(names)) or "none"
@@ -111,27 +129,29 @@ class CorpusStore:
     @classmethod
     def open_for_writing(cls, path: Path | str, name: str = DEFAULT_COLLECTION) -> "CorpusStore | None":
         """The collection if it exists (any size), else None."""
-        path = Path(path)
-        if not path.is_dir():
+        location = parse_db(path)
+        if _missing(location):
             return None
-        client = _client(path)
+        client = _client(location)
         if name not in _collection_names(client):
             return None
-        return cls(client.get_collection(name, embedding_function=None), path)
+        return cls(client.get_collection(name, embedding_function=None), location.path or location)
 
     @classmethod
     def create(cls, path: Path | str, spec: EmbedderSpec, dimension: int,
                name: str = DEFAULT_COLLECTION, extra_metadata: dict | None = None) -> "CorpusStore":
         """A new collection that records the embedder's spec in its metadata (``extra_metadata`` added over it:
         ``drzero adopt --faiss-index`` marks a collection whose vectors live in a side file)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        location = parse_db(path)
+        if not location.is_server:
+            location.path.mkdir(parents=True, exist_ok=True)
         metadata = {**HNSW_SETTINGS, META_EMBEDDER: spec.name, META_DIMENSION: dimension,
                     META_QUERY_PREFIX: spec.query_prefix, META_PASSAGE_PREFIX: spec.passage_prefix,
                     **(extra_metadata or {})}
         # get-or-create: a collection another writer made a moment ago is used, not a traceback;
         # check_embedder then refuses it if it was made for another embedder.
-        return cls(_client(path).get_or_create_collection(name, embedding_function=None, metadata=metadata), path)
+        collection = _client(location).get_or_create_collection(name, embedding_function=None, metadata=metadata)
+        return cls(collection, location.path or location)
 
     @classmethod
     def peek_spec(cls, path: Path | str, name: str = DEFAULT_COLLECTION) -> EmbedderSpec | None:
@@ -265,14 +285,25 @@ def index_check_path(path: Path | str, collection: str) -> Path:
     return Path(path).expanduser() / f"drzero-index-check.{collection}.json"
 
 
+def records_index_checks(path: Path | str | StoreLocation) -> bool:
+    """Whether the store keeps index-check records: a local store does; a Chroma server writes its own index
+    alone, so the two-writer damage the record tracks cannot happen there."""
+    return not parse_db(path).is_server
+
+
 def read_index_check(path: Path | str, collection: str) -> dict | None:
     """The recorded state of the collection's index check; None when none is recorded (a store from an older
-    drzero or another system); drzero.records.DamagedRecord when the record is damaged."""
+    drzero or another system, or a Chroma server); drzero.records.DamagedRecord when the record is damaged."""
+    if not records_index_checks(path):
+        return None
     return read_record(index_check_path(path, collection), INDEX_CHECK_RECORD)
 
 
 def record_index_check(path: Path | str, collection: str, state: str, passages: int | None = None) -> None:
-    """Record ``writing`` before a write to the collection, ``checked`` (with its passage count) after its check."""
+    """Record ``writing`` before a write to the collection, ``checked`` (with its passage count) after its check;
+    nothing on a Chroma server (records_index_checks)."""
+    if not records_index_checks(path):
+        return
     write_json_atomically({"collection": collection, "state": state, "passages": passages},
                           index_check_path(path, collection))
 
@@ -289,8 +320,14 @@ def writer_lock(path: Path | str) -> Iterator[None]:
 
     ChromaDB's persistent client assumes one writer: two concurrent ingests both exit 0 and leave
     passages in the metadata store that the vector index never finds. ``flock`` is released by
-    the kernel when the holder dies, so a killed ingest never leaves a stale lock.
+    the kernel when the holder dies, so a killed ingest never leaves a stale lock. A Chroma server
+    is that one writer itself and orders its clients' writes, so no lock is taken for one.
     """
+    location = parse_db(path)
+    if location.is_server:
+        log.info("no writer's lock for %s: a Chroma server orders its clients' writes itself", location)
+        yield
+        return
     where = lock_path(path)
     where.parent.mkdir(parents=True, exist_ok=True)
     handle = open(where, "a+")

@@ -28,6 +28,7 @@ import numpy as np
 from drzero.atomic import write_json_atomically
 from drzero.corpus.store import CorpusStore, StoreError
 from drzero.records import DamagedRecord, OneOf, Optional, read_record
+from drzero.store_location import parse_db
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ META_SHAPE = {"format": int, "count": Optional(int), "dimension": int, "dtype": 
 
 def vector_dir(db: Path | str, collection: str) -> Path | None:
     """Where ``collection``'s side file lives: ``<db>/vectors/<collection>``; None for a store behind a URL."""
-    if str(db).startswith(("http://", "https://")):
+    location = parse_db(db)
+    if location.is_server:
         return None
-    return Path(db).expanduser() / "vectors" / collection
+    return location.path.expanduser() / "vectors" / collection
 
 
 def has_side_file(store: CorpusStore) -> bool:

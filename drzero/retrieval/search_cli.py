@@ -26,7 +26,9 @@ from drzero.retrieval.exact_index import ExactIndex
 class SearchConfig:
     queries: list[str] = option([], positional=True, metavar="QUERY", help="one or more queries")
     url: str = option("http://127.0.0.1:8000", help="retriever to ask (ignored with --db)")
-    db: str | None = option(None, metavar="DIR", help="query this ChromaDB store directly instead of a server")
+    db: str | None = option(None, metavar="DIR|URL", help=(
+        "query this ChromaDB store (a directory, or a Chroma server's http://host:port) directly instead of a "
+        "retriever"))
     collection: str = option("corpus", help="collection name (with --db)")
     topk: int = option(3, help="passages per query")
     wait: float = option(0.0, help="seconds to wait for the retriever's /health to turn 200 before asking")

@@ -1,6 +1,7 @@
 """`drzero serve-retriever`: the Search-R1-compatible retrieval service over the corpus store.
 
     drzero serve-retriever --db /corpus/chromadb --port 8000
+    drzero serve-retriever --db http://chroma:8000 --collection papers   # a Chroma server ($DRZERO_CHROMA_TOKEN)
 
 ``POST /retrieve`` ``{"queries": [str], "topk": int?, "return_scores": bool?}`` answers
 ``{"result": [[{"document": {"id", "contents", "title", "source"}, "score": cosine}]]}``, one

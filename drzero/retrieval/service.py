@@ -21,6 +21,7 @@ from drzero.corpus.store import CorpusStore, Hit, StoreError
 from drzero.corpus.vector_file import VectorFile
 from drzero.retrieval.exact_index import BYTES_PER_VALUE, ExactIndex, choose_index, plan_shards
 from drzero.retrieval.local_copy import copy_store_to_local
+from drzero.store_location import parse_db
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,13 @@ class RetrievalService:
     @classmethod
     def open(cls, cfg: SearchOptions) -> "RetrievalService":
         """Open the store and the embedder, or raise StoreError/ConfigError with one sentence saying why not."""
-        db = Path(cfg.db)
+        db = parse_db(cfg.db)
         require_device(cfg.device)
-        if cfg.copy_to_local:
-            db = copy_store_to_local(db, Path(cfg.copy_to_local))
+        if cfg.copy_to_local and db.is_server:
+            log.info("--copy-to-local %s skipped: %s is a Chroma server, which keeps its files on its own disk; the "
+                     "retriever queries it there", cfg.copy_to_local, db)
+        elif cfg.copy_to_local:
+            db = copy_store_to_local(db.path, Path(cfg.copy_to_local))
         store = CorpusStore.open_existing(db, cfg.collection)
         recorded = store.recorded_spec()
         assert recorded is not None  # open_existing refuses collections without one

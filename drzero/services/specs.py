@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from drzero.store_location import STORE_SECRET_ENVS, is_server_address
+
 RETRIEVER_PORT = 8000
 SGLANG_PORT = 8001
 # The retriever loads an embedder and opens ChromaDB; a first model load from a cold
@@ -90,7 +92,9 @@ def retriever_service(
         command += ["--embedder", embedder]
     if copy_to_local:
         command += ["--copy-to-local", str(copy_to_local)]
-    return ServiceSpec("retriever", command, port, host=host, startup_timeout=startup_timeout)
+    # a Chroma server's token (drzero.store_location) is a secret the retriever needs; a local store needs none
+    return ServiceSpec("retriever", command, port, host=host, startup_timeout=startup_timeout,
+                       pass_secrets=STORE_SECRET_ENVS if is_server_address(db) else ())
 
 
 def sglang_service(

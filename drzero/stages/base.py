@@ -158,7 +158,7 @@ class StageConfig(RunOptions, ClusterOptions):
             return None
         return RetrieverLoad(ENCODER_SHAPES[DEFAULT_ENCODER])
 
-    def corpus(self) -> tuple[Path, str] | None:
+    def corpus(self) -> tuple[Path | str, str] | None:
         """(store, collection) the stage's own retriever will serve; None when it uses one at --retriever-url."""
         return None if self.retriever_url else (self.layout.db, self.collection)
 

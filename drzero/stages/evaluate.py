@@ -109,9 +109,10 @@ class EvaluateConfig(RolloutOptions):
     out: str | None = option(None, metavar="DIR", help=(
         "directory for summary.json, per_question.csv and manifest.json. Default: eval_<data stem>/ beside the "
         "data file, or eval_<benchmarks>/ in --benchmark-dir; `drzero report` reads CHECKPOINTS/eval/iter<K>/"))
-    db: str | None = option(os.environ.get("DRZERO_DB") or None, metavar="DIR", help=(
-        "corpus store to serve when nothing answers at --retriever-url on this machine ($DRZERO_DB): evaluate "
-        "starts `drzero serve-retriever --db DIR` on that port for the run (on Modal: the corpus volume)"))
+    db: str | None = option(os.environ.get("DRZERO_DB") or None, metavar="DIR|URL", help=(
+        "corpus store to serve when nothing answers at --retriever-url on this machine ($DRZERO_DB; a directory "
+        "or a Chroma server's http://host:port): evaluate starts `drzero serve-retriever --db DIR` on that port "
+        "for the run (on Modal: the corpus volume)"))
     collection: str = option(DEFAULT_COLLECTION, help="the collection inside --db")
     retriever_device: str = option("auto", choices=list(RETRIEVER_DEVICES), help=(
         "where a retriever started here on --db encodes and searches: auto = GPU 0 (beside SGLang) when there is "

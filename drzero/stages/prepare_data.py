@@ -45,6 +45,7 @@ from drzero.plan import StagePlan
 from drzero.prompts import PROPOSER_TEMPLATE_ID
 from drzero.rollout.render import template_thinking_kwargs
 from drzero.stages.base import thinking_word
+from drzero.store_location import is_server_address, resolved_db
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class PrepareDataConfig(CorpusOptions):
         require(self.challenger_rows >= 1, "challenger_rows", self.challenger_rows, "an integer >= 1")
         require(self.gen_rows >= 1, "gen_rows", self.gen_rows, "an integer >= 1")
         require(self.val_rows > 0, "val_rows", self.val_rows, "an integer > 0 (verl always loads data.val_files)")
+        require(self.out is not None or not is_server_address(self.db), "out", self.out,
+                "a FILE when --db is a Chroma server (there is no store directory to put data/ beside)")
         require(self.partitions >= 1 and 2 * self.partitions <= self.total_rows, "partitions", self.partitions,
                 f"an integer from 1 to rows/2 = {self.total_rows // 2} (each iteration needs a proposer row and a "
                 f"gen-data row)")
@@ -186,7 +189,7 @@ def run_prepare_data(cfg: PrepareDataConfig) -> PrepareDataResult:
         "seed": cfg.seed,
         "template_id": PROPOSER_TEMPLATE_ID,
         "tokenizer": cfg.tokenizer,
-        "collection": {"name": cfg.collection, "path": str(Path(cfg.db).resolve()), "size": len(all_ids)},
+        "collection": {"name": cfg.collection, "path": str(resolved_db(cfg.db)), "size": len(all_ids)},
         "documents_used": len({all_ids[i] for i in train_order}),
         "documents_truncated": sum(d.truncated for d in documents.values()),
         "max_doc_tokens": cfg.max_doc_tokens,
@@ -259,7 +262,7 @@ def plan_in_run(run) -> StagePlan:
                                            thinking=bool(thinking)))
 
     rows = f" --rows {run.seed_rows}" if run.seed_rows else ""
-    return StagePlan(name="prepare-data", run=prepare, inputs=[layout.db],
+    return StagePlan(name="prepare-data", run=prepare, inputs=[layout.db] if isinstance(layout.db, Path) else [],
                      run_label=f"drzero prepare-data --db {layout.db} --out {layout.seeds}{rows} (thinking "
                                f"{thinking_word(thinking)})",
                      outputs=[layout.seeds, layout.seeds_val], writes_set=seed_set(layout),

@@ -57,6 +57,7 @@ from drzero.rollout.client import AgentRolloutClient, GenerationSettings
 from drzero.rollout.search import SearchSettings, close_sessions, search
 from drzero.services.specs import SGLANG_PORT, ServiceError, retriever_service, sglang_service
 from drzero.services.supervisor import Supervisor
+from drzero.store_location import is_server_address, resolved_db
 from drzero.tools.eval_set import demo_rows
 from drzero.verl.hf.server import hf_server_service
 from drzero.verl.overrides import engine_option
@@ -83,8 +84,9 @@ VERL_OVERRIDES = (
 
 @dataclass(kw_only=True)
 class SmokeConfig:
-    db: str | None = option(None, metavar="DIR", help=(
-        "corpus to serve and search; default: build the demo corpus into a temporary directory"))
+    db: str | None = option(None, metavar="DIR|URL", help=(
+        "corpus to serve and search (a directory or a Chroma server's http://host:port); default: build the demo "
+        "corpus into a temporary directory"))
     model: str = option(SMOKE_MODEL, help=(
         "model for SGLang and the one-step verl run: a `drzero list-models` key, a hub name or a directory"))
     question: str | None = option(None, help=(
@@ -227,9 +229,10 @@ def count_gpus() -> tuple[int, str]:
         return 0, ""
 
 
-def demo_world_of(db: Path):
-    """The demo world a store was ingested with, or None for any other corpus (a damaged record of it: ConfigError)."""
-    return load_demo_world(db) if (db / DEMO_FACTS_FILE).is_file() else None
+def demo_world_of(db: Path | str):
+    """The demo world a store was ingested with, or None for any other corpus or a Chroma server (a damaged record of
+    it: ConfigError)."""
+    return load_demo_world(db) if isinstance(db, Path) and (db / DEMO_FACTS_FILE).is_file() else None
 
 
 async def _search_once(url: str, query: str):
@@ -364,8 +367,10 @@ def run_smoke(cfg: SmokeConfig, log: Callable[[str], None] = _say) -> SmokeResul
     return result
 
 
-def _corpus(cfg: SmokeConfig, work: Path, log: Callable[[str], None]) -> tuple[Path | None, str]:
+def _corpus(cfg: SmokeConfig, work: Path, log: Callable[[str], None]) -> tuple[Path | str | None, str]:
     """(the store to serve, a note) — or (None, the reason) when there is none."""
+    if cfg.db is not None and is_server_address(cfg.db):
+        return resolved_db(cfg.db), f"the Chroma server {resolved_db(cfg.db)}"
     if cfg.db is not None:
         db = Path(cfg.db).expanduser().resolve()
         if not db.is_dir():
@@ -397,7 +402,7 @@ def _service_parts(cfg: SmokeConfig, work: Path, has_gpu: bool, checks: list[Che
     world = demo_world_of(db)
     question = cfg.question or (world.questions(2, count=1)[0].question if world else GENERIC_QUESTION)
     # a store the user named may sit on a network volume, where SQLite is unreliable: serve a local copy
-    local_copy = work / "db-local-copy" if cfg.db is not None else None
+    local_copy = work / "db-local-copy" if isinstance(db, Path) and cfg.db is not None else None
     # on a GPU machine the retriever runs there, as in every training stage (fp16 encoder, exact search)
     retriever = retriever_service(db, port=_free_port(), copy_to_local=local_copy, device="cuda" if has_gpu else "cpu")
     log(f"smoke: starting the retriever over {db}")

@@ -135,16 +135,25 @@ def encode_conversation(tokenizer, messages: list[dict], tools: list[dict]) -> t
     return ids, mask
 
 
+HELD_OUT = 24
+
+
+def split_questions(seed: int = 0, rng: random.Random | None = None) -> tuple[list, list]:
+    """(train, held-out) one-hop demo questions: the split ``scripted_examples`` trains and evaluates on, shuffled
+    by ``rng`` (default: a fresh one seeded with ``seed``, the state ``scripted_examples`` starts from)."""
+    questions = build_demo_world().questions(1, count=400, seed=seed)
+    (rng or random.Random(seed)).shuffle(questions)
+    return questions[HELD_OUT:], questions[:HELD_OUT]
+
+
 def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
     """(train, held-out) encoded trajectories from the demo world: solver one-hop questions, proposer one- and
     two-hop questions (the two-hop ones search, so a proposer step really calls the tool)."""
     world = build_demo_world()
     passages = world.passages()
     by_source = {p.source: p for p in passages}
-    questions = world.questions(1, count=400, seed=seed)
     rng = random.Random(seed)
-    rng.shuffle(questions)
-    held_out, train = questions[:24], questions[24:]
+    train, held_out = split_questions(seed, rng)
     tools = [SEARCH_TOOL_SCHEMA]
     examples = []
     for q in train:
@@ -156,14 +165,17 @@ def scripted_examples(tokenizer, seed: int = 0) -> tuple[list, list]:
     return examples, held_out
 
 
-def train_agent(model, tokenizer, cfg: AgentTrainingConfig = AgentTrainingConfig()) -> dict:
-    """Supervised pass over scripted trajectories; returns loss and held-out answer accuracy."""
+def train_agent(model, tokenizer, cfg: AgentTrainingConfig = AgentTrainingConfig(),
+                extra_conversations: list[list[dict]] = ()) -> dict:
+    """Supervised pass over scripted trajectories (and ``extra_conversations``, chat messages trained the same
+    way); returns loss and held-out answer accuracy."""
     import torch  # seconds to import; `drzero --help` imports this module (through tiny_model)
 
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"   # a GPU does the CPU minutes in seconds
     model.to(device)
     examples, held_out = scripted_examples(tokenizer, cfg.seed)
+    examples += [encode_conversation(tokenizer, messages, [SEARCH_TOOL_SCHEMA]) for messages in extra_conversations]
     rng = random.Random(cfg.seed)
     pad = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -239,12 +251,13 @@ def evaluate_agent(model, tokenizer, questions: list) -> dict:
 
 
 def build_trained_agent(out: str | Path, cfg: AgentTrainingConfig = AgentTrainingConfig(),
-                        vocab_size: int = 4096) -> dict:
-    """Tokenizer + tiny model from the demo world, trained on scripted trajectories, saved to ``out``."""
+                        vocab_size: int = 4096, extra_conversations: list[list[dict]] = ()) -> dict:
+    """Tokenizer + tiny model from the demo world, trained on scripted trajectories (and
+    ``extra_conversations``), saved to ``out``."""
     out = Path(out)
     tokenizer = build_chatml_tokenizer(corpus_texts(None, "corpus"), vocab_size)
     model = build_tiny_model(tokenizer, TRAINED_HIDDEN, TRAINED_LAYERS, cfg.seed)
-    stats = train_agent(model, tokenizer, cfg)
+    stats = train_agent(model, tokenizer, cfg, extra_conversations)
     tokenizer.save_pretrained(out)
     model.save_pretrained(out)
     (out / "tiny_agent.json").write_text(json.dumps(stats, indent=1) + "\n")

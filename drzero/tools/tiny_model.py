@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class TinyModelConfig:
     out: str = option(help="directory to write the tokenizer and model to", metavar="DIR")
-    db: str | None = option(None, metavar="DIR",
-                            help="train the tokenizer on this corpus store (default: the built-in demo world)")
+    db: str | None = option(None, metavar="DIR|URL", help=(
+        "train the tokenizer on this corpus store, a directory or a Chroma server's http://host:port (default: "
+        "the built-in demo world)"))
     collection: str = option("corpus", help="collection name (with --db)")
     vocab_size: int = option(4096, help="BPE vocabulary size")
     hidden_size: int = option(64, help="model width")

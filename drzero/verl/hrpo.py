@@ -46,24 +46,16 @@ import difflib
 import functools
 import json
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from drzero.rewards.metrics import install_training_metrics
+from drzero.verl.controls import norm_by_std, register_controls
 
 HRPO = "hrpo"
 HOP_GROUP_KEY = "data_source"   # the non-tensor column holding search_zero_<hops>
 MARKER = "__drzero_hrpo__"      # set on our estimator and on our compute_advantage wrapper
-
-
-def _norm_by_std(norm_adv_by_std_in_grpo: bool | None, config: Any) -> bool:
-    """The explicit argument wins; else ``config.norm_adv_by_std_in_grpo`` (verl's default: True)."""
-    if norm_adv_by_std_in_grpo is not None:
-        return bool(norm_adv_by_std_in_grpo)
-    if config is not None:
-        return bool(config.get("norm_adv_by_std_in_grpo", True))
-    return True
 
 
 def compute_hrpo_outcome_advantage(token_level_rewards, response_mask, index=None, epsilon: float | None = None,
@@ -89,7 +81,7 @@ def compute_hrpo_outcome_advantage(token_level_rewards, response_mask, index=Non
     kwargs = {} if epsilon is None else {"epsilon": epsilon}   # default: verl's own epsilon
     return compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards, response_mask=response_mask, index=index,
-        norm_adv_by_std_in_grpo=_norm_by_std(norm_adv_by_std_in_grpo, config), config=config, **kwargs)
+        norm_adv_by_std_in_grpo=norm_by_std(norm_adv_by_std_in_grpo, config), config=config, **kwargs)
 
 
 setattr(compute_hrpo_outcome_advantage, MARKER, True)
@@ -198,6 +190,7 @@ def install_hrpo_wrapper() -> Callable:
     from verl.trainer.ppo import ray_trainer
 
     register_hrpo()
+    register_controls()
     current = ray_trainer.compute_advantage
     if not getattr(current, MARKER, False):
         ray_trainer.compute_advantage = compute_advantage_by_hop(current)
@@ -220,6 +213,7 @@ def assert_estimator_resolves(name) -> Callable:
     from verl.trainer.ppo import core_algos
 
     register_hrpo()
+    register_controls()
     value = getattr(name, "value", name)
     try:
         return core_algos.get_adv_estimator_fn(value)

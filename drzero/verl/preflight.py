@@ -241,7 +241,7 @@ def _most_hops_in(train: Path) -> int:
         return 4
 
 
-def corpus_check(store: Path, collection: str, planned: set[Path] = frozenset()) -> Check:
+def corpus_check(store: Path | str, collection: str, planned: set[Path] = frozenset()) -> Check:
     """The store and collection the stage's retriever will serve: present, not empty, recording its embedder."""
     if store in planned:
         return Check("corpus", True, f"{store} is written earlier in this run")
@@ -421,7 +421,7 @@ def _memory(config, plan: StagePlan, planned: set[Path] = frozenset()) -> Check:
     return Check("memory", ok, message, skipped=skipped)
 
 
-def with_store_size(placement: Placement | None, corpus: tuple[Path, str] | None,
+def with_store_size(placement: Placement | None, corpus: tuple[Path | str, str] | None,
                     planned: set[Path] = frozenset()) -> Placement | None:
     """The placement with its retriever's index sized from the store it will serve: its passages and the encoder
     the collection records. A store not written yet, or unreadable (the corpus check says why), stays unsized."""

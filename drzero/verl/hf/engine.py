@@ -12,6 +12,10 @@ behaviour:
   ``min(response_length, prompt_length + response_length - len(prompt))``, clamped to
   ``[0, max_model_len - len(prompt)]`` (``verl/workers/rollout/sglang_rollout/async_sglang_server.py``
   ``generate``). ``max_new_tokens`` / ``max_tokens`` in the request win, as they do there.
+* **turn limit** (hf only, off by default) — ``actor_rollout_ref.rollout.custom.hf_max_new_tokens`` caps every
+  call, so that one sample that never emits its stop token costs that many decode steps of its batch instead of
+  the whole response budget (``model.generate`` runs until its last row stops). The capped turn ends with stop
+  reason "length", as the budget would have ended it; benchmarks/learning_curve.py sets it.
 * **stop** — generation ends at the first stop token (the model's EOS ids); the stop token is part of the
   output and nothing follows it (``transformers`` pads finished rows, we cut them).
 * **sampling** — ``temperature`` 0 is greedy; ``top_k`` -1 (verl's default) means no top-k;
@@ -35,6 +39,7 @@ from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
+TURN_LIMIT_KEY = "hf_max_new_tokens"   # actor_rollout_ref.rollout.custom.<this>: the turn limit below
 BATCH_WAIT_S = 0.01   # how long the collector waits for more requests before generating
 MAX_BATCH = 64        # rows per model.generate call: bounds the KV cache of one call
 
@@ -46,15 +51,19 @@ class ResponseLimits:
     prompt_length: int
     response_length: int
     max_model_len: int
+    turn_limit: int | None = None   # rollout.custom.hf_max_new_tokens: a cap on every call (hf only)
 
     def max_new_tokens(self, prompt_len: int, requested: int | None = None) -> int:
-        """New tokens allowed after a prompt of ``prompt_len`` tokens, as SGLang's verl server computes it."""
+        """New tokens allowed after a prompt of ``prompt_len`` tokens, as SGLang's verl server computes it,
+        then at most ``turn_limit``."""
         room = self.max_model_len - prompt_len
         if room < 0:
             raise ValueError(f"prompt length ({prompt_len}) exceeds the model's maximum context length "
                              f"({self.max_model_len}); shorten the prompt or raise rollout.max_model_len")
         if requested is None:
             requested = min(self.response_length, self.prompt_length + self.response_length - prompt_len)
+        if self.turn_limit:
+            requested = min(int(requested), self.turn_limit)
         return max(0, min(int(requested), room))
 
 

@@ -29,7 +29,7 @@ from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.fsdp_workers import AsyncActorRolloutRefWorker
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
 
-from drzero.verl.hf.engine import HFEngine, ResponseLimits, stop_token_ids_of
+from drzero.verl.hf.engine import TURN_LIMIT_KEY, HFEngine, ResponseLimits, stop_token_ids_of
 from drzero.verl.hrpo import HRPOTaskRunner
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ def engine_for(module, tokenizer, rollout_config, device_type: str) -> HFEngine:
         def params_context():
             return FSDP.summon_full_params(module, writeback=False, recurse=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    turn_limit = (getattr(rollout_config, "custom", None) or {}).get(TURN_LIMIT_KEY)
     return HFEngine(module, limits=ResponseLimits(rollout_config.prompt_length, rollout_config.response_length,
-                                                  int(max_model_len)),
+                                                  int(max_model_len), int(turn_limit) if turn_limit else None),
                     stop_token_ids=stop_token_ids_of(model, tokenizer), pad_token_id=pad,
                     max_batch=min(rollout_config.max_num_seqs, 256),
                     autocast_dtype=torch.bfloat16 if device_type == "cuda" else None,
