@@ -3,6 +3,7 @@
     drzero ingest SOURCE... --db DIR        build or extend the corpus collection
     drzero ingest --demo --db DIR           the bundled demo research world
     drzero adopt --db DIR --collection C --embedder M   use a collection another system built
+    drzero adopt --faiss-index F --corpus J --embedder M --db DIR   use a FAISS flat index and its corpus
     drzero serve-retriever --db DIR         the Search-R1-compatible retrieval service
                                             (--db also takes a Chroma server: http://host:port)
     drzero search "query"                   ask the retriever at --url (or the store with --db) from the shell
@@ -33,6 +34,7 @@ from drzero import __version__
 from drzero.cluster.ray import ClusterError
 from drzero.config import ConfigError, add_config_arguments, config_from_args
 from drzero.corpus.adopt import AdoptConfig, run_adopt
+from drzero.corpus.adopt_faiss import run_adopt_faiss
 from drzero.corpus.ingest import IngestConfig, run_ingest
 from drzero.corpus.store import StoreError
 from drzero.data.budget import TokenBudgetError
@@ -58,7 +60,7 @@ def _ingest(cfg: IngestConfig) -> int:
 
 
 def _adopt(cfg: AdoptConfig) -> int:
-    print(run_adopt(cfg).render())
+    print((run_adopt_faiss(cfg) if cfg.faiss_index else run_adopt(cfg)).render())
     return 0
 
 
@@ -108,7 +110,8 @@ def commands() -> dict[str, tuple[str, type, Callable[..., int]]]:
     """Every subcommand: (one line for `drzero --help`, its config, config -> exit status)."""
     return {
         "ingest": ("read, split, embed and store documents in the ChromaDB corpus", IngestConfig, _ingest),
-        "adopt": ("record the embedder of a collection another system built, after checking its vectors",
+        "adopt": ("record the embedder of a collection another system built, or adopt a FAISS flat index and its "
+                  "corpus, after checking their vectors",
                   AdoptConfig, _adopt),
         "serve-retriever": ("serve the corpus over HTTP (Search-R1 /retrieve contract)", RetrieverConfig,
                             _serve_retriever),

@@ -139,13 +139,15 @@ class CorpusStore:
 
     @classmethod
     def create(cls, path: Path | str, spec: EmbedderSpec, dimension: int,
-               name: str = DEFAULT_COLLECTION) -> "CorpusStore":
-        """A new collection that records the embedder's spec in its metadata."""
+               name: str = DEFAULT_COLLECTION, extra_metadata: dict | None = None) -> "CorpusStore":
+        """A new collection that records the embedder's spec in its metadata (``extra_metadata`` added over it:
+        ``drzero adopt --faiss-index`` marks a collection whose vectors live in a side file)."""
         location = parse_db(path)
         if not location.is_server:
             location.path.mkdir(parents=True, exist_ok=True)
         metadata = {**HNSW_SETTINGS, META_EMBEDDER: spec.name, META_DIMENSION: dimension,
-                    META_QUERY_PREFIX: spec.query_prefix, META_PASSAGE_PREFIX: spec.passage_prefix}
+                    META_QUERY_PREFIX: spec.query_prefix, META_PASSAGE_PREFIX: spec.passage_prefix,
+                    **(extra_metadata or {})}
         # get-or-create: a collection another writer made a moment ago is used, not a traceback;
         # check_embedder then refuses it if it was made for another embedder.
         collection = _client(location).get_or_create_collection(name, embedding_function=None, metadata=metadata)

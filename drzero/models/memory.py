@@ -257,22 +257,29 @@ class Engine:
 @dataclass(frozen=True)
 class RetrieverLoad:
     """The retriever's search worker on a GPU (GPU 0, started before SGLang and the trainer): the fp16 encoder,
-    the exact fp32 index when it fits its cap, and the activations of its largest batch."""
+    the exact index when it fits its cap (this GPU's shard of it), and the activations of its largest batch."""
 
     encoder: EncoderShape
     passages: int | None = None   # vectors in the store; None until the store is read (the index is then not counted)
     max_batch: int = 256          # `drzero serve-retriever --max-batch`
     exact_max_gib: float = 8.0    # `--exact-max-gib`: a larger matrix stays in Chroma's HNSW on the CPU
+    side_file: bool = False       # vectors in a side file (`drzero adopt --faiss-index`): always exact, fp16 on cuda
+    precision: str | None = None  # `--exact-precision`: None = auto (fp16 for a side file, fp32 otherwise)
+    shards: int = 1               # GPUs the index is split over (`--exact-devices`); GPU 0 holds one shard
 
     def terms(self) -> list[Term]:
         e = self.encoder
-        index = (self.passages or 0) * e.dimension * 4 / GIB
-        on_gpu = index <= self.exact_max_gib
+        precision = self.precision or ("fp16" if self.side_file else "fp32")
+        whole = (self.passages or 0) * e.dimension * (2 if precision == "fp16" else 4) / GIB
+        index = whole / max(1, self.shards)
+        on_gpu = self.side_file or whole <= self.exact_max_gib
         # inference keeps no activations between layers: the peak is one layer's widest tensors for the batch
         # (the MLP's intermediate and the q/k/v/output projections, fp16; SDPA's fused kernels hold no scores)
         batch = self.max_batch * e.max_tokens * (e.intermediate + 4 * e.hidden) * 2 / GIB
-        where = (f"{self.passages:,} x {e.dimension} fp32" + ("" if on_gpu else f" > {self.exact_max_gib:g} GiB: "
-                 f"HNSW on the CPU") if self.passages is not None else "passages unknown: not counted")
+        shard = f", 1 of {self.shards} shards" if self.shards > 1 else ""
+        where = (f"{self.passages:,} x {e.dimension} {precision}{shard}" + (
+            "" if on_gpu else f" > {self.exact_max_gib:g} GiB: HNSW on the CPU") if self.passages is not None
+            else "passages unknown: not counted")
         return [Term("retriever: CUDA context", RETRIEVER_CONTEXT_GIB, "its search worker, GPU 0"),
                 Term("retriever: encoder weights (fp16)", e.params * 2 / GIB, e.name),
                 Term("retriever: exact index", index if on_gpu else 0.0, where),

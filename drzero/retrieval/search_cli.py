@@ -18,6 +18,8 @@ from drzero.config import ConfigError, option, require
 from drzero.corpus.embedder import Embedder
 from drzero.corpus.ingest import load_demo_world
 from drzero.corpus.store import CorpusStore
+from drzero.corpus.vector_file import VectorFile
+from drzero.retrieval.exact_index import ExactIndex
 
 
 @dataclass(kw_only=True)
@@ -79,7 +81,11 @@ def _ask_server(cfg: SearchConfig, queries: list[str]) -> list[list[dict]]:
 def _ask_store(cfg: SearchConfig, queries: list[str]) -> list[list[dict]]:
     store = CorpusStore.open_existing(cfg.db, cfg.collection)
     embedder = Embedder(store.recorded_spec())
-    hits = store.query(embedder.encode_queries(queries), cfg.topk)
+    side = VectorFile.of(store)
+    if side is not None:  # Chroma holds placeholders: read the side file where it lies (a full pass per search)
+        hits = ExactIndex.over_memory_map(side).hits(store, embedder.encode_queries_tensor(queries), cfg.topk)
+    else:
+        hits = store.query(embedder.encode_queries(queries), cfg.topk)
     return [[hit.to_json() for hit in per_query] for per_query in hits]
 
 

@@ -33,7 +33,7 @@ from drzero.config import CorpusOptions, option, require
 from drzero.corpus.embedder import PRECISIONS
 from drzero.retrieval.batcher import QueryBatcher
 from drzero.retrieval.contract import REQUEST_SCHEMA, RequestRefused, read_request
-from drzero.retrieval.exact_index import INDEXES
+from drzero.retrieval.exact_index import INDEXES, PRECISIONS
 from drzero.retrieval.http_guards import (CountUvicornRefusals, CutLog, SharedConnections, error_body,
                                          guard_requests, read_deadline_protocol)
 from drzero.retrieval.tally import Tally
@@ -92,6 +92,16 @@ class RetrieverConfig(CorpusOptions):
         "vector search: exact = brute force over the stored vectors on the encoder's device, hnsw = Chroma's "
         "index on the CPU; auto = exact on cuda when the vectors fit (--exact-max-gib), else hnsw"))
     exact_max_gib: float = option(8.0, help="largest vector matrix (fp32) --index auto puts on the GPU, in GiB")
+    exact_precision: str = option("auto", choices=list(PRECISIONS), help=(
+        "rows of the exact index: fp32 = as stored, exact ranking; fp16 = half the memory, the top candidates "
+        "re-scored in fp32 (--exact-rescore); auto = fp16 for a collection whose vectors live in a side file "
+        "(drzero adopt --faiss-index) on cuda, fp32 otherwise"))
+    exact_rescore: int = option(4, metavar="N", help=(
+        "with fp16 rows: the best N x topk candidates of each query are re-scored with the side file's float32 "
+        "rows (0: ranked by the fp16 rows alone)"))
+    exact_devices: list[str] = option([], metavar="DEVICE", help=(
+        "devices the side file's exact index may shard over (e.g. cuda:0 cuda:1 ...); the fewest that hold it "
+        "are used, with equal shards. Default: --device"))
     fast_encoder: bool = option(True, help=(
         "on a GPU, encode queries in fixed padded shapes replayed as CUDA graphs (checked against the model's own "
         "vectors at start: cosine >= 0.999); --no-fast-encoder: sentence-transformers' encode"))
@@ -125,6 +135,9 @@ class RetrieverConfig(CorpusOptions):
         require(self.max_batch >= 1, "max_batch", self.max_batch, "an integer >= 1")
         require(self.max_wait_ms >= 0, "max_wait_ms", self.max_wait_ms, "a number >= 0")
         require(self.exact_max_gib > 0, "exact_max_gib", self.exact_max_gib, "a number > 0")
+        require(self.exact_rescore >= 0, "exact_rescore", self.exact_rescore, "an integer >= 0")
+        require(all(d == "cpu" or d.startswith("cuda") for d in self.exact_devices), "exact_devices",
+                self.exact_devices, "devices such as cuda:0 cuda:1 (or cpu)")
 
 
 def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None, tally: Tally | None = None,
@@ -231,7 +244,8 @@ def create_app(worker, cfg: RetrieverConfig, cuts: CutLog | None = None, tally: 
         return {"status": "ok", "collection": info["collection"], "passages": info["passages"],
                 "fingerprint": info.get("fingerprint"),
                 "embedder": info["embedder"], "dimension": info["dimension"], "precision": info["precision"],
-                "index": info["index"], "batching": cfg.batching, **answering, **tally.summary()}
+                "index": info["index"], "index_precision": info.get("index_precision"),
+                "shards": info.get("shards", 0), "batching": cfg.batching, **answering, **tally.summary()}
 
     return guard_requests(app, cfg.max_body_bytes)
 

@@ -18,7 +18,8 @@ from typing import Protocol
 from drzero.corpus.bucketed_encoder import MIN_COSINE, BucketedEncoder, Unsupported
 from drzero.corpus.embedder import Embedder, canonical_name, require_device
 from drzero.corpus.store import CorpusStore, Hit, StoreError
-from drzero.retrieval.exact_index import ExactIndex, choose_index
+from drzero.corpus.vector_file import VectorFile
+from drzero.retrieval.exact_index import BYTES_PER_VALUE, ExactIndex, choose_index, plan_shards
 from drzero.retrieval.local_copy import copy_store_to_local
 from drzero.store_location import parse_db
 
@@ -37,6 +38,9 @@ class SearchOptions(Protocol):
     exact_max_gib: float
     copy_to_local: str | None
     fast_encoder: bool
+    exact_precision: str
+    exact_rescore: int
+    exact_devices: list[str]
 
 
 class RetrievalService:
@@ -71,10 +75,18 @@ class RetrievalService:
         embedder = Embedder(recorded, device=cfg.device, precision=cfg.precision)  # prefixes from the collection
         store.check_embedder(recorded, embedder.dimension)
         passages = store.count()
+        side = VectorFile.of(store)
+        if side is not None and len(side) != passages:
+            raise StoreError(f"collection {cfg.collection!r} holds {passages} passages but its vector side file "
+                             f"{side.directory} {len(side)} vectors; run the adopt that wrote them again.")
         choice = choose_index(cfg.index, cfg.device, passages, embedder.dimension, cfg.exact_max_gib,
-                              _free_gpu_bytes(cfg.device))
+                              _free_gpu_bytes(cfg.device), side_file=side is not None)
         log.info("vector search: %s; encoder in %s on %s", choice.reason, embedder.precision, cfg.device)
-        exact = ExactIndex.from_store(store, cfg.device) if choice.kind == "exact" else None
+        exact = None
+        if side is not None:
+            exact = exact_from_side_file(side, cfg)
+        elif choice.kind == "exact":
+            exact = ExactIndex.from_store(store, cfg.device)
         fast = bucketed_encoder(embedder) if exact is not None and cfg.fast_encoder else None
         return cls(store, embedder, exact, passages, fast)
 
@@ -89,6 +101,17 @@ class RetrievalService:
 
     def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         return self.lookup(self.encode(queries), topk)
+
+
+def exact_from_side_file(side: VectorFile, cfg: SearchOptions) -> ExactIndex:
+    """The side file's exact index: fp16 unless --exact-precision says fp32, on the fewest of --exact-devices
+    (default: the encoder's device) that hold it."""
+    precision = cfg.exact_precision if cfg.exact_precision != "auto" else (
+        "fp16" if cfg.device.startswith("cuda") else "fp32")
+    devices = list(cfg.exact_devices) or [cfg.device]
+    size = len(side) * side.dimension * BYTES_PER_VALUE[precision]
+    used = plan_shards(size, devices, [_free_gpu_bytes(d) for d in devices])
+    return ExactIndex.from_vector_file(side, used, precision, cfg.exact_rescore)
 
 
 # Real queries of several lengths: the fixed-shape encoder must give sentence-transformers' vectors on them.
@@ -125,4 +148,4 @@ def _free_gpu_bytes(device: str) -> int | None:
         return None
     import torch  # here, not at the top: the HTTP front and the CLI never need it
 
-    return int(torch.cuda.mem_get_info()[0])
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])

@@ -218,6 +218,8 @@ def worker_main(control, fronts: list, options: SearchOptions, log_level: str, m
     control.send(("ready", {"passages": service.passages, "embedder": service.embedder.spec.name,
                             "dimension": service.embedder.dimension, "precision": service.embedder.precision,
                             "index": "exact" if service.exact is not None else "hnsw",
+                            "index_precision": service.exact.precision if service.exact is not None else None,
+                            "shards": len(service.exact.shards) if service.exact is not None else 0,
                             "collection": service.store.collection.name,
                             "fingerprint": service.store.fingerprint()}))
     pipeline = _Pipeline(service, max_batch, coalesce, tally)

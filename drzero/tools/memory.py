@@ -53,6 +53,13 @@ class MemoryConfig:
     passages: int | None = option(None, help=(
         "passages in the corpus: sizes the retriever's exact index on the GPU (default: unknown, not counted; a "
         "stage's preflight reads it from the store)"))
+    vectors_in_side_file: bool = option(False, help=(
+        "the corpus keeps its vectors in a side file (`drzero adopt --faiss-index`): its exact index is always on "
+        "the GPU, fp16 unless --retriever-precision says fp32"))
+    retriever_precision: str | None = option(None, choices=["fp32", "fp16"], help=(
+        "as `drzero serve-retriever --exact-precision` (default: fp16 for a side file, fp32 otherwise)"))
+    retriever_shards: int = option(1, help=(
+        "GPUs the exact index is split over (`serve-retriever --exact-devices`): GPU 0 holds one shard"))
     overrides: list[str] = field(default_factory=list)  # Hydra overrides after `--`, as the stages take them
 
     def __post_init__(self) -> None:
@@ -60,11 +67,14 @@ class MemoryConfig:
         require(self.nodes >= 1, "nodes", self.nodes, "an integer >= 1")
         require(self.gpu_mem is None or self.gpu_mem > 0, "gpu_mem", self.gpu_mem, "GiB per GPU, > 0")
         require(self.passages is None or self.passages >= 0, "passages", self.passages, "an integer >= 0")
+        require(self.retriever_shards >= 1, "retriever_shards", self.retriever_shards, "an integer >= 1")
 
     def retriever(self) -> RetrieverLoad | None:
         if self.retriever_device != "cuda":
             return None
-        return RetrieverLoad(ENCODER_SHAPES[self.embedder], passages=self.passages)
+        return RetrieverLoad(ENCODER_SHAPES[self.embedder], passages=self.passages,
+                             side_file=self.vectors_in_side_file, precision=self.retriever_precision,
+                             shards=self.retriever_shards)
 
 
 def stage_memories(cfg: MemoryConfig) -> list[StageMemory]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from drzero.checks import Check
 from drzero.corpus.store import INDEX_CHECKED, CorpusStore, StoreError, read_index_check
+from drzero.corpus.vector_file import has_side_file
 from drzero.data.budget import PromptBudget, response_budget_for
 from drzero.data.seed import SEED_MANIFEST
 from drzero.layout import SEED_STEM
@@ -432,7 +433,8 @@ def with_store_size(placement: Placement | None, corpus: tuple[Path | str, str] 
         return placement
     spec = store.recorded_spec()
     encoder = ENCODER_SHAPES.get(spec.name if spec else "", placement.retriever.encoder)
-    return replace(placement, retriever=replace(placement.retriever, encoder=encoder, passages=store.count()))
+    return replace(placement, retriever=replace(placement.retriever, encoder=encoder, passages=store.count(),
+                                                side_file=has_side_file(store)))
 
 
 def gpu_only_checks(config, enabled: bool | None = None) -> list[Check]:
