@@ -41,7 +41,8 @@ from drzero.corpus.faiss_file import FaissFlatFile
 from drzero.corpus.readers import record_to_document
 from drzero.corpus.store import (INDEX_CHECKED, INDEX_WRITING, CorpusStore, StoreError, record_index_check,
                                  writer_lock)
-from drzero.corpus.vector_file import META_VECTORS, SIDE_FILE, VectorFile, VectorFileWriter, has_side_file, vector_dir
+from drzero.corpus.vector_file import (META_VECTORS, PLACEHOLDER_SETTINGS, SIDE_FILE, VectorFile, VectorFileWriter,
+                                       has_side_file, placeholders, vector_dir)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ ANCHOR_LINES = 1024        # the line index keeps the byte offset of every 1,024
 SCAN_BYTES = 16 << 20      # the line count reads the corpus this much at a time
 COPY_BYTES = 64 << 20      # vectors copied per step
 CHECKPOINT_EVERY = 16      # steps (1 GiB) between checkpoints of the side file: what a kill can cost to redo
-# One-number placeholder per record; an L2 HNSW over scalars with few links is quick to build and never searched.
-PLACEHOLDER_SETTINGS = {"hnsw:space": "l2", "hnsw:construction_ef": 16, "hnsw:M": 4, "hnsw:search_ef": 16}
 
 
 @dataclass
@@ -251,10 +250,6 @@ def copy_vectors(vectors: np.ndarray, writer: VectorFileWriter, normalize: bool)
     return gbps
 
 
-def _placeholders(rows: range) -> np.ndarray:
-    return ((np.arange(rows.start, rows.stop) % 1000 + 1) / 1000).astype(np.float32)[:, None]
-
-
 def store_documents(store: CorpusStore, lines: LineIndex, writer: VectorFileWriter, batch: int,
                     source: str) -> float | None:
     """Upsert the documents the side file has no ids for yet, ``batch`` at a time; the next batch is parsed while
@@ -286,7 +281,7 @@ def store_documents(store: CorpusStore, lines: LineIndex, writer: VectorFileWrit
                 rows = range(row + 1 - len(ids), row + 1)
                 if pending is not None:
                     settle()
-                pending = (chroma.submit(store.add, ids, contents, metadatas, _placeholders(rows)), ids)
+                pending = (chroma.submit(store.add, ids, contents, metadatas, placeholders(rows)), ids)
                 ids, contents, metadatas = [], [], []
         if pending is not None:
             settle()

@@ -5,6 +5,7 @@
 
     drzero ingest --verify --db /corpus/chromadb         # check (and repair) the vector index only
     drzero ingest papers/ --db http://127.0.0.1:8000 --collection papers   # into a Chroma server
+    drzero ingest wiki.jsonl --db /corpus/chromadb --vectors side-file       # millions: drzero.corpus.side_file_ingest
 
 Passage ids are content hashes: a re-run adds nothing twice, and a run that was interrupted,
 run again, embeds only what is missing. Three stages run at once (drzero.corpus.pipeline), joined
@@ -15,14 +16,14 @@ and writing to the store by one writer (with counting each passage's tokens); so
 kept busy and memory stays constant. What was encoded when a run stops is still written. The
 summary says where the time went; the encoder should never wait for the other stages.
 
-One ingest writes a store at a time: each holds an exclusive lock beside it (``DB.lock``), and a
-second one exits 2 at once, naming the first. Every ingest that added passages (and
-``--verify``) ends by checking that each stored passage can be found in the vector index, and
-re-embeds any that cannot (what two writers at once left behind before the lock existed). The
-check is recorded beside the collection only once it passed (drzero.corpus.store.record_index_check),
-so an ingest killed after its last write and before its check is checked by the next ingest, even
-one that adds nothing. A Chroma server (``--db http://host:port``, token in ``$DRZERO_CHROMA_TOKEN``) writes its
-own files alone: there is no lock, and its index is checked only with ``--verify``.
+One ingest writes a store at a time: each holds an exclusive lock beside it (``DB.lock``), and a second one exits
+2 at once, naming the first. Every ingest that added passages (and ``--verify``) ends by checking that each stored
+passage can be found in the vector index, and re-embeds any that cannot (what two writers at once left behind
+before the lock existed); a side-file collection's side file is compared with Chroma's ids instead. The check is
+recorded beside the collection only once it passed (drzero.corpus.store.record_index_check), so an ingest killed
+after its last write and before its check is checked by the next ingest, even one that adds nothing. A Chroma
+server (``--db http://host:port``, token in ``$DRZERO_CHROMA_TOKEN``) writes its own files alone: there is no
+lock, and its index is checked only with ``--verify``.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ from drzero.corpus.encoder_process import EncoderProcess, encoder_devices
 from drzero.corpus.passage_batches import PassageBatches
 from drzero.corpus.pipeline import Channel, Pipeline
 from drzero.corpus.readers import HUGE_FILE_BYTES, ReadReport, RecordFields, expand_sources
+from drzero.corpus.side_file_ingest import (SIDE_FILE, VECTOR_MODES, SideFileStore, check_side_file,
+                                            collection_metadata, refuse_side_file_on_server, vectors_mode)
 from drzero.corpus.store import (DEFAULT_COLLECTION, INDEX_CHECKED, INDEX_WRITING, CorpusStore, StoreError,
                                  index_check_path, read_index_check, record_index_check, records_index_checks,
                                  writer_lock)
+from drzero.corpus.vector_file import has_side_file
 from drzero.records import DamagedRecord, read_record, set_aside
 from drzero.store_location import is_server_address
 
@@ -114,6 +118,9 @@ class IngestConfig:
     max_words: int = option(200, help="maximum words per passage; passages end on sentence boundaries")
     overlap_words: int = option(30, help="words of trailing sentences repeated at the start of the next passage")
     batch_size: int = option(256, help="passages embedded and written per batch")
+    vectors: str | None = option(None, choices=list(VECTOR_MODES), help=(
+        "where a new collection keeps its vectors: chroma (the default: Chroma's HNSW index) or side-file (a NumPy "
+        "file beside the store, searched exactly; for millions of passages). Default: an existing collection's own"))
     demo: bool = option(False, help="also ingest the bundled demo research world (no download needed)")
     demo_papers: int = option(400, help="size of the demo world, in papers")
     demo_seed: int = option(0, help="seed of the demo world generator")
@@ -130,6 +137,7 @@ class IngestConfig:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         require(self.encoders >= 0, "encoders", self.encoders, "an integer >= 0 (0: one per visible GPU)")
         require(self.demo_papers >= 20, "demo_papers", self.demo_papers, "an integer >= 20")
+        refuse_side_file_on_server(self.vectors, self.db)
 
 
 @dataclass(kw_only=True)
@@ -264,7 +272,10 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
     """Every stored passage findable in the vector index; the ones that are not are re-embedded."""
     store = CorpusStore.open_existing(cfg.db, cfg.collection)
     summary.verified = store.count()
-    missing = store.unindexed_ids()
+    side_file = has_side_file(store)  # its ids compared with the side file's: Chroma holds placeholders
+    missing = [] if side_file else store.unindexed_ids()
+    if side_file:
+        log.info("vector side file checked: %s", check_side_file(store, whole=cfg.verify))
     summary.unindexed = len(missing)
     if missing:
         record_index_check(cfg.db, cfg.collection, INDEX_WRITING)
@@ -298,6 +309,7 @@ def _verify_index(cfg: IngestConfig, summary: IngestSummary) -> None:
 def _ingest(cfg: IngestConfig) -> IngestSummary:
     summary = IngestSummary()
     store = CorpusStore.open_for_writing(cfg.db, cfg.collection)
+    mode = vectors_mode(cfg.vectors, store, cfg.db, cfg.collection)
     recorded = store.recorded_spec() if store is not None else None
     spec = spec_for(resolve_embedder_name(cfg, recorded), cfg.query_prefix, cfg.passage_prefix)
     if recorded is not None and recorded.name != spec.name:
@@ -316,14 +328,19 @@ def _ingest(cfg: IngestConfig) -> IngestSummary:
         and creates no collection."""
         nonlocal store
         if store is None:
-            store = CorpusStore.create(cfg.db, spec, encoder.dimension, cfg.collection)
+            store = CorpusStore.create(cfg.db, spec, encoder.dimension, cfg.collection, collection_metadata(mode))
         store.check_embedder(spec, encoder.dimension)
         summary.window_tokens = encoder.max_tokens
         record_index_check(cfg.db, cfg.collection, INDEX_WRITING)  # until the check at the end passes
+        if mode == SIDE_FILE:
+            with store_lock:  # the reader looks ids up in the store meanwhile
+                store = SideFileStore.open(store, encoder.dimension, spec.name)
         return store
 
     summary.added, summary.over_window, summary.seconds = _embed_and_write(
         source.produce, lambda: _open_encoders(spec, cfg), open_for_writing, store_lock, source.estimated_todo)
+    if isinstance(store, SideFileStore):
+        store.finish()
     report = source.report
     summary.files_read, summary.records_read = report.files_read, report.records_read
     summary.skipped, summary.wrappers = report.skipped, report.wrappers

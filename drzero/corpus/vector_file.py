@@ -11,7 +11,9 @@ Chroma keeps the documents and their metadata; a collection whose vectors live h
 
 Writing resumes after a kill -9: the rows go into the memory-mapped file first, the ids after them, and only then
 does ``meta.json`` (written atomically) count them; a rerun opens the writer again and carries on from the counted
-rows. Ids equal to their row number (wiki-18's ``"0"``..``"21015323"``) are recorded as ``"sequential"`` instead of
+rows. ``drzero ingest --vectors side-file`` writes one too (drzero.corpus.side_file_ingest): its count is unknown,
+so the file grows; a finished one is reopened for the rows of the next ingest, and ``truncate``/``retain`` drop
+the rows a kill left that the collection never received. Ids equal to their row number (wiki-18's ``"0"``..``"21015323"``) are recorded as ``"sequential"`` instead of
 21 M strings.
 """
 
@@ -36,6 +38,8 @@ META_VECTORS = "drzero:vectors"  # collection metadata: where its vectors are
 SIDE_FILE = "side-file"          # ... in the vector side file; Chroma's own are placeholders
 DTYPES = ("float32", "float16")
 MIN_CAPACITY = 1 << 16           # rows a file of unknown length grows by at least (it doubles)
+# One-number placeholder per record; an L2 HNSW over scalars with few links is quick to build and never searched.
+PLACEHOLDER_SETTINGS = {"hnsw:space": "l2", "hnsw:construction_ef": 16, "hnsw:M": 4, "hnsw:search_ef": 16}
 
 META_SHAPE = {"format": int, "count": Optional(int), "dimension": int, "dtype": OneOf(*DTYPES), "embedder": str,
               "complete": bool, "rows": int, "id_rows": int, "ids": OneOf("sequential", "file"),
@@ -53,6 +57,11 @@ def vector_dir(db: Path | str, collection: str) -> Path | None:
 def has_side_file(store: CorpusStore) -> bool:
     """Whether the collection's metadata says that its vectors live in the side file."""
     return (store.collection.metadata or {}).get(META_VECTORS) == SIDE_FILE
+
+
+def placeholders(rows: range) -> np.ndarray:
+    """The one-number embeddings Chroma holds for the side file's ``rows`` (its real vectors are in the file)."""
+    return ((np.arange(rows.start, rows.stop) % 1000 + 1) / 1000).astype(np.float32)[:, None]
 
 
 class SequentialIds(Sequence[str]):
@@ -73,7 +82,8 @@ class SequentialIds(Sequence[str]):
         return str(row % self.count)
 
 
-def _read_meta(directory: Path) -> dict | None:
+def read_meta(directory: Path) -> dict | None:
+    """The side file's record (meta.json) in ``directory``; None when none was begun there."""
     try:
         return read_record(directory / "meta.json", META_SHAPE)
     except DamagedRecord as damage:
@@ -120,7 +130,7 @@ class VectorFileWriter:
              count: int | None = None) -> "VectorFileWriter":
         """A writer that resumes the file in ``directory`` when it was begun with the same settings, or starts it."""
         directory = Path(directory)
-        meta = _read_meta(directory)
+        meta = read_meta(directory)
         wanted = {"dimension": dimension, "dtype": dtype, "embedder": embedder, "count": count}
         if meta is not None and (directory / "vectors.npy").is_file():
             differs = {k: (meta[k], v) for k, v in wanted.items() if meta[k] != v}
@@ -136,6 +146,15 @@ class VectorFileWriter:
                 "ids_bytes": 0}
         write_json_atomically(meta, directory / "meta.json")
         return cls(directory, meta)
+
+    def reopen(self) -> None:
+        """Take more rows after a ``finish`` (an ingest adding to its collection); a file of fixed count cannot."""
+        if self.complete:
+            if self.meta["count"] is not None:
+                raise StoreError(f"the vector side file in {self.directory} holds the {self.meta['count']} rows it "
+                                 f"was begun for; it takes no more.")
+            self.meta["complete"] = False
+            self.checkpoint()
 
     @property
     def rows(self) -> int:
@@ -191,6 +210,60 @@ class VectorFileWriter:
         data = "".join(i + "\n" for i in ids).encode()
         self._ids.write(data)
         self.meta["ids_bytes"] += len(data)
+
+    def ids_from(self, row: int) -> list[str]:
+        """The ids of rows ``row`` to the last counted one, read from the end of ids.txt (a resume needs the last
+        few of millions)."""
+        return self._id_tail(self.id_rows - row)[1]
+
+    def _id_tail(self, count: int) -> tuple[int, list[str]]:
+        """(where the last ``count`` ids begin in ids.txt, those ids)."""
+        end = self.meta["ids_bytes"]
+        if count <= 0:
+            return end, []
+        if self.meta["ids"] == "sequential":
+            return 0, [str(r) for r in range(self.id_rows - count, self.id_rows)]
+        if self._ids is not None:
+            self._ids.flush()
+        start, block, data = end, 1 << 16, b""
+        with open(self.directory / "ids.txt", "rb") as handle:
+            # count + 1 newlines make the last count lines whole (the line before them ends in the data read)
+            while start > 0 and data.count(b"\n") <= count:
+                start = max(0, start - block)
+                block *= 2
+                handle.seek(start)
+                data = handle.read(end - start)
+        lines = data.split(b"\n")[:-1][-count:]
+        return end - sum(len(line) + 1 for line in lines), [line.decode() for line in lines]
+
+    def truncate(self, rows: int) -> None:
+        """Forget every row from ``rows`` on, and its id (durably, like an append)."""
+        if not 0 <= rows <= min(self.rows, self.id_rows):
+            raise ValueError(f"cannot cut {self.rows} rows with {self.id_rows} ids to {rows}")
+        self._require_open()
+        if self.meta["ids"] == "file":
+            offset, _ = self._id_tail(self.id_rows - rows)
+            self._ids.flush()
+            self._ids.truncate(offset)
+            self.meta["ids_bytes"] = offset
+        self.meta["rows"] = self.meta["id_rows"] = rows
+        self.checkpoint()
+
+    def retain(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (ascending), moving the later ones down in order: a resume's repair when the rows a
+        kill left unreceived are not all at the end. The moved rows are read into memory (a few batches)."""
+        keep = np.asarray(rows, dtype=np.int64)
+        shifted = np.flatnonzero(keep != np.arange(len(keep)))
+        first = int(shifted[0]) if len(shifted) else len(keep)   # rows before it stay where they are
+        moved = keep[first:]
+        if not len(moved):
+            self.truncate(first)
+            return
+        vectors = np.array(self._matrix[moved])
+        later = self.ids_from(first)
+        ids = [later[r - first] for r in moved.tolist()]
+        self.truncate(first)
+        self.append(vectors, ids)
 
     def _require_open(self) -> None:
         if self.complete:
@@ -250,7 +323,7 @@ class VectorFile:
     @classmethod
     def open(cls, directory: Path | str) -> "VectorFile":
         directory = Path(directory)
-        meta = _read_meta(directory)
+        meta = read_meta(directory)
         if meta is None:
             raise StoreError(f"no vector side file in {directory}.")
         if not meta["complete"]:
@@ -284,12 +357,13 @@ class VectorFile:
     def __len__(self) -> int:
         return self.meta["rows"]
 
-    def verify(self, store: CorpusStore, samples: int = 64, min_cosine: float = 0.999) -> str:
-        """Compare ``samples`` rows, spread over the file, with the vectors Chroma holds for their ids (when it holds
-        real ones, not placeholders); StoreError naming the first disagreement. Returns what was checked."""
+    def verify(self, store: CorpusStore, samples: int | None = 64, min_cosine: float = 0.999) -> str:
+        """Compare ``samples`` rows, spread over the file, with the vectors Chroma holds for their ids; StoreError
+        naming the first disagreement. Returns what was checked. A collection that holds placeholders is checked by
+        its ids instead (``verify_ids``)."""
         if has_side_file(store):
-            return "Chroma holds placeholders for this collection; the side file is its only copy of the vectors"
-        rows = np.unique(np.linspace(0, len(self) - 1, num=min(samples, len(self))).astype(np.int64))
+            return self.verify_ids(store, samples)
+        rows = self._sample(samples)
         wanted = [self.ids[r] for r in rows]
         got = store.collection.get(ids=wanted, include=["embeddings"])
         stored = dict(zip(got["ids"], np.asarray(got["embeddings"], dtype=np.float32)))
@@ -305,3 +379,31 @@ class VectorFile:
                 raise StoreError(f"row {row} of the side file (passage {passage_id!r}) differs from the collection's "
                                  f"vector (cosine {cosine:.4f} < {min_cosine}); write the side file again.")
         return f"{len(rows)} rows agree with the collection's vectors (cosine >= {min_cosine})"
+
+    def verify_ids(self, store: CorpusStore, samples: int | None = 64) -> str:
+        """The side file of a collection that holds placeholders: one row per passage, and the ids of ``samples``
+        rows spread over the file (every id, None) in the collection; StoreError naming the first disagreement."""
+        name, held = store.collection.name, store.count()
+        if held != len(self):
+            raise StoreError(f"collection {name!r} holds {held} passages but its vector side file {self.directory} "
+                             f"{len(self)} vectors; run the ingest (or adopt) that wrote them again.")
+        if samples is None:
+            stray = sorted(set(store.all_ids()).symmetric_difference(self.ids))[:1]
+            if stray or len(set(self.ids)) != held:
+                example = f"passage {stray[0]!r} is in one only" if stray else "it repeats ids"
+                raise StoreError(f"the ids of the vector side file {self.directory} differ from collection {name!r}'s "
+                                 f"({example}); ingest into a fresh --db.")
+            return f"the {held} ids of the side file are the collection's"
+        rows = self._sample(samples)
+        wanted = [self.ids[r] for r in rows]
+        found = store.existing_ids(wanted)
+        for row, passage_id in zip(rows, wanted):
+            if passage_id not in found:
+                raise StoreError(f"row {row} of the vector side file {self.directory} is passage {passage_id!r}, "
+                                 f"which collection {name!r} lacks; ingest into a fresh --db.")
+        return f"{held} passages and side-file rows; the ids of {len(rows)} rows found in the collection"
+
+    def _sample(self, samples: int | None) -> np.ndarray:
+        """``samples`` rows spread evenly over the file (every row, None)."""
+        count = len(self) if samples is None else min(samples, len(self))
+        return np.unique(np.linspace(0, len(self) - 1, num=count).astype(np.int64))

@@ -78,7 +78,7 @@ class RetrievalService:
         side = VectorFile.of(store)
         if side is not None and len(side) != passages:
             raise StoreError(f"collection {cfg.collection!r} holds {passages} passages but its vector side file "
-                             f"{side.directory} {len(side)} vectors; run the adopt that wrote them again.")
+                             f"{side.directory} {len(side)} vectors; run the ingest or adopt that wrote them again.")
         choice = choose_index(cfg.index, cfg.device, passages, embedder.dimension, cfg.exact_max_gib,
                               _free_gpu_bytes(cfg.device), side_file=side is not None)
         log.info("vector search: %s; encoder in %s on %s", choice.reason, embedder.precision, cfg.device)
