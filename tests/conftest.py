@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +31,29 @@ def free_port() -> int:
 
 def drzero_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "drzero.cli", *args]
+
+
+def kill_ingest_when_stored(command: list[str], passages: int, timeout: float = 180.0) -> tuple[int, str]:
+    """Run the ``drzero ingest`` ``command`` in a session of its own and kill -9 the whole session (its encoder
+    processes too) once its progress bar has counted ``passages``; returns the count the bar showed last and the
+    output. Progress comes from the run's own bar: opening the store here while it writes would cache a stale view
+    of it. Fails when the run ended before it was killed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    output = bytearray()
+    reader = threading.Thread(target=lambda: [output.extend(chunk) for chunk in iter(lambda: run.stdout.read1(4096),
+                                                                                      b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    stored = 0
+    while time.monotonic() < deadline and run.poll() is None and stored < passages:
+        time.sleep(0.05)
+        done = re.findall(rb"embedding:.*?\| *(\d+)/", bytes(output))
+        stored = int(done[-1]) if done else 0
+    assert run.poll() is None, bytes(output).decode()[-2000:]  # still running: killed part-way
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    return stored, bytes(output).decode(errors="replace")
 
 
 @pytest.fixture(scope="session")

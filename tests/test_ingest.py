@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import kill_ingest_when_stored
 from drzero.config import ConfigError
 from drzero.corpus import ingest as ingest_module
 from drzero.corpus.embedder import TEST_EMBEDDER, Embedder, EmbedderNotFound, load_sentence_transformer
@@ -491,34 +492,15 @@ def test_an_ingest_with_two_encoders_killed_mid_run_resumes_to_the_same_store(tm
     """kill -9 of the whole ingest (both encoder processes die with it) while it writes; the rerun completes
     the store to exactly what an uninterrupted run writes."""
     import os
-    import re
-    import signal
     import subprocess
     import sys
-    import threading
-    import time
 
     source = str(_corpus(tmp_path, 40))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     flags = ["--embedder", "minilm", "--max-words", "60", "--overlap-words", "10", "--batch-size", "4"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     command = [sys.executable, "-m", "drzero.cli", "ingest", source, *flags, "--encoders", "2"]
-    run = subprocess.Popen(command + ["--db", str(killed)], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, start_new_session=True)
-    # progress from the run's own bar (opening the store here while it writes would cache a stale view of it)
-    output = bytearray()
-    reader = threading.Thread(target=lambda: [output.extend(chunk) for chunk in iter(lambda: run.stdout.read1(4096),
-                                                                                      b"")], daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 180
-    stored = 0
-    while time.monotonic() < deadline and run.poll() is None and stored < 40:
-        time.sleep(0.2)
-        done = re.findall(rb"embedding:.*?\| *(\d+)/", bytes(output))
-        stored = int(done[-1]) if done else 0
-    assert run.poll() is None, bytes(output).decode()[-2000:]  # still running: killed part-way
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
+    stored, _ = kill_ingest_when_stored(command + ["--db", str(killed)], 40)
     resumed = subprocess.run(command + ["--db", str(killed)], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     subprocess.run(command[:-2] + ["--db", str(whole)], env=env, check=True, capture_output=True, timeout=600)

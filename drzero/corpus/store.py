@@ -141,7 +141,8 @@ class CorpusStore:
     def create(cls, path: Path | str, spec: EmbedderSpec, dimension: int,
                name: str = DEFAULT_COLLECTION, extra_metadata: dict | None = None) -> "CorpusStore":
         """A new collection that records the embedder's spec in its metadata (``extra_metadata`` added over it:
-        ``drzero adopt --faiss-index`` marks a collection whose vectors live in a side file)."""
+        ``drzero adopt --faiss-index`` and ``drzero ingest --vectors side-file`` mark a collection whose vectors
+        live in a side file)."""
         location = parse_db(path)
         if not location.is_server:
             location.path.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ Writing resumes after a kill -9: the rows go into the memory-mapped file first, 
 does ``meta.json`` (written atomically) count them; a rerun opens the writer again and carries on from the counted
 rows. ``drzero ingest --vectors side-file`` writes one too (drzero.corpus.side_file_ingest): its count is unknown,
 so the file grows; a finished one is reopened for the rows of the next ingest, and ``truncate``/``retain`` drop
-the rows a kill left that the collection never received. Ids equal to their row number (wiki-18's ``"0"``..``"21015323"``) are recorded as ``"sequential"`` instead of
-21 M strings.
+the rows a kill left that the collection never received. Ids equal to their row number (wiki-18's
+``"0"``..``"21015323"``) are recorded as ``"sequential"`` instead of 21 M strings.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ class RetrieverLoad:
     passages: int | None = None   # vectors in the store; None until the store is read (the index is then not counted)
     max_batch: int = 256          # `drzero serve-retriever --max-batch`
     exact_max_gib: float = 8.0    # `--exact-max-gib`: a larger matrix stays in Chroma's HNSW on the CPU
-    side_file: bool = False       # vectors in a side file (`drzero adopt --faiss-index`): always exact, fp16 on cuda
+    side_file: bool = False       # vectors in a side file (adopt or ingest of a side file): always exact, fp16 on cuda
     precision: str | None = None  # `--exact-precision`: None = auto (fp16 for a side file, fp32 otherwise)
     shards: int = 1               # GPUs the index is split over (`--exact-devices`); GPU 0 holds one shard
 

@@ -60,9 +60,9 @@ def choose_index(requested: str, device: str, passages: int, dimension: int, max
     gib = size / 2**30
     if side_file:
         if requested == "hnsw":
-            raise StoreError("this collection's vectors live in its vector side file (Chroma holds placeholders, "
-                             "adopted from a FAISS index), so it has no HNSW index to search; serve it with "
-                             "--index exact or auto.")
+            raise StoreError("this collection's vectors live in its vector side file (Chroma holds placeholders: "
+                             "adopt --faiss-index or ingest --vectors side-file), so it has no HNSW index to search; "
+                             "serve it with --index exact or auto.")
         return IndexChoice("exact", f"exact search over the {passages} vectors of the collection's side file")
     if requested == "hnsw":
         return IndexChoice("hnsw", "Chroma's HNSW index (--index hnsw)")

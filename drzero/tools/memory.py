@@ -54,7 +54,8 @@ class MemoryConfig:
         "passages in the corpus: sizes the retriever's exact index on the GPU (default: unknown, not counted; a "
         "stage's preflight reads it from the store)"))
     vectors_in_side_file: bool = option(False, help=(
-        "the corpus keeps its vectors in a side file (`drzero adopt --faiss-index`): its exact index is always on "
+        "the corpus keeps its vectors in a side file (`drzero adopt --faiss-index`, `drzero ingest --vectors "
+        "side-file`): its exact index is always on "
         "the GPU, fp16 unless --retriever-precision says fp32"))
     retriever_precision: str | None = option(None, choices=["fp32", "fp16"], help=(
         "as `drzero serve-retriever --exact-precision` (default: fp16 for a side file, fp32 otherwise)"))
