@@ -142,3 +142,27 @@ def test_the_gpu_benchmark_runs_its_cpu_path(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "card: CPU; 3,000 x 64" in report and "recall@3 vs exact fp32, top 12 re-scored in fp32 | 1.0000" in report
     assert "adopt's copy pass" in report and not (tmp_path / "w").exists()
+
+
+def test_truncate_and_retain_cut_the_rows_and_their_ids(tmp_path):
+    """The last ids are read from the end of ids.txt (blocks doubling back from its end: here 200 KB of ids)."""
+    vectors = np.arange(20_000 * 4, dtype=np.float32).reshape(20_000, 4)
+    ids = [f"passage-{i:06d}" for i in range(20_000)]
+    writer = VectorFileWriter.open(tmp_path / "v", 4, embedder="m")
+    writer.append(vectors, ids)
+    assert writer.ids_from(19_990) == ids[19_990:] and writer.ids_from(20_000) == []
+    writer.truncate(15_000)
+    assert (writer.rows, writer.id_rows) == (15_000, 15_000) and writer.ids_from(14_000) == ids[14_000:15_000]
+    writer.retain([*range(10_000), 12_000, 14_999])      # later rows moved down, in order
+    side = writer.finish()
+    assert list(side.ids) == ids[:10_000] + [ids[12_000], ids[14_999]]
+    assert np.array_equal(side.vectors, vectors[[*range(10_000), 12_000, 14_999]])
+    with pytest.raises(StoreError, match="is complete"):
+        VectorFileWriter.open(tmp_path / "v", 4, embedder="m").append(vectors[:1], ["more"])
+    again = VectorFileWriter.open(tmp_path / "v", 4, embedder="m")
+    again.reopen()                                        # an ingest adding to the collection
+    again.append(vectors[:2], ["more-1", "more-2"])
+    assert list(again.finish().ids)[-3:] == [ids[14_999], "more-1", "more-2"]
+    fixed = _side_file(tmp_path / "fixed", vectors[:3])
+    with pytest.raises(StoreError, match="holds the 3 rows it was begun for"):
+        VectorFileWriter.open(fixed.directory, 4, embedder="m", count=3).reopen()

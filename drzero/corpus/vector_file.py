@@ -243,8 +243,8 @@ class VectorFileWriter:
         self._require_open()
         if self.meta["ids"] == "file":
             offset, _ = self._id_tail(self.id_rows - rows)
-            self._ids.flush()
             self._ids.truncate(offset)
+            self._ids.seek(offset)  # a file begun here was opened "wb": its next ids are written where it points
             self.meta["ids_bytes"] = offset
         self.meta["rows"] = self.meta["id_rows"] = rows
         self.checkpoint()
