@@ -12,7 +12,8 @@ import pytest
 from conftest import drzero_command, kill_ingest_when_stored
 from drzero.config import ConfigError
 from drzero.corpus.ingest import IngestConfig, run_ingest
-from drzero.corpus.side_file_ingest import SideFileStore
+from drzero.corpus.embedder import TEST_EMBEDDER, EmbedderSpec
+from drzero.corpus.side_file_ingest import SideFileStore, collection_metadata
 from drzero.corpus.store import CorpusStore, StoreError, read_index_check
 from drzero.corpus.vector_file import VectorFile, VectorFileWriter, has_side_file
 from drzero.retrieval.search_cli import SearchConfig, _ask_store
@@ -105,6 +106,13 @@ def test_the_other_mode_and_a_chroma_server_are_refused_in_one_sentence(tmp_path
         _ingest(side, _corpus(tmp_path, 4), vectors="chroma")
     with pytest.raises(StoreError, match="keeps its vectors in Chroma, so --vectors side-file cannot add to it"):
         _ingest(chroma, _corpus(tmp_path, 4), vectors="side-file")
+    adopted = tmp_path / "adopted"   # what `drzero adopt --faiss-index` leaves: a side file of fixed length
+    CorpusStore.create(adopted, EmbedderSpec(TEST_EMBEDDER), 384, extra_metadata=collection_metadata("side-file"))
+    writer = VectorFileWriter.open(adopted / "vectors" / "corpus", 384, embedder=TEST_EMBEDDER, count=2)
+    writer.append(np.ones((2, 384), np.float32), ["0", "1"])
+    writer.finish()
+    with pytest.raises(StoreError, match="was adopted from a FAISS index: its side file holds the index's 2 rows"):
+        _ingest(adopted, _corpus(tmp_path, 4))
     with pytest.raises(ConfigError, match="^--vectors side-file .* the Chroma server http://127.0.0.1:9 has no "
                                           "place for; pass a directory as --db"):
         IngestConfig(sources=["x"], db="http://127.0.0.1:9", vectors="side-file")

@@ -71,7 +71,13 @@ class SideFileStore(CorpusStore):
     @classmethod
     def open(cls, store: CorpusStore, dimension: int, embedder: str) -> "SideFileStore":
         """The collection's side file opened to append (started when there is none), cut back to what Chroma holds."""
-        writer = VectorFileWriter.open(vector_dir(store.path, store.collection.name), dimension, embedder=embedder)
+        directory = vector_dir(store.path, store.collection.name)
+        record = read_meta(directory)
+        if record is not None and record["count"] is not None:
+            raise StoreError(f"collection {store.collection.name!r} in {store.path} was adopted from a FAISS index: "
+                             f"its side file holds the index's {record['count']} rows and takes no more; ingest into "
+                             f"another --collection.")
+        writer = VectorFileWriter.open(directory, dimension, embedder=embedder)
         writer.reopen()
         dropped = reconcile(writer, store)
         if dropped:
