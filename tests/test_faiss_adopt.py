@@ -113,6 +113,7 @@ def test_an_index_in_parts_is_adopted_as_the_joined_file_is(tmp_path, wiki, adop
     run_adopt_faiss(AdoptConfig(db=str(db), embedder="minilm", faiss_index=[str(p) for p in parts],
                                 corpus=str(corpus), samples=16))
     joined_db, _ = adopted
+    assert CorpusStore.open_existing(db).count() == PASSAGES
     mine = VectorFile.open(db / "vectors" / "corpus")
     joined = VectorFile.open(joined_db / "vectors" / "corpus")
     assert np.array_equal(np.asarray(mine.vectors), np.asarray(joined.vectors))
@@ -265,3 +266,23 @@ def test_fp16_exact_search_over_the_adopted_store_matches_fp32(adopted, minilm):
     rows16, scores16 = half.exact.search(vectors, 3)
     assert half.exact.rescore == 4 and np.array_equal(rows, rows16) and np.allclose(scores, scores16, atol=1e-6)
     assert isinstance(torch.as_tensor(scores16), torch.Tensor)
+
+
+def test_a_gzipped_corpus_is_unpacked_once_beside_itself_and_adopted(tmp_path, wiki):
+    import gzip
+
+    corpus, index, _ = wiki
+    packed = tmp_path / "wiki-18.jsonl.gz"
+    packed.write_bytes(gzip.compress(corpus.read_bytes()))
+    result = run_adopt_faiss(AdoptConfig(db=str(tmp_path / "db"), embedder="minilm", faiss_index=[str(index)],
+                                         corpus=str(packed), samples=16))
+    plain = tmp_path / "wiki-18.jsonl"
+    assert plain.read_bytes() == corpus.read_bytes() and not list(tmp_path.glob(".*.part"))
+    assert CorpusStore.open_existing(tmp_path / "db").count() == PASSAGES == result.index.count
+    truncated = tmp_path / "cut" / "wiki-18.jsonl.gz"
+    truncated.parent.mkdir()
+    truncated.write_bytes(packed.read_bytes()[:-100])
+    with pytest.raises(StoreError) as refused:
+        run_adopt_faiss(AdoptConfig(db=str(tmp_path / "db2"), embedder="minilm", faiss_index=[str(index)],
+                                    corpus=str(truncated), samples=16))
+    assert str(refused.value).startswith(f"cannot unpack {truncated}") and not list(truncated.parent.glob(".*"))

@@ -57,7 +57,7 @@ class AdoptConfig:
         "of one index, in order (Search-R1's part_aa part_ab: no need to join them first)"))
     corpus: str | None = option(None, metavar="JSONL", help=(
         "with --faiss-index: the corpus, one JSON record a line in the index's row order (Search-R1/FlashRAG's "
-        "wiki-18.jsonl: id, and contents with the title on its first line)"))
+        "wiki-18.jsonl: id, and contents with the title on its first line); a .jsonl.gz is unpacked beside itself once"))
     vectors_dtype: str = option("float32", choices=list(DTYPES), help=(
         "with --faiss-index: how the side file stores the vectors (float16 halves the disk, but the exact index "
         "then has no float32 rows to re-score with)"))

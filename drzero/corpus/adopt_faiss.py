@@ -24,6 +24,7 @@ side file's record counts are skipped (documents are upserted, so a batch writte
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import sys
@@ -156,11 +157,39 @@ def sample_rows(count: int, samples: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, num=min(samples, count)).astype(np.int64))
 
 
+def plain_corpus(corpus: Path) -> Path:
+    """The corpus as a plain JSONL file: adopt finds line *i* by position, which a gzip stream cannot do, so a
+    ``.jsonl.gz`` (wiki-18 as distributed) is unpacked once beside itself (``wiki-18.jsonl``; a killed unpacking
+    leaves only a hidden ``.part``, started again next time)."""
+    if corpus.suffix.lower() != ".gz":
+        return corpus
+    plain = corpus.with_suffix("")
+    if plain.is_file():
+        log.info("using %s, unpacked from %s before", plain, corpus.name)
+        return plain
+    partial = plain.with_name(f".{plain.name}.part")
+    log.info("unpacking %s to %s (adopt reads the corpus's lines by position)", corpus, plain)
+    try:
+        with (open(corpus, "rb") as packed, gzip.GzipFile(fileobj=packed) as source, open(partial, "wb") as target,
+              tqdm(total=corpus.stat().st_size, desc="unpacking corpus", unit="B", unit_scale=True, file=sys.stderr,
+                   mininterval=1.0) as bar):
+            while chunk := source.read(SCAN_BYTES):
+                target.write(chunk)
+                bar.update(packed.tell() - bar.n)
+    except (OSError, EOFError) as error:
+        partial.unlink(missing_ok=True)
+        raise StoreError(f"cannot unpack {corpus}: {error}; download it again or pass the unpacked JSONL as "
+                         f"--corpus.") from None
+    partial.rename(plain)
+    return plain
+
+
 def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
     index = FaissFlatFile.open(cfg.faiss_index)
     corpus = Path(cfg.corpus)
     if not corpus.is_file():
         raise StoreError(f"the corpus {corpus} is not a file; pass the JSONL whose lines the index's rows embed.")
+    corpus = plain_corpus(corpus)
     directory = vector_dir(cfg.db, cfg.collection)
     if directory is None:
         raise StoreError("--faiss-index writes a vector side file beside the store, so --db must be a directory.")
