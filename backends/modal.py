@@ -5,6 +5,7 @@
     python -m backends.modal train --nodes 2             # the same on a cluster of 2 nodes of 8×H100 (gated, below)
     python -m backends.modal status                      # each stage, its verl step, cost so far, what to do next
     python -m backends.modal download-model qwen3-32b    # weights fetched on Modal into the corpus volume, verified
+    python -m backends.modal download-corpus URL --to wiki18   # a corpus or index file, fetched on Modal likewise
     python -m backends.modal logs --errors               # the latest run's known failures, each with its fix
     python -m backends.modal stop / resume               # stop the latest run; start it again as it was launched
 
@@ -26,8 +27,8 @@ rest is beside it, and imported one way only (none of these imports this file):
 Run this file in module mode only (`python -m backends.modal ...` or `modal run -m backends.modal ...`).
 Run as a plain file, `backends/` would be on `sys.path` and `import modal` would import this file.
 
-    python -m backends.modal ACTION [MODEL|APP_ID] [--iteration K] [--model NAME] [--gpu H100:8] [--nodes N]
-                                    [--detach/--no-detach]
+    python -m backends.modal ACTION [MODEL|APP_ID|URL] [--iteration K] [--model NAME] [--gpu H100:8] [--nodes N]
+                                    [--detach/--no-detach] [--to DIR] [--sha256 HEX] [--hub-dataset N --files P...]
                                     [--stage-args "..."] [-- hydra overrides]
     modal run [--detach] -m backends.modal --action ACTION [--iteration K] ...   # the seed guide's form
 """
@@ -43,15 +44,16 @@ from typing import Sequence
 import modal
 
 from backends import modal_cluster, secrets_rule
-from backends.modal_container import check_inputs, copy_tree, run_drzero
-from backends.modal_image import (CODE_RULE, CONTEXT_RULE, CORPUS_DB, CPU_TASK, HOURS, LOCAL_DB, MINUTES, MODELS_DIR,
-                                  PRICE_PER_GPU_HOUR, RETRIES, SEEDS, SMOKE_GPU, SOURCES_DIR, VOLUMES, MissingSecret,
+from backends.modal_container import check_inputs, copy_tree, ingest_sources, run_drzero, run_on_local_store
+from backends.modal_image import (CODE_RULE, CONTEXT_RULE, CORPUS_DB, CPU_TASK, FILES_DIR, HOURS, LOCAL_DB, MINUTES,
+                                  MODELS_DIR, PRICE_PER_GPU_HOUR, RETRIES, SEEDS, SMOKE_GPU, VOLUMES, MissingSecret,
                                   attach_secrets, checkpoints_volume, corpus_volume, image, resources, stage_options)
 from backends.modal_ops import (LAUNCHES_DIR, check_logs_options, describe, download_checkpoints, failure,
                                 find_launch, launch_record, read_volume_text, resume_lines, save_launch, show_logs,
                                 stop, upload_corpus, upload_model_from_disk)
 from backends.modal_plan import ACTIONS, GPU_STAGES, Launch, Request, parse_request, plan_launch, secrets_for
 from backends.modal_status import show_status
+from drzero.corpus import fetch as corpus_fetch
 from drzero.models import download as model_download
 from drzero.stages.registry import EVOLVE, STAGES
 
@@ -85,16 +87,17 @@ def smoke(*argv: str) -> dict:
     return run_drzero("smoke", argv, gpu_time=True)
 
 
+# The store's writers work on a copy of /corpus/chromadb on the container's disk, copied back when they succeed.
 @app.function(**CPU_TASK, cpu=8.0, memory=32 * 1024, timeout=12 * HOURS)
 def ingest(*argv: str) -> dict:
-    """`drzero ingest` of the uploaded documents into a local copy of the store, then back onto the volume."""
-    copy_tree(CORPUS_DB, LOCAL_DB)
-    sources = [SOURCES_DIR] if Path(SOURCES_DIR).is_dir() and any(Path(SOURCES_DIR).iterdir()) else []
-    result = run_drzero("ingest", [*sources, "--db", LOCAL_DB, *argv])
-    if result["exit_code"] == 0:
-        copy_tree(LOCAL_DB, CORPUS_DB)
-        corpus_volume.commit()
-    return result
+    """`drzero ingest` of the uploaded documents (or the SOURCEs it names, e.g. /corpus/files/wiki18)."""
+    return run_on_local_store("ingest", argv, sources=ingest_sources(argv))
+
+
+@app.function(**CPU_TASK, cpu=8.0, memory=32 * 1024, timeout=12 * HOURS)
+def adopt(*argv: str) -> dict:
+    """`drzero adopt`: a collection (or an index and its corpus, e.g. in /corpus/files) another system built."""
+    return run_on_local_store("adopt", argv)
 
 
 @app.function(**stage_options(STAGES["prepare-data"]), cpu=8.0, memory=32 * 1024, timeout=2 * HOURS)
@@ -156,6 +159,23 @@ def download_model(hub_name: str, local_dir: str) -> dict:
     result = model_download.download_from_hub(hub_name, Path(MODELS_DIR) / local_dir, commit=corpus_volume.commit,
                                               log=lambda line: print(f"[download-model] {line}", flush=True))
     return {"command": "download-model", "exit_code": 0, **result}
+
+
+# A corpus or an index comes the same way, from a URL or a hub dataset into /corpus/files/<to>: nothing
+# large passes through your machine. drzero.corpus.fetch resumes a URL with HTTP Range requests, commits
+# as it goes and checks the size (and the sha256 given); a refusal (a 404, a mismatch) is not retried.
+@app.function(**CPU_TASK, cpu=4.0, memory=8 * 1024, timeout=6 * HOURS, retries=RETRIES)
+def download_corpus(source: str, to: str, *files: str) -> dict:
+    """A URL (`#sha256=HEX` pins it) or `hf://datasets/OWNER/NAME` and its files, into /corpus/files/<to>."""
+    try:
+        result = corpus_fetch.fetch_corpus(source, Path(FILES_DIR) / to, files, commit=corpus_volume.commit,
+                                           log=lambda line: print(f"[download-corpus] {line}", flush=True))
+    except corpus_fetch.FetchInterrupted:
+        raise  # Modal retries it, and the next attempt continues from what was fetched
+    except corpus_fetch.FetchError as error:
+        print(f"[download-corpus] {error}", flush=True)
+        return {"command": "download-corpus", "exit_code": 1, "error": str(error)}
+    return {"command": "download-corpus", "exit_code": 0, **result}
 
 
 # Before a GPU starts, a cheap CPU container checks the stage's inputs on the volumes and runs its own

@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from backends.modal_image import (CHECKPOINTS_DIR, CODE_DIR, CORPUS_DB, LOCAL_DB, MINUTES, RUNS_DIR,
-                                  checkpoints_volume, corpus_volume)
+from backends.modal_image import (CHECKPOINTS_DIR, CODE_DIR, CORPUS_DB, CORPUS_DIR, LOCAL_DB, MINUTES, RUNS_DIR,
+                                  SOURCES_DIR, checkpoints_volume, corpus_volume)
 
 COMMIT_EVERY = 10 * MINUTES
 USAGE_ERROR = 2  # drzero's exit code for a wrong option or config: a retry cannot fix it
@@ -221,6 +221,27 @@ def run_drzero(command: str, argv: Sequence[str], *, local_corpus: bool = False,
         if record:
             record.save(exit_code=code)
     return outcome(command, code)
+
+
+def run_on_local_store(command: str, argv: Sequence[str], sources: Sequence[str] = ()) -> dict:
+    """`drzero <command> [SOURCE...] --db <local copy> <argv>` (ingest, adopt: the store's writers) on a copy of
+    /corpus/chromadb on this container's disk, copied back onto the volume and committed when it succeeds."""
+    copy_tree(CORPUS_DB, LOCAL_DB)
+    result = run_drzero(command, [*sources, "--db", LOCAL_DB, *argv])
+    if result["exit_code"] == 0:
+        copy_tree(LOCAL_DB, CORPUS_DB)
+        corpus_volume.commit()
+    return result
+
+
+def ingest_sources(argv: Sequence[str]) -> list[str]:
+    """What `ingest` reads besides its own SOURCEs: /corpus/sources (what `upload-corpus` put there), unless the
+    command names a source of its own, a path on the corpus volume that is no option's value (such as
+    /corpus/files/wiki18, what `download-corpus` fetched): argparse takes the SOURCEs in one run only."""
+    own = any(arg.startswith(f"{CORPUS_DIR}/") and not (index and argv[index - 1].startswith("-"))
+              for index, arg in enumerate(argv))
+    uploaded = Path(SOURCES_DIR).is_dir() and any(Path(SOURCES_DIR).iterdir())
+    return [SOURCES_DIR] if uploaded and not own else []
 
 
 def outcome(command: str, code: int) -> dict:

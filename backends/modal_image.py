@@ -74,6 +74,7 @@ CORPUS_DIR, CHECKPOINTS_DIR = "/corpus", "/checkpoints"
 CORPUS_DB = f"{CORPUS_DIR}/chromadb"
 DATA_DIR = f"{CORPUS_DIR}/data"
 MODELS_DIR = f"{CORPUS_DIR}/models"
+FILES_DIR = f"{CORPUS_DIR}/files"      # what `download-corpus` fetches: corpus and index files for ingest and adopt
 SOURCES_DIR = f"{CORPUS_DIR}/sources"  # what `upload-corpus` puts there when it is not a Chroma store
 SEEDS = f"{DATA_DIR}/zero_ratio4321.parquet"  # drzero.layout's seed file name
 RUNS_DIR = "runs"  # on the checkpoints volume

@@ -37,7 +37,7 @@ import modal
 from modal.volume import FileEntryType
 
 from backends.modal_container import now_iso
-from backends.modal_image import DAY, HOURS, RETRIES, SEEDS, parse_gpu
+from backends.modal_image import DAY, FILES_DIR, HOURS, RETRIES, SEEDS, parse_gpu
 from backends.modal_plan import STAGE_OF, Launch, Request, hub_name, option
 from drzero.pipeline import ITERATION_STAGES  # evolve's stages and their order
 from drzero.tools import log_doctor
@@ -99,6 +99,8 @@ def estimate(launch: Launch, request: Request) -> Estimate | None:
 
 # What each Function runs, for the launch summary (ingest and prepare-data add --db and --out themselves).
 WHAT_RUNS = {"train": "drzero evolve", "upload-model": "download into /corpus/models:",
+             "download-corpus": f"download (resumable, checked) into {FILES_DIR}/<to>:",
+             "adopt": "drzero adopt --db <local copy>",
              "download-model": "download (resumable, verified) into /corpus/models:", "ingest": "drzero ingest "
         "[/corpus/sources] --db <local copy>", "prepare-data": f"drzero prepare-data --db <local copy> --out {SEEDS}"}
 
@@ -114,6 +116,10 @@ def describe(launch: Launch, request: Request) -> str:
                      + (f" on each of {launch.nodes} nodes: a Modal cluster (a feature Modal enables per workspace)"
                         if launch.nodes > 1 else ""))
         lines += estimate(launch, request).lines()
+    if launch.action == "download-corpus":
+        where = f"{FILES_DIR}/{launch.argv[1]}".rstrip("/")
+        lines.append(f"  then      python -m backends.modal ingest --stage-args='{where} ...'   (or `adopt "
+                     f"--stage-args='...'` for a collection or index built elsewhere)")
     if launch.checked:
         lines.append(f"  preflight on a CPU first: {len(launch.required)} input(s) on the volumes"
                      + (f", then drzero {shlex.join(launch.preflight)}" if launch.preflight else ""))

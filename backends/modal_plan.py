@@ -17,16 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Sequence
 
-from backends.modal_image import (CHECKPOINTS_DIR, CORPUS_DB, DATA_DIR, GPU, HUGGING_FACE, PRICE_PER_GPU_HOUR, SEEDS,
-                                  SMOKE_GPU, W_AND_B, parse_gpu)
+from backends.modal_image import (CHECKPOINTS_DIR, CORPUS_DB, DATA_DIR, FILES_DIR, GPU, HUGGING_FACE,
+                                  PRICE_PER_GPU_HOUR, SEEDS, SMOKE_GPU, W_AND_B, parse_gpu)
+from drzero.corpus.fetch import HUB_PREFIX, SHA256
 from drzero.models.registry import REGISTRY
 from drzero.models.shapes import GPU_MEMORY_GIB
 from drzero.stages.registry import EVOLVE, STAGES
 
 # Modal's actions name the stages as `drzero` does, except `train`: the whole loop, `drzero evolve`.
 STAGE_OF = {**STAGES, "train": EVOLVE}
-ACTIONS = ("smoke", "ingest", *STAGES, "train", "list-models", "status", "download-model", "upload-model",
-           "upload-corpus", "download-checkpoints", "logs", "stop", "resume")
+ACTIONS = ("smoke", "ingest", "adopt", *STAGES, "train", "list-models", "status", "download-model", "upload-model",
+           "download-corpus", "upload-corpus", "download-checkpoints", "logs", "stop", "resume")
 GPU_STAGES = tuple(action for action, stage in STAGE_OF.items() if stage.gpu)
 TAKES_OVERRIDES = tuple(action for action, stage in STAGE_OF.items() if stage.takes_overrides)  # verl's stages
 CLUSTER_ACTIONS = TAKES_OVERRIDES   # the verl stages: what more nodes speed up
@@ -57,6 +58,11 @@ class Request:
     since: str | None = None                # logs: e.g. 2h
     follow: bool = False                    # logs: keep streaming
     nodes: int = 1                          # > 1: a Modal cluster of that many nodes (backends/modal_cluster.py)
+    url: str | None = None                  # download-corpus: a file's http(s) URL ...
+    hub_dataset: str | None = None          # ... or a hub dataset's name, with
+    files: list[str] = field(default_factory=list)   # its files (names or patterns)
+    to: str = ""                            # download-corpus: the directory under /corpus/files
+    sha256: str | None = None               # download-corpus: the URL's expected sha256
 
 
 @dataclass
@@ -98,7 +104,8 @@ def secrets_for(action: str, argv: Sequence[str]) -> dict[str, bool]:
     stage = STAGE_OF.get(action)
     if stage is not None and stage.logs_to_wandb:
         return {W_AND_B.name: "wandb" in (option(argv, "--logger") or "wandb")}
-    if action in ("ingest", "download-model", "upload-model"):
+    if action in ("ingest", "adopt", "download-model", "upload-model") or (
+            action == "download-corpus" and argv[:1] and argv[0].startswith(HUB_PREFIX)):
         return {HUGGING_FACE.name: False}
     return {}
 
@@ -137,6 +144,34 @@ def gpu_args(action: str, gpus: int, kind: str | None = None) -> list[str]:
     if stage.sglang and gpus != 8:
         args += ["--sglang-dp", str(gpus // tp), "--sglang-tp", str(tp)]
     return args
+
+
+def corpus_source(request: Request) -> list[str]:
+    """download-corpus: the Function's arguments, ``[URL (#sha256=HEX when given), TO]`` or
+    ``[hf://datasets/NAME, TO, FILE...]`` (drzero.corpus.fetch.fetch_corpus reads them)."""
+    if bool(request.url) == bool(request.hub_dataset):
+        raise ValueError("give the file's URL (`download-corpus https://host/wiki-18.jsonl.gz --to wiki18`) or a hub "
+                         "dataset with its files (`--hub-dataset OWNER/NAME --files PATH...`), one of the two")
+    to = PurePosixPath(request.to or ".")
+    if to.is_absolute() or ".." in to.parts:
+        raise ValueError(f"--to {request.to!r} is not valid: give a directory under {FILES_DIR}, such as wiki18")
+    to = "" if str(to) == "." else str(to)
+    if request.hub_dataset:
+        if request.sha256:
+            raise ValueError("--sha256 is for a URL; a hub dataset's files are checked against the hub's own hashes")
+        if not request.files:
+            raise ValueError(f"--hub-dataset {request.hub_dataset} needs --files: the paths (or patterns such as "
+                             f"'retrieval-corpus/*.jsonl.gz') of the files to fetch, as the dataset's page lists them")
+        if request.hub_dataset.count("/") > 1 or request.hub_dataset.startswith((".", "/")):
+            raise ValueError(f"--hub-dataset {request.hub_dataset!r} is not a hub dataset name like OWNER/NAME")
+        return [HUB_PREFIX + request.hub_dataset, to, *request.files]
+    if request.files:
+        raise ValueError("--files names files of a --hub-dataset; a URL is one file")
+    if not request.url.startswith(("http://", "https://")):
+        raise ValueError(f"{request.url!r} is not an http(s) URL")
+    if request.sha256 and not SHA256.fullmatch(request.sha256.lower()):
+        raise ValueError(f"--sha256 {request.sha256!r} is not 64 hexadecimal digits")
+    return [request.url + (f"#sha256={request.sha256.lower()}" if request.sha256 else ""), to]
 
 
 def required_paths(action: str, k: int, stage: str = "solver", model: str = "", data: str = "") -> list[tuple[str, str]]:
@@ -182,7 +217,13 @@ def plan_one_node(request: Request) -> Launch:
         gpu = request.gpu or SMOKE_GPU
         parse_gpu(gpu)
         return Launch(action, "smoke", ["--require-gpu", *model, *extra], gpu=gpu, detach=bool(request.detach))
-    if action in ("ingest", "list-models"):
+    if action == "download-corpus":
+        return Launch(action, "download_corpus", corpus_source(request), detach=detach)
+    if action in ("ingest", "adopt") and request.gpu:  # e.g. embedding wiki-18 on every GPU of a node
+        parse_gpu(request.gpu)
+        device = ["--device", "cuda"] if option(extra, "--device") is None else []
+        return Launch(action, action, device + extra, gpu=request.gpu, detach=detach)
+    if action in ("ingest", "adopt", "list-models"):
         return Launch(action, action.replace("-", "_"), extra, detach=detach)
     if action == "prepare-data":
         tokenizer = ["--tokenizer", hub_name(request.model)] if request.model else []
@@ -249,9 +290,9 @@ def parse_request(argv: Sequence[str], description: str = "") -> Request:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Hydra overrides after `--` go to verl (challenger, solver, train).")
     parser.add_argument("action", choices=ACTIONS)
-    parser.add_argument("subject", nargs="?", metavar="MODEL|APP_ID",
+    parser.add_argument("subject", nargs="?", metavar="MODEL|APP_ID|URL",
                         help="download-model: the model (a `drzero list-models` key or hub name); logs, stop, "
-                             "resume: the app id (default: the latest launch)")
+                             "resume: the app id (default: the latest launch); download-corpus: the file's URL")
     parser.add_argument("--iteration", type=int, default=1, help="iteration K of the loop (default: 1)")
     parser.add_argument("--model", help="base model: a `drzero list-models` key, a hub name or a volume path; "
                                         "evaluate: the model to evaluate (default: /checkpoints/solver_iterK_hf)")
@@ -268,6 +309,13 @@ def parse_request(argv: Sequence[str], description: str = "") -> Request:
                                        "(default: /corpus/data/solver_iterK_val.parquet)")
     parser.add_argument("--path", help="upload-corpus, upload-model: what to upload; download-checkpoints: "
                                        "where to (default: ./checkpoints)")
+    parser.add_argument("--to", default="", metavar="DIR",
+                        help=f"download-corpus: the directory under {FILES_DIR} the files land in (e.g. wiki18)")
+    parser.add_argument("--sha256", help="download-corpus: the URL's file's sha256, checked before it is kept")
+    parser.add_argument("--hub-dataset", metavar="OWNER/NAME",
+                        help="download-corpus: a Hugging Face dataset instead of a URL, with --files")
+    parser.add_argument("--files", nargs="+", default=[], metavar="PATH",
+                        help="download-corpus: the hub dataset's files, paths or patterns (retrieval-corpus/*.gz)")
     parser.add_argument("--stage-args", default="", metavar="'ARGS'",
                         help="more options for the drzero command; write it with '=': "
                              "--stage-args='--iterations 2 --steps 10'")
@@ -281,10 +329,12 @@ def parse_request(argv: Sequence[str], description: str = "") -> Request:
                         help=f"for estimates and status (default: {PRICE_PER_GPU_HOUR:.2f}, from "
                              f"$DRZERO_MODAL_PRICE_PER_GPU_HOUR)")
     args = parser.parse_args(argv)
-    if args.subject and args.action not in ("download-model", "logs", "stop", "resume"):
+    if args.subject and args.action not in ("download-model", "download-corpus", "logs", "stop", "resume"):
         parser.error(f"{args.action} takes no positional argument (got {args.subject!r}); options start with --")
     if args.action == "download-model":  # `download-model MODEL`
         args.model, args.subject = args.model or args.subject, None
+    url = args.subject if args.action == "download-corpus" else None
     return Request(args.action, args.iteration, args.model, args.gpu, args.stage, args.data, args.path,
                    shlex.split(args.stage_args), overrides, args.detach, args.hours, args.price_per_gpu_hour,
-                   args.subject, args.errors, args.since, args.follow, args.nodes)
+                   None if url else args.subject, args.errors, args.since, args.follow, args.nodes, url=url,
+                   hub_dataset=args.hub_dataset, files=args.files, to=args.to, sha256=args.sha256)

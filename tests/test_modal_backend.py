@@ -29,8 +29,8 @@ from backends import modal_plan as mp  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 VOLUME_NAMES = {"/corpus": "dr-zero-corpus", "/checkpoints": "dr-zero-checkpoints"}
 GPU_STAGES = ["challenger", "gen_data", "solver", "merge", "evaluate", "train"]
-CPU_FUNCTIONS = ["ingest", "prepare_data", "list_models", "download_model", "preflight"]
-RETRIED_CPU_FUNCTIONS = ["download_model"]  # resumable: a preempted download continues
+CPU_FUNCTIONS = ["ingest", "adopt", "prepare_data", "list_models", "download_model", "download_corpus", "preflight"]
+RETRIED_CPU_FUNCTIONS = ["download_model", "download_corpus"]  # resumable: a preempted download continues
 
 
 # -- the Functions' specs ------------------------------------------------------------------------
@@ -233,6 +233,19 @@ CASES = [
     (["smoke", "--model", "qwen3-0.6b"], "smoke", ("--require-gpu", "--model", "qwen3-0.6b"),
      {"gpu": "H100:1", "cpu": 8.0, "memory": 64 * 1024}, None, False),
     (["ingest", "--stage-args=--demo"], "ingest", ("--demo",), HF, None, False),
+    (["ingest", "--stage-args=/corpus/files/wiki18 --encoders 8", "--gpu", "H100:8"], "ingest",
+     ("--device", "cuda", "/corpus/files/wiki18", "--encoders", "8"), {**H100, **HF}, None, False),
+    (["adopt", "--stage-args=--faiss-index /corpus/files/w/e5_Flat.index --corpus /corpus/files/w/wiki18.jsonl"],
+     "adopt", ("--faiss-index", "/corpus/files/w/e5_Flat.index", "--corpus", "/corpus/files/w/wiki18.jsonl"), HF,
+     None, False),
+    (["download-corpus", "https://host/dumps/wiki-18.jsonl.gz", "--to", "wiki18/"], "download_corpus",
+     ("https://host/dumps/wiki-18.jsonl.gz", "wiki18"), None, None, False),
+    (["download-corpus", "https://host/e5_Flat.index", "--sha256", "AB" * 32], "download_corpus",
+     ("https://host/e5_Flat.index#sha256=" + "ab" * 32, ""), None, None, False),
+    (["download-corpus", "--hub-dataset", "RUC-NLPIR/FlashRAG_datasets", "--files",
+      "retrieval-corpus/wiki18_100w.jsonl.gz", "nq/*", "--to", "wiki18"], "download_corpus",
+     ("hf://datasets/RUC-NLPIR/FlashRAG_datasets", "wiki18", "retrieval-corpus/wiki18_100w.jsonl.gz", "nq/*"), HF,
+     None, False),
     (["prepare-data", "--model", "qwen2.5-3b-instruct"], "prepare_data",
      ("--tokenizer", "Qwen/Qwen2.5-3B-Instruct"), None, [], False),
     (["challenger", "--iteration", "2", "--model", "qwen3-32b", "--", "trainer.total_training_steps=5"],

@@ -2,6 +2,8 @@
 
     python -m backends.modal download-model qwen3-32b      # on Modal, into dr-zero-corpus:/models/Qwen3-32B
 
+The files of a hub dataset (a corpus, an index) take the same path: drzero.corpus.fetch.
+
 The hub's file list (sizes, and a hash for every file) is the manifest. Files already on disk at
 their full size are not fetched again, so a download that was stopped (a preemption, a timeout)
 continues where it stopped; the rest are fetched in batches, and ``commit`` (the Modal volume's
@@ -218,28 +220,44 @@ def accelerate_transfers() -> str:
     return " and ".join(used) or "plain HTTP"
 
 
-def hub_manifest(repo_id: str, revision: str | None = None) -> Manifest:
-    """The files of ``repo_id`` at ``revision`` (default: main) with their sizes and hashes, from the hub."""
+def hub_manifest(repo_id: str, revision: str | None = None, *, repo_type: str = "model",
+                 patterns: list[str] | None = None) -> Manifest:
+    """The files of ``repo_id`` at ``revision`` (default: main) with their sizes and hashes, from the hub; with
+    ``patterns`` (file names or globs, as ``snapshot_download``'s ``allow_patterns`` reads them) only those."""
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
 
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    api = HfApi()
+    info = (api.dataset_info if repo_type == "dataset" else api.model_info)(repo_id, revision=revision,
+                                                                             files_metadata=True)
+    siblings = [s for s in info.siblings or [] if not s.rfilename.startswith(".git")]
+    if patterns is not None:
+        siblings = list(filter_repo_objects(siblings, allow_patterns=patterns, key=lambda s: s.rfilename))
+        if not siblings:
+            raise DownloadError(f"no file of the hub {repo_type} {repo_id} matches {', '.join(patterns)}; give its "
+                                f"files' paths in the repository (https://huggingface.co/"
+                                f"{'datasets/' if repo_type == 'dataset' else ''}{repo_id}/tree/main lists them)")
     files = tuple(HubFile(s.rfilename, s.lfs.size if s.lfs else (s.size or 0),
                           sha256=s.lfs.sha256 if s.lfs else None, git_sha1=None if s.lfs else s.blob_id)
-                  for s in info.siblings or [] if not s.rfilename.startswith(".git"))
+                  for s in siblings)
     return Manifest(repo_id, info.sha, files)
 
 
-def hub_fetch(repo_id: str, revision: str, target: Path) -> Fetch:
+def hub_fetch(repo_id: str, revision: str, target: Path, repo_type: str = "model") -> Fetch:
     from huggingface_hub import snapshot_download
 
     def fetch(paths: list[str]) -> None:
-        snapshot_download(repo_id, revision=revision, local_dir=str(target), allow_patterns=paths, max_workers=16)
+        snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_dir=str(target), allow_patterns=paths,
+                          max_workers=16)
 
     return fetch
 
 
 def download_from_hub(repo_id: str, target: Path, *, commit: Callable[[], None] = lambda: None,
-                      log: Callable[[str], None] = print) -> dict:
+                      log: Callable[[str], None] = print, repo_type: str = "model",
+                      patterns: list[str] | None = None) -> dict:
+    """A model (or the files of a dataset that match ``patterns``) into ``target``: `download` with the hub."""
     log(f"downloading {repo_id} to {target} with {accelerate_transfers()}")
-    manifest = hub_manifest(repo_id)
-    return download(manifest, target, hub_fetch(repo_id, manifest.revision, target), commit=commit, log=log)
+    manifest = hub_manifest(repo_id, repo_type=repo_type, patterns=patterns)
+    return download(manifest, target, hub_fetch(repo_id, manifest.revision, target, repo_type), commit=commit,
+                    log=log)
