@@ -110,8 +110,9 @@ def test_an_index_in_parts_is_adopted_as_the_joined_file_is(tmp_path, wiki, adop
     corpus, index, _ = wiki
     parts = _split(index, tmp_path, [len(index.read_bytes()) // 2 + 3])
     db = tmp_path / "db"
-    run_adopt_faiss(AdoptConfig(db=str(db), embedder="minilm", faiss_index=[str(p) for p in parts],
-                                corpus=str(corpus), samples=16))
+    result = run_adopt_faiss(AdoptConfig(db=str(db), embedder="minilm", faiss_index=[str(p) for p in parts],
+                                         corpus=str(corpus), samples=16))
+    assert result.render().startswith("adopted FAISS index part_aa+part_ab: ")
     joined_db, _ = adopted
     assert CorpusStore.open_existing(db).count() == PASSAGES
     mine = VectorFile.open(db / "vectors" / "corpus")

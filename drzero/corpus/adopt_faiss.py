@@ -141,11 +141,11 @@ class FaissAdoptResult:
     def render(self) -> str:
         if self.already:
             return (f"collection {self.collection!r} already holds the {self.index.count:,} passages of "
-                    f"{self.index.path.name} (vectors in {self.directory}); nothing to do")
+                    f"{self.index.name} (vectors in {self.directory}); nothing to do")
         tried = ", ".join(f"{prefix!r}: {fraction:.0%}" for prefix, fraction in self.tried.items())
         copied = f" at {self.copy_gbps:.2f} GB/s" if self.copy_gbps is not None else ""
         stored = f" at {self.documents_per_s:,.0f}/s" if self.documents_per_s is not None else ""
-        return (f"adopted FAISS index {self.index.path.name}: {self.index.count:,} vectors of {self.index.dimension} "
+        return (f"adopted FAISS index {self.index.name}: {self.index.count:,} vectors of {self.index.dimension} "
                 f"dimensions ({self.index.metric}{', normalized' if self.normalized else ''}) copied to "
                 f"{self.directory}{copied}; documents stored in collection {self.collection!r}{stored} (Chroma holds "
                 f"placeholders, so the retriever searches exactly from the side file); embedder {self.spec.name}, "
@@ -204,18 +204,18 @@ def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
                 return FaissAdoptResult(index, done, cfg.collection, directory, already=True)
         lines = LineIndex.of(corpus, directory / "lines.json")
         if lines.count != index.count:
-            raise StoreError(f"{index.path} holds {index.count:,} vectors but {corpus} has {lines.count:,} lines; "
+            raise StoreError(f"{index.location} holds {index.count:,} vectors but {corpus} has {lines.count:,} lines; "
                              f"rows pair with lines by position, so the two must come from the same corpus.")
         embedder = Embedder(base, device=cfg.device)
         if embedder.dimension != index.dimension:
-            raise StoreError(f"{index.path} holds {index.dimension}-dimensional vectors but {base.name} makes "
+            raise StoreError(f"{index.location} holds {index.dimension}-dimensional vectors but {base.name} makes "
                              f"{embedder.dimension}-dimensional ones: it was built with another embedder; pass the "
                              f"one that built it as --embedder.")
         vectors = index.vectors()
         rows = sample_rows(index.count, cfg.samples)
         documents = [passage(lines.line(int(r)), int(r), corpus.name)[1] for r in rows]
         stored = np.array(vectors[rows], dtype=np.float32)
-        spec, tried = match_passage_prefix(embedder, base, documents, stored, cfg, f"the vectors of {index.path}")
+        spec, tried = match_passage_prefix(embedder, base, documents, stored, cfg, f"the vectors of {index.location}")
         norms = np.linalg.norm(stored, axis=1)
         normalize = bool(np.any(np.abs(norms - 1) > 1e-3))
         if store is None:
@@ -230,7 +230,7 @@ def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
         side = writer.finish()
         check = check_copy(side, vectors, normalize, cfg.samples)
         record_index_check(cfg.db, cfg.collection, INDEX_CHECKED, passages=store.count())
-        log.info("collection %r in %s adopted from %s", cfg.collection, cfg.db, index.path)
+        log.info("collection %r in %s adopted from %s", cfg.collection, cfg.db, index.name)
         return FaissAdoptResult(index, spec, cfg.collection, directory, len(rows), tried, normalize, copy_gbps,
                                 documents_per_s, check)
 

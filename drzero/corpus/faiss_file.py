@@ -90,6 +90,16 @@ class FaissFlatFile:
         return cls(path, FLAT[fourcc], dimension, count, at, tuple(files) if len(files) > 1 else ())
 
     @property
+    def name(self) -> str:
+        """The file's name, or its parts' joined with '+'."""
+        return "+".join(p.name for p in self.parts) if self.parts else self.path.name
+
+    @property
+    def location(self) -> str:
+        """The file's path, or its parts' paths joined with ' + ' (for sentences about it)."""
+        return " + ".join(map(str, self.parts)) if self.parts else str(self.path)
+
+    @property
     def nbytes(self) -> int:
         return self.count * self.dimension * 4
 
