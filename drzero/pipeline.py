@@ -59,11 +59,12 @@ class EvolveConfig(StageConfig):
                                               "recipe for the reward server, else 2)")
     skip_preflight: bool = option(False, help="start without checking every remaining stage first (not advised)")
     eval_data: str | None = option(None, metavar="FILE", help=(
-        "QA set to evaluate each iteration's merged solver on (e.g. from `drzero make-eval-set` or Search-R1's "
-        "test.parquet); results go to CHECKPOINTS/eval/iter{k} for `drzero report`"))
+        "QA set to evaluate the base model and each iteration's merged solver on (e.g. from `drzero make-eval-set` or "
+        "Search-R1's test.parquet); results go to CHECKPOINTS/eval/iter{k} (iter0: the base model) for "
+        "`drzero report`"))
     eval_benchmarks: str | None = option(None, metavar="NAME[,NAME...]|all", help=(
-        f"also evaluate each iteration's merged solver on these of the papers' QA sets ({', '.join(BENCHMARKS)}, "
-        f"or all; `drzero evaluate --benchmark`)"))
+        f"also evaluate the base model and each iteration's merged solver on these of the papers' QA sets "
+        f"({', '.join(BENCHMARKS)}, or all; `drzero evaluate --benchmark`)"))
     eval_benchmark_dir: str = option(str(Path(env_default("DRZERO_DATA_DIR", "/corpus/data")) / "benchmarks"),
                                      metavar="DIR", help=(
         "the benchmark sets as FlashRAG lays them out, DIR/<name>/<split>.jsonl (fetched into it when missing and "
@@ -188,6 +189,8 @@ def iteration_plans(cfg: EvolveConfig, iteration: int) -> dict[str, StagePlan]:
 def all_plans(cfg: EvolveConfig) -> list[tuple[str, StagePlan]]:
     """Every stage of the run, planned once, in order: prepare-data, then each iteration's stages."""
     plans = [("prepare-data", STAGES["prepare-data"].plan_in_run(cfg))]
+    if cfg.evaluates:  # the base model first: the baseline every iteration's scores are read against
+        plans.append(("iter0/evaluate", STAGES["evaluate"].plan_in_run(cfg, 0)))
     for iteration in range(1, cfg.iterations + 1):
         plans += [(f"iter{iteration}/{key}", plan) for key, plan in iteration_plans(cfg, iteration).items()]
     return plans

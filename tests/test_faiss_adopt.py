@@ -78,6 +78,48 @@ def test_the_header_reader_agrees_with_faiss(tmp_path, wiki):
     assert l2.metric == "L2" and np.array_equal(l2.vectors(), vectors[:10])
 
 
+def _split(index, where, cuts):
+    """The index file cut into parts at byte offsets ``cuts`` (mid-row, as ``split -b`` cuts Search-R1's index)."""
+    data = index.read_bytes()
+    bounds = [0, *cuts, len(data)]
+    parts = []
+    for number, (begin, end) in enumerate(zip(bounds, bounds[1:])):
+        part = where / f"part_a{chr(ord('a') + number)}"
+        part.write_bytes(data[begin:end])
+        parts.append(part)
+    return parts
+
+
+def test_an_index_in_parts_reads_as_their_concatenation(tmp_path, wiki):
+    _, index, _ = wiki
+    whole = FaissFlatFile.open(index)
+    parts = _split(index, tmp_path, [1000, 1000 + 384 * 4 * 250 + 7])  # inside the header's row 0, mid-row later
+    split = FaissFlatFile.open(parts)
+    assert (split.metric, split.dimension, split.count, split.offset) == (whole.metric, 384, PASSAGES, whole.offset)
+    assert np.array_equal(split.vectors()[0:PASSAGES], whole.vectors())
+    assert np.array_equal(split.vectors()[[0, 251, 252, PASSAGES - 1]], whole.vectors()[[0, 251, 252, PASSAGES - 1]])
+    with pytest.raises(StoreError) as missing:
+        FaissFlatFile.open(parts[:2])
+    assert "truncated or damaged or a part is missing" in str(missing.value) and str(missing.value).count(".") <= 3
+    with pytest.raises(StoreError) as swapped:
+        FaissFlatFile.open([parts[1], parts[0], parts[2]])
+    assert "the first one holds the header" in str(swapped.value)
+
+
+def test_an_index_in_parts_is_adopted_as_the_joined_file_is(tmp_path, wiki, adopted):
+    corpus, index, _ = wiki
+    parts = _split(index, tmp_path, [len(index.read_bytes()) // 2 + 3])
+    db = tmp_path / "db"
+    result = run_adopt_faiss(AdoptConfig(db=str(db), embedder="minilm", faiss_index=[str(p) for p in parts],
+                                         corpus=str(corpus), samples=16))
+    assert result.render().startswith("adopted FAISS index part_aa+part_ab: ")
+    joined_db, _ = adopted
+    assert CorpusStore.open_existing(db).count() == PASSAGES
+    mine = VectorFile.open(db / "vectors" / "corpus")
+    joined = VectorFile.open(joined_db / "vectors" / "corpus")
+    assert np.array_equal(np.asarray(mine.vectors), np.asarray(joined.vectors))
+
+
 def test_line_index_finds_any_line(tmp_path, monkeypatch):
     monkeypatch.setattr("drzero.corpus.adopt_faiss.ANCHOR_LINES", 7)
     monkeypatch.setattr("drzero.corpus.adopt_faiss.SCAN_BYTES", 100)  # anchors found across many reads
@@ -225,3 +267,23 @@ def test_fp16_exact_search_over_the_adopted_store_matches_fp32(adopted, minilm):
     rows16, scores16 = half.exact.search(vectors, 3)
     assert half.exact.rescore == 4 and np.array_equal(rows, rows16) and np.allclose(scores, scores16, atol=1e-6)
     assert isinstance(torch.as_tensor(scores16), torch.Tensor)
+
+
+def test_a_gzipped_corpus_is_unpacked_once_beside_itself_and_adopted(tmp_path, wiki):
+    import gzip
+
+    corpus, index, _ = wiki
+    packed = tmp_path / "wiki-18.jsonl.gz"
+    packed.write_bytes(gzip.compress(corpus.read_bytes()))
+    result = run_adopt_faiss(AdoptConfig(db=str(tmp_path / "db"), embedder="minilm", faiss_index=[str(index)],
+                                         corpus=str(packed), samples=16))
+    plain = tmp_path / "wiki-18.jsonl"
+    assert plain.read_bytes() == corpus.read_bytes() and not list(tmp_path.glob(".*.part"))
+    assert CorpusStore.open_existing(tmp_path / "db").count() == PASSAGES == result.index.count
+    truncated = tmp_path / "cut" / "wiki-18.jsonl.gz"
+    truncated.parent.mkdir()
+    truncated.write_bytes(packed.read_bytes()[:-100])
+    with pytest.raises(StoreError) as refused:
+        run_adopt_faiss(AdoptConfig(db=str(tmp_path / "db2"), embedder="minilm", faiss_index=[str(index)],
+                                    corpus=str(truncated), samples=16))
+    assert str(refused.value).startswith(f"cannot unpack {truncated}") and not list(truncated.parent.glob(".*"))

@@ -96,6 +96,24 @@ def test_evaluation_joins_each_iteration_when_an_eval_set_is_given(config, tmp_p
     assert evaluate.outputs == [out / "summary.json", out / "manifest.json"]  # the manifest commits the set
 
 
+def test_the_base_model_is_evaluated_first_as_iteration_0(config, tmp_path):
+    """The report's baseline row (eval/iter0): the model before any training, on the same set and setup."""
+    from drzero.models.registry import resolve_model
+
+    eval_set = tmp_path / "eval_demo.parquet"
+    eval_set.write_text("x")
+    plans = all_plans(EvolveConfig(**{**config.__dict__, "eval_data": str(eval_set)}))
+    keys = [key for key, _ in plans]
+    assert keys[:2] == ["prepare-data", "iter0/evaluate"] and keys.count("iter0/evaluate") == 1
+    baseline = dict(plans)["iter0/evaluate"]
+    base = resolve_model(config.model).path
+    assert f"--model {base} " in baseline.run_label
+    out = Path(config.checkpoints).resolve() / "eval" / "iter0"
+    assert baseline.outputs == [out / "summary.json", out / "manifest.json"]
+    assert Path(eval_set).resolve() in baseline.inputs
+    assert "iter0/evaluate" not in [key for key, _ in all_plans(config)]  # no evaluation asked, none planned
+
+
 def test_benchmarks_join_each_iteration_and_bad_names_fail_before_training(config, tmp_path, monkeypatch):
     from drzero.config import ConfigError
 

@@ -50,20 +50,21 @@ class AdoptConfig:
     samples: int = option(64, help="stored documents re-embedded and compared")
     min_similarity: float = option(0.99, help="cosine a re-embedded sample must reach to count as a match")
     min_fraction: float = option(0.95, help="fraction of samples that must match")
-    faiss_index: str | None = option(None, metavar="FILE", help=(
+    faiss_index: list[str] = option([], metavar="FILE", help=(
         "a FAISS flat index (IndexFlatIP or IndexFlatL2, e.g. Search-R1's e5_Flat.index) whose rows are the --corpus "
         "lines' vectors, in order: its vectors are copied to the collection's vector side file (exact search on the "
-        "GPU) and the documents into a new collection, without building an HNSW index"))
+        "GPU) and the documents into a new collection, without building an HNSW index; several files are the parts "
+        "of one index, in order (Search-R1's part_aa part_ab: no need to join them first)"))
     corpus: str | None = option(None, metavar="JSONL", help=(
         "with --faiss-index: the corpus, one JSON record a line in the index's row order (Search-R1/FlashRAG's "
-        "wiki-18.jsonl: id, and contents with the title on its first line)"))
+        "wiki-18.jsonl: id, and contents with the title on its first line); a .jsonl.gz is unpacked beside itself once"))
     vectors_dtype: str = option("float32", choices=list(DTYPES), help=(
         "with --faiss-index: how the side file stores the vectors (float16 halves the disk, but the exact index "
         "then has no float32 rows to re-score with)"))
     document_batch: int = option(4096, help="with --faiss-index: documents stored in Chroma per write")
 
     def __post_init__(self) -> None:
-        require((self.faiss_index is None) == (self.corpus is None), "corpus", self.corpus,
+        require((not self.faiss_index) == (self.corpus is None), "corpus", self.corpus,
                 "a JSONL file together with --faiss-index, and neither without the other")
         require(self.document_batch >= 1, "document_batch", self.document_batch, "an integer >= 1")
         require(self.samples >= 1, "samples", self.samples, "an integer >= 1")

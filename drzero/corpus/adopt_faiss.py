@@ -24,6 +24,7 @@ side file's record counts are skipped (documents are upserted, so a batch writte
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import sys
@@ -139,11 +140,11 @@ class FaissAdoptResult:
     def render(self) -> str:
         if self.already:
             return (f"collection {self.collection!r} already holds the {self.index.count:,} passages of "
-                    f"{self.index.path.name} (vectors in {self.directory}); nothing to do")
+                    f"{self.index.name} (vectors in {self.directory}); nothing to do")
         tried = ", ".join(f"{prefix!r}: {fraction:.0%}" for prefix, fraction in self.tried.items())
         copied = f" at {self.copy_gbps:.2f} GB/s" if self.copy_gbps is not None else ""
         stored = f" at {self.documents_per_s:,.0f}/s" if self.documents_per_s is not None else ""
-        return (f"adopted FAISS index {self.index.path.name}: {self.index.count:,} vectors of {self.index.dimension} "
+        return (f"adopted FAISS index {self.index.name}: {self.index.count:,} vectors of {self.index.dimension} "
                 f"dimensions ({self.index.metric}{', normalized' if self.normalized else ''}) copied to "
                 f"{self.directory}{copied}; documents stored in collection {self.collection!r}{stored} (Chroma holds "
                 f"placeholders, so the retriever searches exactly from the side file); embedder {self.spec.name}, "
@@ -155,11 +156,39 @@ def sample_rows(count: int, samples: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, num=min(samples, count)).astype(np.int64))
 
 
+def plain_corpus(corpus: Path) -> Path:
+    """The corpus as a plain JSONL file: adopt finds line *i* by position, which a gzip stream cannot do, so a
+    ``.jsonl.gz`` (wiki-18 as distributed) is unpacked once beside itself (``wiki-18.jsonl``; a killed unpacking
+    leaves only a hidden ``.part``, started again next time)."""
+    if corpus.suffix.lower() != ".gz":
+        return corpus
+    plain = corpus.with_suffix("")
+    if plain.is_file():
+        log.info("using %s, unpacked from %s before", plain, corpus.name)
+        return plain
+    partial = plain.with_name(f".{plain.name}.part")
+    log.info("unpacking %s to %s (adopt reads the corpus's lines by position)", corpus, plain)
+    try:
+        with (open(corpus, "rb") as packed, gzip.GzipFile(fileobj=packed) as source, open(partial, "wb") as target,
+              tqdm(total=corpus.stat().st_size, desc="unpacking corpus", unit="B", unit_scale=True, file=sys.stderr,
+                   mininterval=1.0) as bar):
+            while chunk := source.read(SCAN_BYTES):
+                target.write(chunk)
+                bar.update(packed.tell() - bar.n)
+    except (OSError, EOFError) as error:
+        partial.unlink(missing_ok=True)
+        raise StoreError(f"cannot unpack {corpus}: {error}; download it again or pass the unpacked JSONL as "
+                         f"--corpus.") from None
+    partial.rename(plain)
+    return plain
+
+
 def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
     index = FaissFlatFile.open(cfg.faiss_index)
     corpus = Path(cfg.corpus)
     if not corpus.is_file():
         raise StoreError(f"the corpus {corpus} is not a file; pass the JSONL whose lines the index's rows embed.")
+    corpus = plain_corpus(corpus)
     directory = vector_dir(cfg.db, cfg.collection)
     if directory is None:
         raise StoreError("--faiss-index writes a vector side file beside the store, so --db must be a directory.")
@@ -174,18 +203,18 @@ def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
                 return FaissAdoptResult(index, done, cfg.collection, directory, already=True)
         lines = LineIndex.of(corpus, directory / "lines.json")
         if lines.count != index.count:
-            raise StoreError(f"{index.path} holds {index.count:,} vectors but {corpus} has {lines.count:,} lines; "
+            raise StoreError(f"{index.location} holds {index.count:,} vectors but {corpus} has {lines.count:,} lines; "
                              f"rows pair with lines by position, so the two must come from the same corpus.")
         embedder = Embedder(base, device=cfg.device)
         if embedder.dimension != index.dimension:
-            raise StoreError(f"{index.path} holds {index.dimension}-dimensional vectors but {base.name} makes "
+            raise StoreError(f"{index.location} holds {index.dimension}-dimensional vectors but {base.name} makes "
                              f"{embedder.dimension}-dimensional ones: it was built with another embedder; pass the "
                              f"one that built it as --embedder.")
         vectors = index.vectors()
         rows = sample_rows(index.count, cfg.samples)
         documents = [passage(lines.line(int(r)), int(r), corpus.name)[1] for r in rows]
         stored = np.array(vectors[rows], dtype=np.float32)
-        spec, tried = match_passage_prefix(embedder, base, documents, stored, cfg, f"the vectors of {index.path}")
+        spec, tried = match_passage_prefix(embedder, base, documents, stored, cfg, f"the vectors of {index.location}")
         norms = np.linalg.norm(stored, axis=1)
         normalize = bool(np.any(np.abs(norms - 1) > 1e-3))
         if store is None:
@@ -200,7 +229,7 @@ def run_adopt_faiss(cfg: AdoptConfig) -> FaissAdoptResult:
         side = writer.finish()
         check = check_copy(side, vectors, normalize, cfg.samples)
         record_index_check(cfg.db, cfg.collection, INDEX_CHECKED, passages=store.count())
-        log.info("collection %r in %s adopted from %s", cfg.collection, cfg.db, index.path)
+        log.info("collection %r in %s adopted from %s", cfg.collection, cfg.db, index.name)
         return FaissAdoptResult(index, spec, cfg.collection, directory, len(rows), tried, normalize, copy_gbps,
                                 documents_per_s, check)
 

@@ -1,8 +1,8 @@
 """Corpus and index files fetched where they will be used: from a URL or a Hugging Face dataset, resumable, checked.
 
     python -m backends.modal download-corpus https://host/wiki-18.jsonl.gz --to wiki18      # on Modal, into
-    python -m backends.modal download-corpus --hub-dataset RUC-NLPIR/FlashRAG_datasets \\   # /corpus/files/wiki18
-        --files retrieval-corpus/wiki18_100w.jsonl.gz --to wiki18
+    python -m backends.modal download-corpus --hub-dataset PeterJinGo/wiki-18-e5-index \\   # /corpus/files/wiki18
+        --files part_aa part_ab --to wiki18
 
 A URL is streamed to a hidden partial file beside the target (``.NAME.part``, which ``drzero ingest`` of the
 directory does not read) with a record of what is being fetched (``.NAME.fetch.json``: the URL, the size the

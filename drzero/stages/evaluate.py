@@ -366,11 +366,13 @@ def main(cfg: EvaluateConfig) -> int:
 
 
 def plan_in_run(run, iteration: int) -> StagePlan:
-    """The merged solver of this iteration on the run's QA set and benchmarks (``run``: drzero.pipeline.EvolveConfig);
-    SGLang is started by the evaluation itself."""
+    """The merged solver of this iteration on the run's QA set and benchmarks (``run``: drzero.pipeline.EvolveConfig),
+    iteration 0 being the base model before any training (the report's baseline row); SGLang is started by the
+    evaluation itself."""
     layout = run.layout
     services, retriever_url = run.retriever()
-    model = layout.merged("solver", iteration)
+    base = resolve_model(run.model)
+    model = layout.merged("solver", iteration) if iteration > 0 else Path(base.path)
     out = layout.checkpoints / "eval" / f"iter{iteration}"
     thinking = run.thinking_setting()
     asked = {"data": run.eval_data, "benchmark": run.eval_benchmarks, "benchmark_dir": run.eval_benchmark_dir,
@@ -382,7 +384,8 @@ def plan_in_run(run, iteration: int) -> StagePlan:
                                            **asked))
 
     options = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in asked.items() if value)
-    inputs = [model] + ([Path(run.eval_data)] if run.eval_data else [])
+    # a base model named on the hub is fetched by the evaluation's SGLang: not a file to wait for
+    inputs = ([model] if iteration > 0 or base.local else []) + ([Path(run.eval_data)] if run.eval_data else [])
     if run.eval_benchmarks and hub_offline():  # nothing will fetch them: the preflight checks they are there
         inputs += [benchmark_path(run.eval_benchmark_dir, b) for b in resolve_benchmarks(run.eval_benchmarks)]
     return StagePlan(name=f"evaluate (iteration {iteration})", run=evaluate, services=services,
