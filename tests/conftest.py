@@ -169,3 +169,26 @@ def chroma_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+# -- leaving the test process ----------------------------------------------------------------------
+#
+# Once in three full runs here the pytest process itself died with SIGSEGV (exit 139) after printing "all passed",
+# in the interpreter's finalization: native libraries loaded by the tests (chromadb's Rust bindings with their tokio
+# threads, torch, faiss) tearing down under threads that still run. The tests' own subprocesses (every `drzero`
+# command they run) exit normally and are checked; what crashed is the finalization of this one process, after the
+# result is known. So the session ends with that result, skipping finalization.
+
+_SESSION_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _SESSION_STATUS and os.environ.get("DRZERO_TESTS_FINALIZE") != "1":  # =1: finalize as usual (to debug it)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION_STATUS[-1])
