@@ -221,3 +221,16 @@ def test_copy_to_local_serves_from_the_copy(demo_db, tmp_path):
         assert httpx.get(f"{server.url}/health", trust_env=False).json()["batching"] is False
     finally:
         stop(server)
+
+
+def test_the_encoder_and_the_exact_index_offer_their_own_precisions():
+    """--precision is the encoder's (bf16 included); --exact-precision the exact index's rows (no bf16)."""
+    import dataclasses
+
+    from drzero.corpus.embedder import PRECISIONS
+    from drzero.retrieval.exact_index import PRECISIONS as EXACT_PRECISIONS
+    from drzero.retrieval.server import RetrieverConfig
+
+    fields = {f.name: f.metadata["choices"] for f in dataclasses.fields(RetrieverConfig)}
+    assert fields["precision"] == list(PRECISIONS) and "bf16" in fields["precision"]
+    assert fields["exact_precision"] == list(EXACT_PRECISIONS)

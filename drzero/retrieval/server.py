@@ -33,7 +33,8 @@ from drzero.config import CorpusOptions, option, require
 from drzero.corpus.embedder import PRECISIONS
 from drzero.retrieval.batcher import QueryBatcher
 from drzero.retrieval.contract import REQUEST_SCHEMA, RequestRefused, read_request
-from drzero.retrieval.exact_index import INDEXES, PRECISIONS
+from drzero.retrieval.exact_index import INDEXES
+from drzero.retrieval.exact_index import PRECISIONS as EXACT_PRECISIONS
 from drzero.retrieval.http_guards import (CountUvicornRefusals, CutLog, SharedConnections, error_body,
                                          guard_requests, read_deadline_protocol)
 from drzero.retrieval.tally import Tally
@@ -92,7 +93,7 @@ class RetrieverConfig(CorpusOptions):
         "vector search: exact = brute force over the stored vectors on the encoder's device, hnsw = Chroma's "
         "index on the CPU; auto = exact on cuda when the vectors fit (--exact-max-gib), else hnsw"))
     exact_max_gib: float = option(8.0, help="largest vector matrix (fp32) --index auto puts on the GPU, in GiB")
-    exact_precision: str = option("auto", choices=list(PRECISIONS), help=(
+    exact_precision: str = option("auto", choices=list(EXACT_PRECISIONS), help=(
         "rows of the exact index: fp32 = as stored, exact ranking; fp16 = half the memory, the top candidates "
         "re-scored in fp32 (--exact-rescore); auto = fp16 for a collection whose vectors live in a side file "
         "(drzero adopt --faiss-index) on cuda, fp32 otherwise"))
