@@ -32,6 +32,7 @@ packages and kills processes, and its output is a measurement that goes to bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -383,24 +384,34 @@ def merge_part(args) -> Part:
     return part
 
 
-def challenger_part(args, retriever_url: str) -> Part:
-    part = Part("challenger")
-    started = time.monotonic()
-    merged = args.work / "checkpoints" / "solver_iter1_hf"
-    port = 8011
-    server_log = args.work / "hf_server.log"
-    server = subprocess.Popen([sys.executable, "-m", "drzero.verl.hf.server", "--model", str(merged), "--port",
-                               str(port), "--served-model-name", "solver"], stdout=open(server_log, "ab"),
+@contextlib.contextmanager
+def probe_server(model: Path | str, port: int, log: Path):
+    """`python -m drzero.verl.hf.server` over ``model`` on ``port`` (the proposer reward's solver probes), once its
+    /health answers (at most 2 minutes); killed with its process group on leaving."""
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "drzero.verl.hf.server", "--model", str(model), "--port",
+                               str(port), "--served-model-name", "solver"], stdout=open(log, "ab"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        import urllib.request
-
         for _ in range(240):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except Exception:
                 time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def challenger_part(args, retriever_url: str) -> Part:
+    part = Part("challenger")
+    started = time.monotonic()
+    merged = args.work / "checkpoints" / "solver_iter1_hf"
+    port = 8011
+    server_log = args.work / "hf_server.log"
+    with probe_server(merged, port, server_log):
         log = args.work / "challenger.log"
         metrics_path = args.work / "metrics_challenger.jsonl"
         command = stage_command("challenger", args, retriever_url, 1,
@@ -408,8 +419,6 @@ def challenger_part(args, retriever_url: str) -> Part:
         with GpuPeak() as peak:
             code, _ = run_logged(command, log, {"VERL_FILE_LOGGER_PATH": str(metrics_path)})
         stop_ray()
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
     part.seconds = time.monotonic() - started
     step = read_metrics(metrics_path).get(1, {})
     from drzero.verl.hrpo import SUMMARY_PREFIX

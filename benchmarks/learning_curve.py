@@ -229,25 +229,12 @@ def pack_models(out: Path, models: dict[str, Path]) -> None:
 
 def proposer_part(args, retriever_url: str) -> dict:
     """`drzero challenger --engine hf` with the probes answered by the solver before and after its training."""
-    import signal
-    import subprocess
-    import urllib.request
-
     gpu_smoke.write_data(args.work / "proposer_data")
     results = {}
     for label, solver, port in (("before", args.model, 8021), ("after", args.solver_after, 8022)):
         folder = args.work / f"proposer_{label}"
         folder.mkdir(parents=True, exist_ok=True)
-        server = subprocess.Popen([sys.executable, "-m", "drzero.verl.hf.server", "--model", str(solver), "--port",
-                                   str(port), "--served-model-name", "solver"], stdout=open(folder / "server.log", "ab"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            for _ in range(240):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except Exception:
-                    time.sleep(0.5)
+        with gpu_smoke.probe_server(solver, port, folder / "server.log"):
             command = gpu_smoke.stage_command(
                 "challenger", args, retriever_url, args.proposer_steps,
                 ["--sglang-url", f"http://127.0.0.1:{port}", "--probes", "4"], data=args.work / "proposer_data",
@@ -256,8 +243,6 @@ def proposer_part(args, retriever_url: str) -> dict:
             code, _ = gpu_smoke.run_logged(command, folder / "run.log",
                                            {"VERL_FILE_LOGGER_PATH": str(folder / "metrics.jsonl")}, timeout=300)
             gpu_smoke.stop_ray()
-        finally:
-            os.killpg(server.pid, signal.SIGKILL)
         steps = gpu_smoke.read_metrics(folder / "metrics.jsonl")
         results[label] = {"exit": code, "steps": [
             {"step": s, "reward_mean": d.get("critic/score/mean"), "k_mean": d.get("drzero/k/mean"),

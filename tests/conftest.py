@@ -89,27 +89,35 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_retriever(db: Path, log_path: Path, *extra: str, timeout: float = 120.0) -> RunningServer:
-    """Start `drzero serve-retriever` as a real subprocess and wait until /health is 200."""
+def start_server(what: str, command: list[str], log_path: Path, health_path: str, timeout: float,
+                 cwd: Path | None = None) -> RunningServer:
+    """``command`` as a real subprocess on a free loopback port (``{port}`` in it), once GET ``health_path`` is 200;
+    RuntimeError with its log when it exits or does not answer in ``timeout`` seconds."""
     import httpx
 
     port = free_port()
     handle = log_path.open("w")
-    process = subprocess.Popen(drzero_command("serve-retriever", "--db", str(db), "--port", str(port), *extra),
-                               stdout=handle, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([part.replace("{port}", str(port)) for part in command], stdout=handle,
+                               stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"retriever exited with {process.returncode}:\n{log_path.read_text()}")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200:
+            if httpx.get(f"{url}{health_path}", timeout=5, trust_env=False).status_code == 200:
                 return RunningServer(process, url, log_path)
         except httpx.HTTPError:
             pass
-        time.sleep(0.3)
+        time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"retriever not healthy after {timeout}s:\n{log_path.read_text()}")
+    raise RuntimeError(f"{what} not answering after {timeout}s:\n{log_path.read_text()}")
+
+
+def start_retriever(db: Path, log_path: Path, *extra: str, timeout: float = 120.0) -> RunningServer:
+    """Start `drzero serve-retriever` as a real subprocess and wait until /health is 200."""
+    return start_server("retriever", drzero_command("serve-retriever", "--db", str(db), "--port", "{port}", *extra),
+                        log_path, "/health", timeout)
 
 
 def stop(server: RunningServer) -> None:
@@ -127,34 +135,12 @@ def retriever(demo_db, tmp_path_factory):
     stop(server)
 
 
-class ChromaServer:
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
-        self.process, self.url, self.log_path = process, url, log_path
-
-
-def start_chroma_server(path: Path, log_path: Path, timeout: float = 60.0) -> ChromaServer:
+def start_chroma_server(path: Path, log_path: Path, timeout: float = 60.0) -> RunningServer:
     """`chroma run` (the server that ships in the chromadb package) on a free loopback port, once its heartbeat
     answers."""
-    import httpx
-
-    port = free_port()
-    handle = log_path.open("w")
-    process = subprocess.Popen([sys.executable, "-c", "from chromadb.cli.cli import app; app()", "run",
-                                "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
-                               stdout=handle, stderr=subprocess.STDOUT, cwd=path.parent)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"chroma run exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/api/v2/heartbeat", timeout=5, trust_env=False).status_code == 200:
-                return ChromaServer(process, url, log_path)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"chroma run not answering after {timeout}s:\n{log_path.read_text()}")
+    return start_server("chroma run", [sys.executable, "-c", "from chromadb.cli.cli import app; app()", "run",
+                                       "--path", str(path), "--host", "127.0.0.1", "--port", "{port}"],
+                        log_path, "/api/v2/heartbeat", timeout, cwd=path.parent)
 
 
 @pytest.fixture(scope="module")

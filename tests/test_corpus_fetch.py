@@ -143,24 +143,26 @@ def test_a_dropped_connection_is_resumed_within_the_same_run(server, tmp_path):
     assert sum("interrupted at" in line for line in lines) == 2
 
 
-def test_a_file_changed_on_a_server_with_an_etag_starts_over(server, tmp_path):
+def _interrupted_at_200k(server, tmp_path):
+    """wiki-18.jsonl.gz (DATA) on the server, its download cut after 200,000 bytes: the partial is left behind."""
     server.files["wiki-18.jsonl.gz"] = DATA
-    server.etag = '"v1"'
     dest = tmp_path / "wiki-18.jsonl.gz"
     server.drop_after = [200_000]
     with pytest.raises(fetch.FetchInterrupted):
         _fetch(server, dest, attempts=1)
+    return dest
+
+
+def test_a_file_changed_on_a_server_with_an_etag_starts_over(server, tmp_path):
+    server.etag = '"v1"'
+    dest = _interrupted_at_200k(server, tmp_path)
     server.files["wiki-18.jsonl.gz"], server.etag = DATA[::-1], '"v2"'
     _, lines, _ = _fetch(server, dest)
     assert dest.read_bytes() == DATA[::-1] and any("starting over" in line for line in lines)
 
 
 def test_a_size_mismatch_is_refused_in_one_sentence_and_the_partial_moved_aside(server, tmp_path):
-    server.files["wiki-18.jsonl.gz"] = DATA
-    dest = tmp_path / "wiki-18.jsonl.gz"
-    server.drop_after = [200_000]
-    with pytest.raises(fetch.FetchInterrupted):
-        _fetch(server, dest, attempts=1)
+    dest = _interrupted_at_200k(server, tmp_path)
     server.files["wiki-18.jsonl.gz"] = DATA + b"more lines\n"   # replaced on a server without ETags
     with pytest.raises(fetch.FetchError) as refused:
         _fetch(server, dest)
@@ -176,11 +178,7 @@ def test_a_size_mismatch_is_refused_in_one_sentence_and_the_partial_moved_aside(
 
 
 def test_a_partial_longer_than_the_servers_file_is_refused(server, tmp_path):
-    server.files["wiki-18.jsonl.gz"] = DATA
-    dest = tmp_path / "wiki-18.jsonl.gz"
-    server.drop_after = [200_000]
-    with pytest.raises(fetch.FetchInterrupted):
-        _fetch(server, dest, attempts=1)
+    dest = _interrupted_at_200k(server, tmp_path)
     server.files["wiki-18.jsonl.gz"] = DATA[:1000]
     with pytest.raises(fetch.FetchError, match="less than the 200000 bytes already fetched"):
         _fetch(server, dest)

@@ -11,11 +11,11 @@ from dataclasses import replace
 
 import pytest
 
+from drzero import gpus
 from drzero.cli import main
 from drzero.models.memory import Engine, RetrieverLoad, StageSetup, plan_memory
 from drzero.models.shapes import ENCODER_SHAPES, KNOWN_SHAPES
 from drzero.pipeline import EvolveConfig, all_plans
-from drzero.services import specs
 from drzero.stages import base
 from drzero.stages.challenger import ChallengerConfig, plan_challenger
 from drzero.verl.preflight import with_store_size
@@ -51,7 +51,7 @@ def test_without_a_gpu_auto_stays_on_the_cpu_and_the_option_wins_either_way(tmp_
 
 def test_cuda_visible_devices_empty_hides_the_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert not specs.nvidia_gpu_present()
+    assert not gpus.nvidia_gpu_present()
 
 
 def test_the_retriever_is_its_own_line_and_sglang_gets_what_it_leaves(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from drzero.atomic import write_json_atomically
 from drzero.corpus.adopt import AdoptConfig, match_passage_prefix
 from drzero.corpus.embedder import Embedder, EmbedderSpec, canonical_name, spec_for
 from drzero.corpus.faiss_file import FaissFlatFile
@@ -74,7 +75,7 @@ class LineIndex:
             pass
         index = cls._scan(path, stat.st_size)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**key, "count": index.count, "anchors": index.anchors}))
+        write_json_atomically({**key, "count": index.count, "anchors": index.anchors}, cache)
         return index
 
     @classmethod

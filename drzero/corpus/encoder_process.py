@@ -28,32 +28,20 @@ import pickle
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from multiprocessing.connection import Connection
 from typing import Callable
 
 import numpy as np
 
 from drzero.corpus.embedder import Embedder, EmbedderSpec, count_tokens
-
-def visible_gpus() -> int:
-    """NVIDIA GPUs this process may use, without importing torch (seconds): the driver's list of GPUs, cut to
-    CUDA_VISIBLE_DEVICES when that is set."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    present = len(list(gpus.iterdir())) if gpus.is_dir() else 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return present
-    listed = [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    return min(present, len(listed)) if present else 0
-
+from drzero.gpus import visible_gpu_count
 
 def encoder_devices(device: str, processes: int) -> list[str]:
     """The device of each of ``processes`` encoder processes (0: one per visible GPU on cuda, one on the CPU):
     GPUs in turn, ``cuda:0``, ``cuda:1``, ..., several processes sharing a card when there are more than GPUs."""
     if device != "cuda":
         return [device] * max(1, processes)
-    gpus = visible_gpus()
+    gpus = visible_gpu_count()
     count = processes or max(1, gpus)
     if gpus <= 1:
         return ["cuda"] * count

@@ -442,7 +442,7 @@ class _EncoderTally:
     """One encoder's loop: batches in, (batch, vectors) out, and what it did (passages, seconds encoding)."""
 
     def __init__(self, encoder: Embedder | EncoderProcess):
-        self.encoder, self.device = encoder, getattr(encoder, "device", "cpu")
+        self.encoder, self.device = encoder, encoder.device
         self.passages, self.seconds = 0, 0.0
         self.done = threading.Event()
 

@@ -14,7 +14,6 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 from drzero.store_location import STORE_SECRET_ENVS, is_server_address
@@ -64,14 +63,6 @@ class ServiceSpec:
 
 
 RETRIEVER_DEVICES = ("auto", "cuda", "cpu")
-
-
-def nvidia_gpu_present() -> bool:
-    """Whether this machine shows an NVIDIA GPU to this process, without importing torch (seconds) at plan time:
-    the driver's /proc entry, and CUDA_VISIBLE_DEVICES not hiding every device."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
-        return False
-    return Path("/proc/driver/nvidia/version").is_file()
 
 
 def retriever_service(

@@ -33,7 +33,8 @@ from drzero.models.memory import Placement, RetrieverLoad
 from drzero.models.registry import DEFAULT_MODEL, Recipe, model_shape, resolve_model, thinking_switch
 from drzero.models.shapes import DEFAULT_ENCODER, ENCODER_SHAPES, GPU_MEMORY_GIB
 from drzero.plan import StagePlan
-from drzero.services.specs import RETRIEVER_DEVICES, nvidia_gpu_present, retriever_service
+from drzero.gpus import nvidia_gpu_present
+from drzero.services.specs import RETRIEVER_DEVICES, retriever_service
 from drzero.services.supervisor import Supervisor
 from drzero.verl.overrides import ROLLOUT_TP, engine_overrides, thinking_overrides
 from drzero.verl.preflight import machine_check, run_checks

@@ -58,6 +58,7 @@ from drzero.config import DEFAULT_COLLECTION, RETRIEVER_URL_ENV, RolloutOptions,
 from drzero.data.benchmarks import (ALL, BENCHMARKS, Benchmark, benchmark_path, benchmark_table, hub_offline,
                                     load_benchmarks, resolve_benchmarks)
 from drzero.data.qa import QA_SUFFIXES, QaItem, read_qa_file
+from drzero.gpus import nvidia_gpu_present
 from drzero.models.files import load_tokenizer
 from drzero.models.registry import resolve_model
 from drzero.plan import StagePlan
@@ -66,8 +67,7 @@ from drzero.rollout import search
 from drzero.rollout.client import AgentRolloutClient, GenerationSettings, Trajectory
 from drzero.rollout.render import SOLVER_PROMPT_LENGTH, RolloutLimits, template_thinking_kwargs
 from drzero.rollout.search import SearchSettings
-from drzero.services.specs import (RETRIEVER_DEVICES, ServiceError, nvidia_gpu_present, retriever_service,
-                                   sglang_service)
+from drzero.services.specs import RETRIEVER_DEVICES, ServiceError, retriever_service, sglang_service
 from drzero.services.supervisor import Supervisor, wait_for_health
 from drzero.stages.base import thinking_word
 from drzero.stages.evaluate_results import EvaluationResult, build_summary, csv_text, score, summary_lines

@@ -46,6 +46,9 @@ from drzero.tools.report_benchmarks import benchmark_section, comparison_section
 from drzero.tools.report_figure import write_png
 from drzero.tools.report_run import (EVAL_DIR, NO_GEN_DATA, NOT_EVALUATED, NOT_STARTED, IterationView, RunView,
                                      kept_share, load_comparison, load_run)
+from drzero.tools.report_run import iteration_label as _label
+from drzero.tools.report_run import markdown_table as _table
+from drzero.tools.report_run import num as _num
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +103,6 @@ def flat_metrics(view: IterationView) -> dict[str, float]:
         metrics["gen/kept_share"] = kept_share(view.gen)
         metrics.update({f"gen/kept_hop{h}": n for h, n in view.gen.get("hop_histogram", {}).items()})
     return metrics
-
-
-def _num(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _label(view: IterationView) -> str:
-    return "0 (base)" if view.iteration == 0 else str(view.iteration)
 
 
 def render_markdown(run: RunView, other: RunView | None = None, published: list | None = None) -> str:

@@ -17,21 +17,11 @@ import re
 from drzero.data.benchmarks import BENCHMARKS
 from drzero.data.published import AVG, PublishedResult
 from drzero.stages.evaluate_setup import breaks_comparison, setup_differences
-from drzero.tools.report_run import SINGLE_EVALUATION, IterationView, RunView
+from drzero.tools.report_run import SINGLE_EVALUATION, IterationView, RunView, iteration_label
+from drzero.tools.report_run import markdown_table as _table
+from drzero.tools.report_run import num as _num
 
 NOT_CHECKED = "n/c"
-
-
-def _num(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def iteration_label(view: IterationView) -> str:
-    return "0 (base)" if view.iteration == 0 else str(view.iteration)
 
 
 def benchmarked(run: RunView) -> list[IterationView]:

@@ -148,3 +148,17 @@ def load_comparison(path: str | Path) -> RunView:
 
 def kept_share(gen: dict) -> float:
     return gen.get("kept", 0) / gen["seeds"] if gen.get("seeds") else 0.0
+
+
+# -- cells and tables of the report's Markdown, shared by its sections -----------------------------------------------
+
+def num(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def iteration_label(view: IterationView) -> str:
+    return "0 (base)" if view.iteration == 0 else str(view.iteration)
