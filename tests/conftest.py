@@ -90,9 +90,9 @@ class RunningServer:
 
 
 def start_server(what: str, command: list[str], log_path: Path, health_path: str, timeout: float,
-                 cwd: Path | None = None) -> RunningServer:
-    """``command`` as a real subprocess on a free loopback port (``{port}`` in it), once GET ``health_path`` is 200;
-    RuntimeError with its log when it exits or does not answer in ``timeout`` seconds."""
+                 cwd: Path | None = None, ready=lambda answer: True) -> RunningServer:
+    """``command`` as a real subprocess on a free loopback port (``{port}`` in it), once GET ``health_path`` is 200
+    and ``ready(answer)``; RuntimeError with its log when it exits or is not ready in ``timeout`` seconds."""
     import httpx
 
     port = free_port()
@@ -105,7 +105,8 @@ def start_server(what: str, command: list[str], log_path: Path, health_path: str
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}{health_path}", timeout=5, trust_env=False).status_code == 200:
+            answer = httpx.get(f"{url}{health_path}", timeout=5, trust_env=False)
+            if answer.status_code == 200 and ready(answer):
                 return RunningServer(process, url, log_path)
         except httpx.HTTPError:
             pass
@@ -114,10 +115,16 @@ def start_server(what: str, command: list[str], log_path: Path, health_path: str
     raise RuntimeError(f"{what} not answering after {timeout}s:\n{log_path.read_text()}")
 
 
+def every_front_started(answer) -> bool:
+    """/health from any front answers as soon as that front serves; a sibling still starting shows pid 0 there, and
+    a test that reads the fronts' pids (to signal them) must not see it: ``os.kill(0, ...)`` is this test's group."""
+    return all(front.get("pid") for front in answer.json().get("per_front", []))
+
+
 def start_retriever(db: Path, log_path: Path, *extra: str, timeout: float = 120.0) -> RunningServer:
-    """Start `drzero serve-retriever` as a real subprocess and wait until /health is 200."""
+    """Start `drzero serve-retriever` as a real subprocess and wait until /health is 200 from every front."""
     return start_server("retriever", drzero_command("serve-retriever", "--db", str(db), "--port", "{port}", *extra),
-                        log_path, "/health", timeout)
+                        log_path, "/health", timeout, ready=every_front_started)
 
 
 def stop(server: RunningServer) -> None:

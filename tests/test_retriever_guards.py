@@ -21,16 +21,10 @@ def guarded(request, demo_db, tmp_path_factory):
     server = start_retriever(demo_db, tmp_path_factory.mktemp("guards") / "retriever.log", "--fronts",
                              str(request.param), "--read-timeout-s", str(READ_TIMEOUT_S), "--max-connections",
                              str(MAX_CONNECTIONS))
-    # the processes that hold the connections: the server, or each of its fronts (a front still starting reports
-    # pid 0 in the /health its sibling answers: wait until every one has started)
-    deadline = time.monotonic() + 60
-    while True:
-        pids = [front["pid"] for front in httpx.get(f"{server.url}/health", trust_env=False).json()["per_front"]]
-        if all(pids) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert all(pids) and len(pids) == request.param, pids
-    server.front_pids = pids
+    # the processes that hold the connections: the server, or each of its fronts (started: start_retriever waits)
+    server.front_pids = [front["pid"] for front in httpx.get(f"{server.url}/health", trust_env=False).json()[
+        "per_front"]]
+    assert all(server.front_pids) and len(server.front_pids) == request.param, server.front_pids
     yield server
     stop(server)
 
